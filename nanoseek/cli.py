@@ -1,0 +1,45 @@
+"""`nanoseek <command>`: one entry point over the stage modules.
+
+Each command lives in its own module, which defines `add_arguments(parser)` and `run(args)`; this file only
+dispatches, turns NanoseekError into one line on stderr with exit code 2, and Ctrl-C into exit code 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from nanoseek.errors import NanoseekError
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("nanoseek.info", "print a config's or checkpoint's parameter counts and FLOPs per token"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanoseek", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        sys.exit(2)
+    try:
+        importlib.import_module(args._module).run(args)
+    except NanoseekError as e:
+        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\nnanoseek {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)

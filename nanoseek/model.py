@@ -1,0 +1,437 @@
+"""The DeepSeek-V3 transformer: MLA attention, DeepSeekMoE with auxiliary-loss-free balancing, and MTP.
+
+One module per paper concept, in reading order:
+  RMSNorm -> rotary embedding with YaRN -> MLA (V2 paper 2.1, V3 paper 2.1.1) -> dense SwiGLU MLP
+  -> Gate + MoE (V3 paper 2.1.2) -> Block -> MTP module (V3 paper 2.2) -> Transformer.
+
+Shapes: B batch, T sequence, D hidden_size, H heads, E routed experts, K experts per token, N = B*T tokens.
+Module and parameter names follow the Hugging Face DeepseekV3 checkpoint (checkpoint.py maps the few differences:
+the `model.` prefix, experts stored as 3-D tensors here, and MTP blocks stored as extra layers there).
+
+This file is the training / full-sequence path (expanded keys and values, causal SDPA). The inference engine
+(engine.py) reuses these weights with the absorbed-MLA latent cache.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig, yarn_mscale
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 (bf16 sums of squares lose precision), as the reference implementations do
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+# --- rotary position embedding with YaRN -------------------------------------------------------------------------
+def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [qk_rope_head_dim/2] and the cos/sin scale ("attention factor").
+
+    With YaRN, low-frequency dims (long wavelengths) are interpolated by `factor`, high-frequency dims are kept,
+    and a linear ramp blends the correction range [low, high] found from beta_fast/beta_slow (V3: low=10, high=23).
+    """
+    dim, base = config.qk_rope_head_dim, config.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    rs = config.rope_scaling
+    if not rs:
+        return inv_freq.float(), 1.0
+    factor = rs["factor"]
+    orig = rs["original_max_position_embeddings"]
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:  # the dim whose wavelength completes `rotations` turns in `orig`
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    keep = 1 - ramp  # 1 = extrapolate (keep the original frequency), 0 = interpolate by `factor`
+    inv_freq = inv_freq / factor * (1 - keep) + inv_freq * keep
+    # cos/sin scale as in transformers: mscale(mscale) / mscale(mscale_all_dim), 1.0 for V3; with neither given,
+    # the plain YaRN temperature. The softmax gets mscale(mscale_all_dim)^2 (config.softmax_scale).
+    m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
+    attention_factor = rs.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = yarn_mscale(factor, m) / yarn_mscale(factor, m_all) if m and m_all else yarn_mscale(factor)
+    return inv_freq.float(), float(attention_factor)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        inv_freq, self.attention_factor = rope_frequencies(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] or [B, T] -> cos, sin [..., T, rope_dim/2] in fp32."""
+        freqs = positions.float()[..., None] * self.inv_freq
+        return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate pairs of x [..., T, rope_dim] by the angles in cos/sin [..., T, rope_dim/2].
+
+    The released weights pair dims interleaved, (x0,x1),(x2,x3)...; `rope_interleave=False` means the weights
+    were permuted so pairs are (x_i, x_{i+d/2}) (NeoX rotate_half). Either way the output is written
+    half-split [rotated firsts ; rotated seconds]: q and k get the same permutation, so q.k is unchanged.
+    """
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+# --- Multi-head Latent Attention ---------------------------------------------------------------------------------
+class MLA(nn.Module):
+    """Queries and keys/values pass through low-rank latents; only c_kv and the shared k_pe need caching.
+
+    q    = W_UQ . norm(W_DQ h)                  [B,T,H,nope+rope]  (or a plain q_proj when q_lora_rank is None)
+    c_kv, k_pe = W_DKV h                        [B,T,kv_lora_rank], [B,T,rope]  (k_pe: one head shared by all)
+    k_nope, v = W_UK/W_UV . norm(c_kv)          [B,T,H,nope], [B,T,H,v]
+    attention over [q_nope ; rope(q_pe)] . [k_nope ; rope(k_pe)] with softmax_scale (YaRN mscale^2 included)
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        d, h = config.hidden_size, config.num_attention_heads
+        self.n_heads = h
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, h * config.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, config.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, h * config.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, config.kv_lora_rank + config.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(config.kv_lora_rank, h * (config.qk_nope_head_dim + config.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * config.v_head_dim, d, bias=False)
+        self.softmax_scale = config.softmax_scale
+
+    def project_q(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B,T,D] -> q [B,T,H,qk_head_dim] (before RoPE)."""
+        if self.config.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return q.view(*x.shape[:2], self.n_heads, self.config.qk_head_dim)
+
+    def project_kv_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B,T,D] -> normalised latent c_kv [B,T,kv_lora_rank] and k_pe [B,T,rope] (before RoPE)."""
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.config.kv_lora_rank, self.config.qk_rope_head_dim], -1)
+        return self.kv_a_layernorm(c_kv), k_pe
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B,T,D]; cos/sin [T, rope/2] (or [B,T,rope/2]); attn_mask None = causal, else bool [B,1,T,T]."""
+        cfg = self.config
+        bsz, seqlen, _ = x.shape
+        q = self.project_q(x)
+        q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+        c_kv, k_pe = self.project_kv_latent(x)
+        if cos.dim() == 3:  # per-row positions: broadcast over heads
+            q_pe = apply_rope(q_pe, cos[:, :, None], sin[:, :, None], cfg.rope_interleave)
+        else:
+            q_pe = apply_rope(q_pe, cos[:, None], sin[:, None], cfg.rope_interleave)
+        k_pe = apply_rope(k_pe, cos, sin, cfg.rope_interleave)  # [B,T,rope]
+        kv = self.kv_b_proj(c_kv).view(bsz, seqlen, self.n_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
+        k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B,H,T,qk]
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)  # [B,H,T,v]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                           scale=self.softmax_scale)
+        return self.o_proj(o.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+# --- feed-forward ------------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). Dense FFN of the first layers, and the shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """The V3 router: sigmoid affinities; a per-expert bias steers *selection* only (auxiliary-loss-free balancing).
+
+    s = sigmoid(x W^T)                      [N,E]   in fp32 (gating stays high precision, V3 paper 3.3)
+    s_sel = s + e_score_correction_bias     only for choosing experts, never as a weight
+    group score = sum of top-2 s_sel in each of n_group groups; keep topk_group groups; top-K experts among them
+    weights = s[top-K] / sum(s[top-K]) * routed_scaling_factor
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        # fp32 buffer, saved in checkpoints; updated outside autograd by Transformer.update_expert_bias
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
+        # tokens routed to each expert since the last bias update (training only; not saved)
+        self.register_buffer("expert_load", torch.zeros(config.n_routed_experts, dtype=torch.float32),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N,D] -> weights [N,K] (fp32), indices [N,K], scores [N,E] (fp32)."""
+        cfg = self.config
+        with torch.autocast(x.device.type, enabled=False):
+            scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        s_sel = scores.detach() + self.e_score_correction_bias
+        if cfg.n_group > 1:
+            n = s_sel.shape[0]
+            grouped = s_sel.view(n, cfg.n_group, -1)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [N,n_group]
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(cfg.topk_group, dim=-1).indices, True)
+            s_sel = grouped.masked_fill(~keep[:, :, None], float("-inf")).view(n, -1)
+        indices = s_sel.topk(cfg.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * cfg.routed_scaling_factor, indices, scores
+
+
+class MoE(nn.Module):
+    """Shared experts + fine-grained routed experts. Experts are 3-D tensors so dispatch is a sort + per-expert matmul.
+
+    gate_up_proj [E, 2*I, D] (gate rows then up rows), down_proj [E, D, I]; I = moe_intermediate_size.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        e, d, i = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate = Gate(config)
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, d))
+        self.down_proj = nn.Parameter(torch.empty(e, d, i))
+        self.shared_experts = MLP(d, i * config.n_shared_experts) if config.n_shared_experts else None
+        self.aux_loss: torch.Tensor | None = None  # sequence-wise balance loss of the last forward (if requested)
+
+    def forward(self, x: torch.Tensor, balance_alpha: float = 0.0) -> torch.Tensor:
+        bsz, seqlen, d = x.shape
+        flat = x.reshape(-1, d)
+        weights, indices, scores = self.gate(flat)
+        if self.training:
+            self.gate.expert_load += torch.bincount(indices.flatten(), minlength=self.config.n_routed_experts)
+        self.aux_loss = self.balance_loss(indices, scores, bsz, seqlen) * balance_alpha if balance_alpha else None
+        y = self.experts(flat, weights, indices)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return y.view(bsz, seqlen, d)
+
+    def experts(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Routed experts for x [N,D]: sort the N*K (token, expert) pairs by expert, one matmul per busy expert."""
+        k = indices.shape[1]
+        flat_idx = indices.flatten()  # [N*K]
+        order = flat_idx.argsort(stable=True)
+        token_of = order // k  # source token of each sorted pair
+        counts = torch.bincount(flat_idx, minlength=self.config.n_routed_experts).tolist()
+        xs = x[token_of]  # [N*K, D], grouped by expert
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            gate, up = F.linear(xs[start:start + n], self.gate_up_proj[e]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+            start += n
+        ys = torch.cat(outs) * weights.flatten()[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
+
+    def balance_loss(self, indices: torch.Tensor, scores: torch.Tensor, bsz: int, seqlen: int) -> torch.Tensor:
+        """Sequence-wise balance loss sum_i f_i P_i (V3 eq. 17-20), averaged over sequences; multiply by alpha.
+
+        f_i = E/(K T) * #tokens of the sequence routed to i;  P_i = mean_t s_i,t / sum_j s_j,t.
+        """
+        e, k = self.config.n_routed_experts, self.config.num_experts_per_tok
+        counts = torch.zeros(bsz, e, device=scores.device).scatter_add_(
+            1, indices.view(bsz, -1), torch.ones(bsz, seqlen * k, device=scores.device))
+        f = counts * e / (k * seqlen)
+        p = (scores / scores.sum(-1, keepdim=True)).view(bsz, seqlen, e).mean(1)
+        return (f * p).sum(-1).mean()
+
+
+# --- blocks ------------------------------------------------------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLA(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                balance_alpha: float = 0.0) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, balance_alpha) if isinstance(self.mlp, MoE) else self.mlp(h))
+
+
+class SharedHead(nn.Module):
+    """The MTP module's own output norm; the linear head itself is the main model's lm_head (shared)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MTPModule(Block):
+    """Multi-token prediction depth k (V3 paper 2.2): h'_i = M_k [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h^{k-1}_i)].
+
+    Then a full block TRM_k, then the shared head. Embedding first, as vLLM loads the released weights.
+    h^{k-1} is the previous depth's hidden state *before* the final norm (the head applies its own norm).
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.shared_head = SharedHead(config)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,  # type: ignore[override]
+                attn_mask: torch.Tensor | None = None, balance_alpha: float = 0.0) -> torch.Tensor:
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+        return super().forward(x, cos, sin, attn_mask, balance_alpha)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([Block(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        n = config.num_hidden_layers
+        self.mtp = nn.ModuleList([MTPModule(config, n + k) for k in range(config.num_nextn_predict_layers)])
+        self.rotary = RotaryEmbedding(config)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range); output projections scaled by 1/sqrt(2 * layers) (GPT-2) so the residual
+        stream does not grow with depth; norms 1, routing bias 0."""
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * (self.config.num_hidden_layers + self.config.num_nextn_predict_layers))
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
+                p.normal_(0.0, out_std)
+            else:
+                p.normal_(0.0, std)
+        for m in self.modules():
+            if isinstance(m, Gate):
+                m.e_score_correction_bias.zero_()
+                m.expert_load.zero_()
+
+    # --- forward -------------------------------------------------------------------------------------------------
+    def hidden_states(self, input_ids: torch.Tensor, balance_alpha: float = 0.0) -> torch.Tensor:
+        """input_ids [B,T] -> last block's output [B,T,D], before the final norm."""
+        cos, sin = self.rotary(torch.arange(input_ids.shape[1], device=input_ids.device))
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, balance_alpha=balance_alpha)
+        return x
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B,T] -> logits [B,T,V] (main next-token head; MTP is used by compute_loss and the engine)."""
+        return self.lm_head(self.norm(self.hidden_states(input_ids)))
+
+    def compute_loss(self, input_ids: torch.Tensor, targets: torch.Tensor, mtp_lambda: float = 0.0,
+                     balance_alpha: float = 0.0, ignore_index: int = -1) -> tuple[torch.Tensor, dict[str, float]]:
+        """The V3 training objective: L_main + lambda/D * sum_k L_MTP_k + alpha * sum_layers L_Bal.
+
+        targets [B,T] are input_ids shifted by one (ignore_index where no loss is wanted). MTP depth k at position i
+        combines h^{k-1}_i with Emb(t_{i+k}) and predicts targets_{i+k} (the token k+1 steps ahead).
+        """
+        h = self.hidden_states(input_ids, balance_alpha)
+        loss_main = self._cross_entropy(self.lm_head(self.norm(h)), targets, ignore_index)
+        loss = loss_main
+        stats = {"loss_main": loss_main.item()}
+        if mtp_lambda and len(self.mtp):
+            mtp_losses = []
+            seqlen = input_ids.shape[1]
+            for k, module in enumerate(self.mtp, start=1):
+                if seqlen - k < 1:
+                    break
+                cos, sin = self.rotary(torch.arange(seqlen - k, device=input_ids.device))
+                h = module(h[:, :-1], self.embed_tokens(input_ids[:, k:]), cos, sin, balance_alpha=balance_alpha)
+                logits = self.lm_head(module.shared_head.norm(h))
+                mtp_losses.append(self._cross_entropy(logits, targets[:, k:], ignore_index))
+            if mtp_losses:
+                loss_mtp = torch.stack(mtp_losses).mean()
+                loss = loss + mtp_lambda * loss_mtp
+                stats["loss_mtp"] = loss_mtp.item()
+        if balance_alpha:
+            aux = [m.aux_loss for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
+            if aux:
+                loss_bal = torch.stack(aux).sum()
+                loss = loss + loss_bal
+                stats["loss_balance"] = loss_bal.item()
+        stats["loss"] = loss.item()
+        return loss, stats
+
+    @staticmethod
+    def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+
+    # --- auxiliary-loss-free load balancing -------------------------------------------------------------------------
+    def gates(self) -> list[Gate]:
+        return [m for m in self.modules() if isinstance(m, Gate)]
+
+    @torch.no_grad()
+    def update_expert_bias(self, gamma: float) -> float:
+        """After an optimizer step: b_i += gamma * sign(mean load - load_i) for each MoE layer (V3 paper 2.1.2).
+
+        Loads are the tokens routed since the last call (callers all-reduce `expert_load` across ranks first).
+        Returns MaxVio = max_i load_i / mean load - 1, averaged over layers (0 = perfectly balanced).
+        """
+        vios = []
+        for gate in self.gates():
+            load = gate.expert_load
+            if load.sum() == 0:
+                continue
+            mean = load.mean()
+            vios.append((load.max() / mean - 1).item())
+            if gamma:
+                gate.e_score_correction_bias += gamma * torch.sign(mean - load)
+            load.zero_()
+        return sum(vios) / len(vios) if vios else 0.0
+
+    # --- bookkeeping -------------------------------------------------------------------------------------------------
+    def num_params(self) -> dict[str, int]:
+        """Counted from the allocated tensors (config.num_params() gives the same numbers analytically)."""
+        total = sum(p.numel() for n, p in self.named_parameters() if not n.startswith("mtp."))
+        mtp = sum(p.numel() for n, p in self.named_parameters() if n.startswith("mtp."))
+        return {"total": total, "mtp_total": mtp, "total_with_mtp": total + mtp,
+                "active": self.config.num_params()["active"]}
+
+    def save_pretrained(self, path: str | Path, **kwargs) -> Path:
+        """Write a Hugging Face DeepseekV3ForCausalLM checkpoint directory (see checkpoint.save_pretrained)."""
+        from nanoseek.checkpoint import save_pretrained
+
+        return save_pretrained(self, path, **kwargs)
