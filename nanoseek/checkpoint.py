@@ -19,7 +19,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -211,7 +211,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_dir_atomically(path: Path, write: callable) -> Path:
+def write_dir_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     """Call write(tmp_dir) then move tmp_dir to `path`; an existing `path` is replaced only after the new one is
     complete, so a crash at any point leaves either the old or the new directory (plus a stray temporary)."""
     path = Path(path)

@@ -95,7 +95,8 @@ class ModelConfig:
         if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
             raise NanoseekError(f"config: q_lora_rank must be a positive integer or null, got {self.q_lora_rank!r}")
         if self.qk_rope_head_dim % 2:
-            raise NanoseekError(f"config: qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
+            raise NanoseekError(f"config: qk_rope_head_dim must be even (RoPE rotates pairs), "
+                                f"got {self.qk_rope_head_dim}")
         if self.first_k_dense_replace > self.num_hidden_layers:
             raise NanoseekError(f"config: first_k_dense_replace ({self.first_k_dense_replace}) > num_hidden_layers "
                                 f"({self.num_hidden_layers})")
