@@ -139,8 +139,7 @@ def test_mtp_loss_matches_manual_computation():
         h = model.hidden_states(x)
         cos, sin = model.rotary(torch.arange(x.shape[1] - 1))
         m = model.mtp[0]
-        h1 = m.block_forward(h[:, :-1], model.embed_tokens(x[:, 1:]), cos, sin) if hasattr(m, "block_forward") \
-            else m(h[:, :-1], model.embed_tokens(x[:, 1:]), cos, sin)
+        h1 = m(h[:, :-1], model.embed_tokens(x[:, 1:]), cos, sin)
         mtp = F.cross_entropy(model.lm_head(m.shared_head.norm(h1)).flatten(0, 1), y[:, 1:].flatten())
     assert math.isclose(stats["loss_mtp"], mtp.item(), rel_tol=1e-6)
     assert math.isclose(loss.item(), stats["loss_main"] + 0.3 * mtp.item(), rel_tol=1e-6)
