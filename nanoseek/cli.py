@@ -15,6 +15,7 @@ from nanoseek.errors import NanoseekError
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("nanoseek.info", "print a config's or checkpoint's parameter counts and FLOPs per token"),
+    "generate": ("nanoseek.generate", "stream a completion for one prompt from a checkpoint (tokens and tok/s)"),
     "export": ("nanoseek.export", "write a checkpoint as a GGUF file for llama.cpp / Ollama (deepseek2)"),
 }
 

@@ -1,0 +1,402 @@
+"""The inference engine: token-identical to transformers, absorbed-MLA logits equal to full recompute, latent cache
+size, continuous batching (join, leave, cancel), per-request seeded sampling, errors, and the `generate` CLI."""
+
+import argparse
+import copy
+import threading
+
+import pytest
+import torch
+
+from nanoseek import NanoseekError, Transformer, get_preset, load_model
+from nanoseek.engine import Engine, SamplingParams
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+# prompts of different lengths for the batch tests (token ids < the test vocab of 512)
+PROMPTS = [[(17 * i + 5 * j) % 500 + 7 for j in range(n)] for i, n in enumerate([5, 12, 1, 30, 8, 19, 3, 25])]
+N_NEW = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls: one thread is faster, and immune to a busy machine (threads waiting on each other)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A random test-preset checkpoint with perturbed norms and a non-zero routing bias (routing is non-trivial)."""
+    torch.manual_seed(0)
+    model = Transformer(get_preset("test", initializer_range=0.1))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+        for gate in model.gates():
+            gate.e_score_correction_bias.copy_(torch.randn(gate.e_score_correction_bias.shape, generator=g) * 0.5)
+    path = tmp_path_factory.mktemp("engine") / "model"
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return load_model(model_dir)
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(model_dir):
+    """transformers' greedy continuation of each prompt, one prompt at a time."""
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # never stop early
+    out = []
+    for p in PROMPTS:
+        ids = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=N_NEW, pad_token_id=0)
+        assert ids.shape[1] == len(p) + N_NEW
+        out.append(ids[0, len(p):].tolist())
+    return out
+
+
+def engine_for(model, **kw):
+    return Engine(model, **{"max_batch_size": 8, "max_seq_len": 128, **kw})
+
+
+def alone(model, prompt, **kw):
+    return engine_for(model).generate([prompt], **{"max_new_tokens": 20, "stop_token_ids": [], **kw})[0]
+
+
+# --- exactness --------------------------------------------------------------------------------------------------------
+def test_greedy_matches_transformers_batch1(model, hf_greedy):
+    assert engine_for(model).generate([PROMPTS[0]], N_NEW, stop_token_ids=[]) == [hf_greedy[0]]
+
+
+@pytest.mark.parametrize("prefill_mode, grouped", [("naive", True), ("absorbed", True), ("naive", False)])
+def test_greedy_matches_transformers_batch8(model, hf_greedy, prefill_mode, grouped):
+    engine = engine_for(model, prefill_mode=prefill_mode)
+    moe_layers = [lw for lw in engine.layers if lw.moe]
+    for lw in moe_layers:
+        lw.grouped = lw.grouped and grouped  # False: the per-expert loop (the path quantised weights will take)
+    assert not grouped or all(lw.grouped for lw in moe_layers)
+    assert engine.generate(PROMPTS, N_NEW, stop_token_ids=[]) == hf_greedy
+    stats = engine.stats()
+    assert stats["requests"] == 8 and stats["generated_tokens"] == 8 * N_NEW and stats["active_slots"] == 0
+    assert stats["prompt_tokens"] == sum(map(len, PROMPTS)) and stats["decode_steps"] == N_NEW - 1
+
+
+@pytest.mark.parametrize("prefill_mode", ["naive", "absorbed"])
+def test_logits_equal_full_recompute(model, prefill_mode):
+    """Absorbed decode over the latent cache (slots of different lengths) == model(ids) on the whole sequence."""
+    engine = engine_for(model, prefill_mode=prefill_mode)
+    seqs = [list(p) for p in PROMPTS[:5]]
+    logits = engine.prefill(seqs)
+    for step in range(6):
+        with torch.no_grad():
+            ref = torch.stack([model(torch.tensor([s]))[0, -1] for s in seqs])
+        assert (logits - ref).abs().max().item() < 1e-4, step
+        tokens = torch.tensor([(7 * step + 3 * i) % 512 for i in range(len(seqs))])  # any tokens, not just argmax
+        for s, t in zip(seqs, tokens.tolist(), strict=True):
+            s.append(t)
+        logits = engine.decode(tokens)
+    assert engine.slot_lengths[:5] == [len(s) for s in seqs]
+    # several tokens per slot at once (as speculative verification needs): causal within them, logits at each
+    block = torch.tensor([[(11 * i + j) % 512 for j in range(3)] for i in range(len(seqs))])
+    with torch.inference_mode():
+        logits = engine.logits(engine.forward(block))  # [5, 3, V]
+    for i, s in enumerate(seqs):
+        with torch.no_grad():
+            ref = model(torch.tensor([s + block[i].tolist()]))[0, -3:]
+        assert (logits[i] - ref).abs().max().item() < 1e-4
+
+
+def test_bfloat16_engine_tracks_fp32(model):
+    """bf16 weights and cache (fp32 router and softmax): logits within bf16 rounding of the fp32 model."""
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    for gate in bf16.gates():
+        gate.e_score_correction_bias.data = gate.e_score_correction_bias.data.float()
+    engine = engine_for(bf16)
+    assert engine.caches[0].dtype == torch.bfloat16
+    seqs = [list(p) for p in PROMPTS[:4]]
+    logits = engine.prefill(seqs)
+    for _ in range(3):
+        with torch.no_grad():
+            ref = torch.stack([model(torch.tensor([s]))[0, -1] for s in seqs])
+        assert logits.dtype == torch.float32 and (logits - ref).abs().max().item() < 0.1  # logits' std is ~0.8
+        tokens = logits.argmax(-1)
+        for s, t in zip(seqs, tokens.tolist(), strict=True):
+            s.append(t)
+        logits = engine.decode(tokens)
+
+
+def test_latent_cache_holds_normalised_latent_and_roped_key(model):
+    """kv_cache = kv_a_layernorm(c_kv) and pe_cache = RoPE(k_pe), as model.MLA computes them."""
+    engine = engine_for(model)
+    prompt = PROMPTS[3]
+    engine.prefill([prompt])
+    attn = model.layers[0].self_attn
+    with torch.no_grad():
+        x = model.layers[0].input_layernorm(model.embed_tokens(torch.tensor([prompt])))
+        c_kv, k_pe = attn.project_kv_latent(x)
+        cos, sin = model.rotary(torch.arange(len(prompt)))
+        from nanoseek.model import apply_rope
+        k_pe = apply_rope(k_pe, cos, sin, model.config.rope_interleave)
+    torch.testing.assert_close(engine.kv_cache(0)[0, :len(prompt)], c_kv[0])
+    torch.testing.assert_close(engine.pe_cache(0)[0, :len(prompt)], k_pe[0])
+
+
+def test_kv_cache_bytes_per_token(model):
+    cfg = model.config
+    for m, nbytes in [(model, 4), (copy.deepcopy(model).to(torch.bfloat16), 2)]:
+        engine = Engine(m, max_batch_size=3, max_seq_len=64)
+        stats = engine.stats()
+        latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        assert stats["kv_cache_bytes_per_token"] == latent * cfg.num_hidden_layers * nbytes
+        assert stats["kv_cache_bytes_per_token"] == (16 + 8) * 2 * nbytes
+        assert stats["mha_equivalent_bytes_per_token"] == 2 * (24 + 16) * 2 * nbytes  # H (qk + v) layers bytes
+        assert stats["mtp_kv_cache_bytes_per_token"] == (16 + 8) * cfg.num_nextn_predict_layers * nbytes
+        per_token = (stats["kv_cache_bytes_per_token"] + stats["mtp_kv_cache_bytes_per_token"])
+        assert stats["kv_cache_bytes_allocated"] == per_token * 3 * 64  # the buffers really are that size
+
+
+# --- sampling ---------------------------------------------------------------------------------------------------------
+def test_seeded_sampling_is_reproducible_in_any_batch(model):
+    kw = dict(temperature=0.9, top_p=0.95, seed=1234)
+    a = alone(model, PROMPTS[1], **kw)
+    assert a == alone(model, PROMPTS[1], **kw)
+    batched = engine_for(model).generate([PROMPTS[0], PROMPTS[1], PROMPTS[4]], 20, stop_token_ids=[], **kw)
+    assert batched[1] == a
+    assert alone(model, PROMPTS[1], temperature=0.9, top_p=0.95, seed=99) != a
+    # with other requests running alongside, at other temperatures and seeds
+    engine = engine_for(model)
+    others = [engine.submit(p, SamplingParams(20, 1.3, 1.0, 5, [], seed=i)) for i, p in enumerate(PROMPTS[2:6])]
+    req = engine.submit(PROMPTS[1], SamplingParams(20, stop_token_ids=[], **kw))
+    while not req.finished or not all(o.finished for o in others):
+        engine.step()
+    assert req.output_ids == a
+
+
+def test_top_k1_and_tiny_top_p_equal_greedy(model):
+    greedy = alone(model, PROMPTS[3])
+    assert alone(model, PROMPTS[3], temperature=1.5, top_k=1, seed=0) == greedy
+    assert alone(model, PROMPTS[3], temperature=1.5, top_p=1e-6, seed=0) == greedy
+
+
+def test_top_k_and_top_p_restrict_the_choice(model):
+    engine = engine_for(model)
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([PROMPTS[3]]))[0, -1] / 2.0, -1)
+    top3 = set(probs.topk(3).indices.tolist())
+    ranked = probs.sort(descending=True)
+    nucleus = set(ranked.indices[:int((ranked.values.cumsum(0) < 0.3).sum()) + 1].tolist())
+    firsts_k = {engine.generate([PROMPTS[3]], 1, temperature=2.0, top_k=3, seed=s)[0][0] for s in range(60)}
+    firsts_p = {engine.generate([PROMPTS[3]], 1, temperature=2.0, top_p=0.3, seed=s)[0][0] for s in range(60)}
+    assert firsts_k == top3  # 60 draws at temperature 2 reach all three
+    assert firsts_p <= nucleus and len(firsts_p) >= 1
+
+
+# --- continuous batching --------------------------------------------------------------------------------------------
+def test_requests_joining_and_leaving_match_running_alone(model):
+    engine = engine_for(model, max_batch_size=3)
+    plan = {0: [(PROMPTS[0], 6)], 2: [(PROMPTS[3], 25), (PROMPTS[1], 9)], 5: [(PROMPTS[5], 15), (PROMPTS[2], 20)]}
+    reqs = []
+    for step in range(200):
+        for prompt, n in plan.get(step, []):
+            reqs.append(engine.submit(prompt, SamplingParams(n, stop_token_ids=[])))
+        engine.step()
+        assert engine.stats()["active_slots"] <= 3
+        assert [r.slot for r in engine.active] == list(range(len(engine.active)))  # slots stay compact
+        if len(reqs) == 5 and all(r.finished for r in reqs):
+            break
+    assert engine.stats()["active_slots"] == 0
+    for (prompt, n), r in zip([x for s in sorted(plan) for x in plan[s]], reqs, strict=True):
+        assert r.finish_reason == "length"
+        assert r.output_ids == alone(model, prompt, max_new_tokens=n)
+
+
+def test_cancel_frees_the_slot(model):
+    engine = engine_for(model, max_batch_size=2)
+    a = engine.submit(PROMPTS[0], SamplingParams(50, stop_token_ids=[]))
+    b = engine.submit(PROMPTS[1], SamplingParams(30, stop_token_ids=[]))
+    c = engine.submit(PROMPTS[2], SamplingParams(10, stop_token_ids=[]))
+    engine.step()
+    assert engine.stats()["active_slots"] == 2 and engine.stats()["waiting"] == 1 and c.slot is None
+    a.cancel()
+    engine.step()
+    assert a.finish_reason == "cancelled" and a.slot is None and a.done.is_set()
+    assert c.slot is not None  # admitted into the freed slot in the same step
+    waiting = engine.submit(PROMPTS[4], SamplingParams(10))
+    waiting.cancel()  # cancelled before it ever got a slot
+    while engine.active or engine.stats()["waiting"]:
+        engine.step()
+    assert waiting.finish_reason == "cancelled" and waiting.output_ids == []
+    assert b.output_ids == alone(model, PROMPTS[1], max_new_tokens=30)
+    assert c.output_ids == alone(model, PROMPTS[2], max_new_tokens=10)
+
+
+def test_stop_tokens_and_length_limit(model):
+    full = alone(model, PROMPTS[3], max_new_tokens=30)
+    stop = full[10]
+    engine = engine_for(model)
+    req = engine.submit(PROMPTS[3], SamplingParams(30, stop_token_ids=[stop]))
+    while not req.finished:
+        engine.step()
+    assert req.output_ids == full[:full.index(stop)] and req.finish_reason == "stop"  # the stop token is not emitted
+    default = engine.submit(PROMPTS[3], SamplingParams(30))
+    assert default.stop_ids == {model.config.eos_token_id}
+    # prompt + output is clamped at max_seq_len
+    engine = engine_for(model, max_seq_len=40)
+    req = engine.submit(PROMPTS[3], SamplingParams(100, stop_token_ids=[]))
+    while not req.finished:
+        engine.step()
+    assert len(req.output_ids) == 40 - len(PROMPTS[3]) and req.finish_reason == "length"
+    assert req.output_ids == full[:10]
+
+
+def test_stream_and_background_thread(model):
+    expected = alone(model, PROMPTS[5])
+    engine = engine_for(model)
+    assert list(engine.stream(PROMPTS[5], SamplingParams(20, stop_token_ids=[]))) == expected
+    gen = engine.stream(PROMPTS[5], SamplingParams(20, stop_token_ids=[]))
+    assert [next(gen) for _ in range(3)] == expected[:3]
+    gen.close()  # closing early cancels the request
+    engine.step()
+    assert engine.stats()["active_slots"] == 0
+
+    engine.start()
+    try:
+        seen, done = [], threading.Event()
+        req = engine.submit(PROMPTS[5], SamplingParams(20, stop_token_ids=[]),
+                            on_event=lambda ev: (seen.append(ev.token_id), ev.finish_reason and done.set()))
+        assert req.wait(timeout=60) == expected and done.wait(timeout=60)
+        assert [t for t in seen if t is not None] == expected
+        assert engine.generate([PROMPTS[5], PROMPTS[0]], 20, stop_token_ids=[])[0] == expected
+        assert list(engine.stream(PROMPTS[5], SamplingParams(20, stop_token_ids=[]))) == expected
+    finally:
+        engine.stop()
+
+
+# --- errors -----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prompt, params, match", [
+    ([], SamplingParams(), "empty"),
+    (list(range(64)), SamplingParams(), "max_seq_len"),
+    ([1, 512], SamplingParams(), "vocabulary"),
+    ([-1], SamplingParams(), "vocabulary"),
+    ([1, "a"], SamplingParams(), "vocabulary"),
+    ([1], SamplingParams(temperature=-0.1), "temperature"),
+    ([1], SamplingParams(top_p=0.0), "top_p"),
+    ([1], SamplingParams(top_p=1.5), "top_p"),
+    ([1], SamplingParams(top_k=-1), "top_k"),
+    ([1], SamplingParams(max_new_tokens=0), "max_new_tokens"),
+])
+def test_bad_requests_raise_and_the_engine_keeps_serving(model, prompt, params, match):
+    engine = engine_for(model, max_seq_len=64)
+    ok = engine.submit(PROMPTS[0], SamplingParams(10, stop_token_ids=[]))
+    engine.step()
+    with pytest.raises(NanoseekError, match=match):
+        engine.submit(prompt, params)
+    with pytest.raises(NanoseekError, match=match):
+        engine.generate([PROMPTS[1], prompt], **{k: getattr(params, k)
+                                                 for k in ("max_new_tokens", "temperature", "top_p", "top_k")})
+    assert engine.stats()["waiting"] == 0  # generate() queued nothing
+    while not ok.finished:
+        engine.step()
+    assert ok.output_ids == alone(model, PROMPTS[0], max_new_tokens=10)
+    assert engine.generate([PROMPTS[1]], 5, stop_token_ids=[]) == [alone(model, PROMPTS[1], max_new_tokens=5)]
+
+
+def test_a_failing_step_ends_its_requests_and_the_engine_keeps_serving(model, monkeypatch):
+    engine = engine_for(model)
+    real, fail = engine.forward, {"at": 3, "calls": 0}
+
+    def flaky(*args, **kwargs):
+        fail["calls"] += 1
+        if fail["calls"] == fail["at"]:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "forward", flaky)
+    expected = alone(model, PROMPTS[0], max_new_tokens=5)
+    # stepping by hand: the exception propagates, the requests in flight end with "error"
+    reqs = [engine.submit(p, SamplingParams(20, stop_token_ids=[])) for p in PROMPTS[:2]]
+    with pytest.raises(RuntimeError, match="boom"):
+        while True:
+            engine.step()
+    assert [r.finish_reason for r in reqs] == ["error", "error"] and all(r.done.is_set() for r in reqs)
+    assert engine.stats()["active_slots"] == 0 and "boom" in engine.last_error
+    assert engine.generate([PROMPTS[0]], 5, stop_token_ids=[]) == [expected]
+    # the background loop survives; a stream caught by the failure raises NanoseekError
+    fail["at"] = fail["calls"] + 2
+    engine.start()
+    try:
+        with pytest.raises(NanoseekError, match="boom"):
+            list(engine.stream(PROMPTS[1], SamplingParams(20, stop_token_ids=[])))
+        assert engine.generate([PROMPTS[0]], 5, stop_token_ids=[]) == [expected]
+    finally:
+        engine.stop()
+
+
+def test_bad_engine_arguments(model, model_dir):
+    with pytest.raises(NanoseekError, match="quant"):
+        Engine.from_pretrained(model_dir, quant="int8")
+    with pytest.raises(NanoseekError, match="max_seq_len"):
+        Engine(model, max_seq_len=10_000)
+    with pytest.raises(NanoseekError, match="max_batch_size"):
+        Engine(model, max_batch_size=0)
+    engine = Engine.from_pretrained(model_dir, max_batch_size=2)
+    assert engine.max_seq_len == min(model.config.max_position_embeddings, 4096)
+    assert engine.generate([PROMPTS[0]], 8, stop_token_ids=[]) == [alone(model, PROMPTS[0], max_new_tokens=8)]
+
+
+# --- the CLI ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from nanoseek.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("cli")
+    text = "The quick brown fox jumps over the lazy dog. 12 + 30 = 42. Ünïcödé ✓ 你好.\n" * 60
+    tok = train_tokenizer([text], vocab_size=300, out_dir=root / "tok")
+    torch.manual_seed(0)
+    model = Transformer(get_preset("test", vocab_size=tok.vocab_size))
+    return model.save_pretrained(root / "model", tokenizer_dir=root / "tok"), tok
+
+
+def run_cli(argv):
+    from nanoseek import generate
+
+    parser = argparse.ArgumentParser()
+    generate.add_arguments(parser)
+    generate.run(parser.parse_args(argv))
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_cli_generate(tiny_dir, capsys, chat):
+    path, tok = tiny_dir
+    argv = ["--model", str(path), "--prompt", "The quick", "--max-new-tokens", "12", "--temperature", "0"]
+    run_cli(argv + (["--chat"] if chat else []))
+    out, err = capsys.readouterr()
+    model = load_model(path)
+    ids = (tok.apply_chat_template([{"role": "user", "content": "The quick"}], add_generation_prompt=True) if chat
+           else tok.encode("The quick"))
+    expected = Engine(model, max_batch_size=1).generate([ids], 12, stop_token_ids=[tok.eos_id])[0]
+    assert out == tok.decode(expected) + "\n"
+    assert f"{len(ids)} prompt tokens, {len(expected)} new tokens" in err and "tok/s" in err
+
+
+def test_cli_generate_errors(tiny_dir, tmp_path):
+    path, _ = tiny_dir
+    with pytest.raises(NanoseekError, match="not found"):
+        run_cli(["--model", str(tmp_path / "nope"), "--prompt", "x"])
+    with pytest.raises(NanoseekError, match="tokenizer"):
+        run_cli(["--model", str(tmp_path), "--prompt", "x"])
+    with pytest.raises(NanoseekError, match="top_p"):
+        run_cli(["--model", str(path), "--prompt", "x", "--top-p", "2"])
+    with pytest.raises(NanoseekError, match="empty"):
+        run_cli(["--model", str(path), "--prompt", ""])
+    from nanoseek.cli import COMMANDS
+
+    assert COMMANDS["generate"][0] == "nanoseek.generate"
