@@ -16,23 +16,27 @@ from nanoseek.errors import NanoseekError
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("nanoseek.info", "print a config's or checkpoint's parameter counts and FLOPs per token"),
     "generate": ("nanoseek.generate", "stream a completion for one prompt from a checkpoint (tokens and tok/s)"),
+    "serve": ("nanoseek.server", "serve a checkpoint: OpenAI/DeepSeek-compatible HTTP API and web chat"),
+    "chat": ("nanoseek.chat", "chat with a checkpoint in the terminal (streams the reasoning, dimmed)"),
     "export": ("nanoseek.export", "write a checkpoint as a GGUF file for llama.cpp / Ollama (deepseek2)"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Only the chosen command's module is imported (the server's, say, pulls in FastAPI)."""
     parser = argparse.ArgumentParser(prog="nanoseek", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
