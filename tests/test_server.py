@@ -575,7 +575,7 @@ def _run_chat(model_dir: Path, stdin: str, monkeypatch, tty: bool = False) -> tu
     out = _FakeTTY() if tty else io.StringIO()
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
     monkeypatch.setattr(sys, "stdout", out)
-    args = build_parser().parse_args(["chat", "--model", str(model_dir), "--temperature", "0"])
+    args = build_parser("chat").parse_args(["chat", "--model", str(model_dir), "--temperature", "0"])
     chat_cli.run(args)
     return out.getvalue(), prompts
 
