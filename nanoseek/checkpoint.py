@@ -222,6 +222,7 @@ def write_dir_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     tmp.mkdir()
     write(tmp)
     for f in tmp.iterdir():
+        f.chmod(0o644)  # safetensors creates its files 0600; a checkpoint is meant to be shared
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     _fsync_dir(tmp)

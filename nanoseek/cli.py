@@ -15,6 +15,7 @@ from nanoseek.errors import NanoseekError
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("nanoseek.info", "print a config's or checkpoint's parameter counts and FLOPs per token"),
+    "pretrain": ("nanoseek.pretrain", "pre-train a model: tokenizer, data, V3 objective, HF checkpoint"),
     "generate": ("nanoseek.generate", "stream a completion for one prompt from a checkpoint (tokens and tok/s)"),
     "serve": ("nanoseek.server", "serve a checkpoint: OpenAI/DeepSeek-compatible HTTP API and web chat"),
     "chat": ("nanoseek.chat", "chat with a checkpoint in the terminal (streams the reasoning, dimmed)"),
