@@ -20,6 +20,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("nanoseek.server", "serve a checkpoint: OpenAI/DeepSeek-compatible HTTP API and web chat"),
     "chat": ("nanoseek.chat", "chat with a checkpoint in the terminal (streams the reasoning, dimmed)"),
     "export": ("nanoseek.export", "write a checkpoint as a GGUF file for llama.cpp / Ollama (deepseek2)"),
+    "sft": ("nanoseek.sft", "supervised fine-tuning on chat JSONL and/or a task's reasoning traces"),
+    "eval": ("nanoseek.evaluate", "pass@1 (greedy, sampled), pass@k and maj@k on a task's test split, with CIs"),
+    "rl": ("nanoseek.rl", "GRPO reinforcement learning with a task's rule-based rewards"),
+    "sample": ("nanoseek.sample", "rejection sampling: k samples per problem, keep verified-correct traces"),
+    "distill": ("nanoseek.distill", "SFT of a small dense student on a teacher's verified traces"),
 }
 
 

@@ -1,0 +1,240 @@
+"""`nanoseek eval`: pass@1 (greedy and sampled), pass@k and maj@k of a checkpoint on a task's test split.
+
+R1 evaluates reasoning by sampling (temperature 0.6, top-p 0.95) and averaging correctness over k samples per problem
+("pass@1"), because greedy decoding of long chains of thought repeats itself and varies from checkpoint to
+checkpoint. We report both, plus
+
+  pass@k   the unbiased estimator of Chen et al. (2021): 1 - C(n-c, k) / C(n, k) with n samples, c correct
+  maj@k    majority vote over the parsed \\boxed{} answers of the k samples (R1's cons@64), ties to the first seen
+
+Confidence intervals (95%) are over problems: Wilson score intervals for the two 0/1-per-problem metrics (greedy
+pass@1, maj@k) and percentile bootstrap (2000 resamples of the problems) for the averaged ones (sampled pass@1,
+pass@k), whose per-problem values are fractions rather than Bernoulli outcomes.
+
+This module also holds the helpers every reasoning stage shares: chat prompts for problems, batched sampling through
+the Engine (`sample_completions`), and scoring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.errors import NanoseekError
+from nanoseek.tasks import Problem, Reward, Task, load_task
+from nanoseek.tokenizer import Tokenizer
+
+EVAL_TEMPERATURE = 0.6  # R1's evaluation sampling settings
+EVAL_TOP_P = 0.95
+
+
+@dataclass
+class Completion:
+    ids: list[int]  # generated tokens, cut after the first end-of-sentence token (which is kept)
+    text: str  # decoded with special tokens kept: </think> is a special token and the scorer needs it
+    truncated: bool  # stopped by max_new_tokens before an end-of-sentence token
+
+
+# ----- prompts, sampling, scoring ---------------------------------------------------------------------------------
+def prompt_ids(tokenizer: Tokenizer, problem: Problem) -> list[int]:
+    """The R1 chat prompt for a problem: <bos><｜User｜>{prompt}<｜Assistant｜><think>\\n (no system prompt, as R1
+    advises; the generation prompt forces the model to open its reasoning)."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": problem.prompt}], add_generation_prompt=True)
+
+
+def sample_completions(engine: Engine, tokenizer: Tokenizer, prompts: list[list[int]], n: int,
+                       max_new_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = 0,
+                       seed: int = 0) -> list[list[Completion]]:
+    """n completions for each prompt, all decoded together by the engine; result[i][j] = sample j of prompt i.
+
+    Each request gets its own seed (seed * 1_000_003 + its index), so the n samples of a prompt differ and the whole
+    call is reproducible. temperature 0 is greedy decoding (then n should be 1: every sample would be the same).
+    """
+    if not prompts or n <= 0:
+        return [[] for _ in prompts]
+    stop = [tokenizer.eos_id]
+    reqs = [engine.submit(p, SamplingParams(max_new_tokens, temperature, top_p, top_k, stop, seed * 1_000_003 + i))
+            for i, p in enumerate(p for p in prompts for _ in range(n))]  # prompt-major: row i*n + j
+    while not all(r.finished for r in reqs):
+        engine.step()
+    completions = []
+    for r in reqs:
+        # the engine does not emit the stop token; put it back so the text and the RL training targets end with it
+        ids = list(r.output_ids) + ([tokenizer.eos_id] if r.finish_reason == "stop" else [])
+        completions.append(Completion(ids, tokenizer.decode(ids), r.finish_reason == "length"))
+    return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def score_all(task: Task, problems: list[Problem], completions: list[list[Completion]]) -> list[list[Reward]]:
+    return [[task.score(p, c.text) for c in cs] for p, cs in zip(problems, completions, strict=True)]
+
+
+# ----- metrics ------------------------------------------------------------------------------------------------------
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k)/C(n, k), as a stable product."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:  # every k-subset contains a correct sample
+        return 1.0
+    # C(n-c, k)/C(n, k) = prod_{i=n-c+1}^{n} (1 - k/i)
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def majority_vote(parsed: Sequence[str | None], correct: Sequence[bool]) -> bool:
+    """Whether the most frequent parsed answer (whitespace-normalised; unparsed samples don't vote; ties go to the
+    answer seen first) is correct. Samples with the same parsed answer are judged alike, so any one of them decides."""
+    keys = ["".join(p.split()) if p is not None else None for p in parsed]
+    votes = Counter(k for k in keys if k is not None)
+    if not votes:
+        return False
+    best = max(votes.values())
+    winner = next(k for k in keys if k is not None and votes[k] == best)
+    return bool(correct[keys.index(winner)])
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (sensible at 0% and 100%, unlike p ± z·se)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_interval(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean of per-problem values (problems resampled with replacement)."""
+    if not values:
+        return 0.0, 1.0
+    g = torch.Generator().manual_seed(seed)
+    v = torch.tensor(values, dtype=torch.float64)
+    idx = torch.randint(len(v), (n_boot, len(v)), generator=g)
+    means = v[idx].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return lo, hi
+
+
+def _metric(values: Sequence[float], method: str) -> dict[str, Any]:
+    est = sum(values) / len(values) if values else 0.0
+    lo, hi = wilson_interval(sum(values), len(values)) if method == "wilson" else bootstrap_interval(values)
+    return {"value": est, "ci95": [lo, hi], "ci_method": method}
+
+
+def compute_metrics(greedy: list[Reward] | None, sampled: list[list[Reward]] | None, k: int) -> dict[str, Any]:
+    """Metrics over problems from greedy rewards [n_problems] and sampled rewards [n_problems][k]."""
+    out: dict[str, Any] = {}
+    if greedy:
+        out["pass@1_greedy"] = _metric([r.accuracy for r in greedy], "wilson")
+        out["format_greedy"] = sum(r.format > 0 for r in greedy) / len(greedy)
+    if sampled and k > 0:
+        acc = [[r.accuracy > 0 for r in rs] for rs in sampled]
+        out[f"pass@1_sampled_mean@{k}"] = _metric([sum(a) / k for a in acc], "bootstrap")
+        if k > 1:
+            out[f"pass@{k}"] = _metric([pass_at_k(k, sum(a), k) for a in acc], "bootstrap")
+            votes = [majority_vote([r.parsed for r in rs], a) for rs, a in zip(sampled, acc, strict=True)]
+            out[f"maj@{k}"] = _metric([float(v) for v in votes], "wilson")
+        out["format_sampled"] = sum(r.format > 0 for rs in sampled for r in rs) / (len(sampled) * k)
+    return out
+
+
+# ----- the evaluation -----------------------------------------------------------------------------------------------
+def evaluate(engine: Engine, tokenizer: Tokenizer, task: Task, problems: list[Problem], k: int = 4,
+             max_new_tokens: int = 256, temperature: float = EVAL_TEMPERATURE, top_p: float = EVAL_TOP_P,
+             seed: int = 0, greedy: bool = True) -> dict[str, Any]:
+    """Greedy and k-sample metrics of `engine` on `problems` (see compute_metrics); returns a JSON-able dict."""
+    prompts = [prompt_ids(tokenizer, p) for p in problems]
+    result: dict[str, Any] = {"n": len(problems), "k": k, "max_new_tokens": max_new_tokens,
+                              "sampling": {"temperature": temperature, "top_p": top_p, "seed": seed}}
+    t0 = time.perf_counter()
+    g_rewards = None
+    if greedy:
+        g = sample_completions(engine, tokenizer, prompts, 1, max_new_tokens, temperature=0.0, seed=seed)
+        g_rewards = [rs[0] for rs in score_all(task, problems, g)]
+        result["greedy_truncated"] = sum(c[0].truncated for c in g) / max(len(g), 1)
+        result["greedy_mean_tokens"] = sum(len(c[0].ids) for c in g) / max(len(g), 1)
+    s_rewards = None
+    if k > 0:
+        s = sample_completions(engine, tokenizer, prompts, k, max_new_tokens, temperature, top_p, seed=seed)
+        s_rewards = score_all(task, problems, s)
+        result["sampled_truncated"] = sum(c.truncated for cs in s for c in cs) / max(len(s) * k, 1)
+        result["sampled_mean_tokens"] = sum(len(c.ids) for cs in s for c in cs) / max(len(s) * k, 1)
+    result["metrics"] = compute_metrics(g_rewards, s_rewards, k)
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def greedy_accuracy(engine: Engine, tokenizer: Tokenizer, task: Task, problems: list[Problem],
+                    max_new_tokens: int) -> float:
+    """Fraction of problems solved by greedy decoding (the cheap held-out check run during training)."""
+    if not problems:
+        return 0.0
+    prompts = [prompt_ids(tokenizer, p) for p in problems]
+    g = sample_completions(engine, tokenizer, prompts, 1, max_new_tokens, temperature=0.0)
+    return sum(task.score(p, c[0].text).accuracy for p, c in zip(problems, g, strict=True)) / len(problems)
+
+
+def format_report(result: dict[str, Any]) -> str:
+    lines = [f"{result.get('task', '?')}: {result['n']} test problems, k={result['k']}"]
+    for name, m in result["metrics"].items():
+        if isinstance(m, dict):
+            lo, hi = m["ci95"]
+            lines.append(f"  {name:<24} {m['value']:.3f}  [{lo:.3f}, {hi:.3f}] 95% CI ({m['ci_method']})")
+        else:
+            lines.append(f"  {name:<24} {m:.3f}")
+    return "\n".join(lines)
+
+
+# ----- CLI ----------------------------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, required=True, help="checkpoint directory (with tokenizer files)")
+    p.add_argument("--task", required=True, help="task spec, e.g. arithmetic or arithmetic:max_digits=2,ops=+-")
+    p.add_argument("-n", "--n", type=int, default=200, help="test problems (default 200)")
+    p.add_argument("--k", type=int, default=4, help="samples per problem for sampled pass@1/pass@k/maj@k "
+                   "(default 4; 0 = greedy only)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=EVAL_TEMPERATURE)
+    p.add_argument("--top-p", type=float, default=EVAL_TOP_P)
+    p.add_argument("--batch-size", type=int, default=64, help="engine batch size (sequences decoded together)")
+    p.add_argument("--seed", type=int, default=0, help="problem draw and sampling seed")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, help="write the result here as JSON")
+
+
+def load_engine(model_dir: Path, max_batch_size: int, max_seq_len: int | None = None) -> Engine:
+    return Engine.from_pretrained(model_dir, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+
+
+def check_positive(**values: int) -> None:
+    for name, v in values.items():
+        if v <= 0:
+            raise NanoseekError(f"--{name.replace('_', '-')} must be positive, got {v}")
+
+
+def run(args: argparse.Namespace) -> None:
+    check_positive(n=args.n, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    if args.k < 0:
+        raise NanoseekError(f"--k must be >= 0, got {args.k}")
+    torch.set_num_threads(args.threads)
+    task = load_task(args.task)
+    engine = load_engine(args.model, args.batch_size)
+    tokenizer = Tokenizer.from_dir(args.model)
+    problems = task.problems("test", args.n, seed=args.seed)
+    result = {"task": args.task, "model": str(args.model), "split": "test"}
+    result.update(evaluate(engine, tokenizer, task, problems, k=args.k, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_p=args.top_p, seed=args.seed))
+    print(format_report(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")

@@ -1,0 +1,435 @@
+"""`nanoseek rl`: GRPO with rule-based rewards (DeepSeekMath 2402.03300; R1 paper eq. 1-3), token-level.
+
+One step:
+  1. sample: B train problems, G completions each from the current policy through the Engine (temperature 1, no
+     top-k/top-p, so the samples follow pi_theta exactly)
+  2. reward: task.score -> accuracy (1/0) + format (0.1/0), summed
+  3. advantages per group of G: A_i = (r_i - mean(r)) / (std(r) + 1e-4)  (Dr. GRPO: r_i - mean(r)); groups whose
+     rewards are all equal carry no signal and are dropped from the batch (logged as frac_zero_std)
+  4. mu updates on the batch, each minimising, per completion token t of sample i (A_i on every token),
+         l_it = -min(rho_it A_i, clip(rho_it, 1 - eps, 1 + eps_high) A_i) + beta * k3_it
+         rho_it = pi_theta(o_it) / pi_old(o_it),   k3_it = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1  (>= 0)
+     averaged over all completion tokens of the batch (token-level, as DAPO and trl's default), or with --dr-grpo
+     summed and divided by (sequences x max_new_tokens), a constant, which removes GRPO's length bias.
+With mu = 1, pi_old = pi_theta, so rho = 1, clipping never triggers, and the gradient is REINFORCE's:
+-sum(mask * A * grad log pi) / sum(mask). The ratio and clip only matter for mu > 1, but the code is the general one.
+
+Shapes: B prompts per step, G group size, N = B*G sequences, T padded sequence length, V vocab.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from nanoseek.checkpoint import load_model
+from nanoseek.engine import Engine
+from nanoseek.errors import NanoseekError
+from nanoseek.evaluate import Completion, greedy_accuracy, prompt_ids, sample_completions, score_all
+from nanoseek.model import Transformer
+from nanoseek.pretrain import Trainer, latest_checkpoint, lr_at
+from nanoseek.tasks import Problem, Task, load_task
+from nanoseek.tokenizer import Tokenizer
+
+IGNORE = -1
+
+
+@dataclass
+class GRPOConfig:
+    group_size: int = 8  # G completions per prompt
+    prompts_per_step: int = 16  # B
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # sampling temperature; log-probs are computed at the same temperature
+    mu: int = 1  # policy updates per batch of rollouts
+    epsilon: float = 0.2  # clip low: rho >= 1 - epsilon
+    epsilon_high: float | None = None  # clip high: rho <= 1 + epsilon_high (DAPO's clip-higher: 0.28); None = epsilon
+    beta: float = 0.0  # k3 KL weight to the frozen reference (the initial policy); 0 = no reference model
+    dr_grpo: bool = False  # advantages without /std, loss / (N * max_new_tokens) instead of / tokens
+    mask_truncated: bool = False  # exclude completions cut by max_new_tokens from the loss (DAPO overlong filter)
+    micro_batch: int = 32  # sequences per forward/backward (gradients accumulate; the result does not depend on it)
+    max_grad_norm: float = 1.0
+
+
+# ----- the objective ------------------------------------------------------------------------------------------------
+def group_advantages(rewards: torch.Tensor, scale_std: bool = True, eps: float = 1e-4,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """rewards [B,G] -> advantages [B,G] and keep [B] (False for groups whose rewards are all equal, whose advantages
+    are set to exactly 0). std is the unbiased sample std over the group, as trl computes it."""
+    if rewards.dim() != 2 or rewards.shape[1] < 2:
+        raise NanoseekError(f"GRPO needs a group of >= 2 samples per prompt, got rewards of shape "
+                            f"{list(rewards.shape)}")
+    rewards = rewards.double()
+    adv = rewards - rewards.mean(1, keepdim=True)
+    if scale_std:
+        adv = adv / (rewards.std(1, keepdim=True) + eps)
+    keep = rewards.amax(1) > rewards.amin(1)
+    return torch.where(keep[:, None], adv, torch.zeros_like(adv)).float(), keep
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi_theta || pi_ref) per token: exp(d) - d - 1 with d = ref_logp - logp; >= 0."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def loss_weights(mask: torch.Tensor, dr_grpo: bool, max_len: int) -> torch.Tensor:
+    """Per-token weights [N,T] so that loss = sum(weights * l): mask / sum(mask) (token-level), or mask / (N * max_len)
+    (Dr. GRPO). Computed once for the whole batch so micro-batches add up to exactly the full-batch loss."""
+    if dr_grpo:
+        return mask / (mask.shape[0] * max_len)
+    return mask / mask.sum().clamp(min=1)
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor,
+              epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
+              ref_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The clipped GRPO loss sum(weights * l) for token log-probs logp / old_logp / ref_logp [N,T] and per-sequence
+    advantages [N]. Returns (loss, sums): token counts and sums for clip fractions, KL and the ratio."""
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    adv = advantages[:, None]  # one advantage for every token of a sequence
+    ratio = torch.exp(logp - old_logp)
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - epsilon, 1 + eps_high) * adv)
+    per_token = -surrogate
+    mask = weights > 0
+    kl = None
+    if beta:
+        if ref_logp is None:
+            raise ValueError("beta > 0 needs ref_logp")
+        kl = k3_kl(logp, ref_logp)
+        per_token = per_token + beta * kl
+    loss = (weights * per_token).sum()
+    with torch.no_grad():
+        # a token is clipped when the clamp is the active side of the min: its gradient is zero
+        clip_low = mask & (adv < 0) & (ratio < 1 - epsilon)
+        clip_high = mask & (adv > 0) & (ratio > 1 + eps_high)
+        sums = {"tokens": float(mask.sum()), "clip_low": float(clip_low.sum()), "clip_high": float(clip_high.sum()),
+                "ratio": float(ratio[mask].sum()),
+                "kl": float(kl[mask].sum()) if kl is not None else 0.0}
+    return loss, sums
+
+
+def token_logprobs(model: Transformer, input_ids: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(targets | prefix) [N,T] (0 where targets is IGNORE) and the exact entropy of each next-token
+    distribution [N,T] (no gradient): logsumexp(z) - sum softmax(z) z, in fp32."""
+    logits = model(input_ids).float()
+    if temperature != 1.0:
+        logits = logits / temperature  # the distribution the completion was sampled from
+    logp_all = F.log_softmax(logits, dim=-1)  # [N,T,V]
+    logp = logp_all.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp * (targets != IGNORE), entropy
+
+
+def rollout_tensors(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[prompt ‖ completion] rows right-padded -> input_ids [N,T], targets [N,T] (IGNORE on prompt and padding: only
+    completion tokens are scored), mask [N,T] float (1 on completion tokens)."""
+    seqs = [p + c for p, c in zip(prompts, completions, strict=True)]
+    t = max(len(s) for s in seqs) - 1
+    input_ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
+    targets = torch.full((len(seqs), t), IGNORE, dtype=torch.long)
+    for i, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
+        input_ids[i, : len(s) - 1] = torch.tensor(s[:-1])
+        # position j predicts s[j+1]; the first completion token is predicted at len(p) - 1
+        targets[i, len(p) - 1 : len(s) - 1] = torch.tensor(s[len(p):])
+    return input_ids, targets, (targets != IGNORE).float()
+
+
+# ----- one step -----------------------------------------------------------------------------------------------------
+def make_engine(model: Transformer, rows: int, max_seq_len: int) -> Engine:
+    """A fresh engine over the current weights (the engine keeps fused copies of some weights, so one built before an
+    optimizer step would sample from the old policy)."""
+    return Engine(model, max_batch_size=rows, max_seq_len=min(max_seq_len, model.config.max_position_embeddings))
+
+
+def grpo_step(policy: Transformer, optimizer: torch.optim.Optimizer, tokenizer: Tokenizer, task: Task,
+              problems: list[Problem], cfg: GRPOConfig, seed: int, ref_model: Transformer | None = None,
+              bias_update_speed: float = 0.0) -> dict[str, Any]:
+    """Sample, score, and update `policy` on one batch of problems; returns the step's metrics."""
+    g = cfg.group_size
+    t0 = time.perf_counter()
+    prompts = [prompt_ids(tokenizer, p) for p in problems]
+    engine = make_engine(policy, len(prompts) * g, max(len(p) for p in prompts) + cfg.max_new_tokens)
+    completions: list[list[Completion]] = sample_completions(engine, tokenizer, prompts, g, cfg.max_new_tokens,
+                                                             cfg.temperature, seed=seed)
+    del engine
+    rewards = score_all(task, problems, completions)
+    t_sample = time.perf_counter() - t0
+
+    flat_c = [c for cs in completions for c in cs]
+    flat_r = [r for rs in rewards for r in rs]
+    total = torch.tensor([[r.total for r in rs] for rs in rewards])  # [B,G]
+    adv, keep = group_advantages(total, scale_std=not cfg.dr_grpo)
+    lengths = [len(c.ids) for c in flat_c]
+    stats: dict[str, Any] = {
+        "reward": total.mean().item(),
+        "reward_accuracy": sum(r.accuracy for r in flat_r) / len(flat_r),
+        "reward_format": sum(r.format for r in flat_r) / len(flat_r),
+        "reward_std": total.std(1).mean().item(),
+        "frac_zero_std": 1.0 - keep.float().mean().item(),
+        "response_len_mean": sum(lengths) / len(lengths),
+        "response_len_max": max(lengths),
+        "truncated_frac": sum(c.truncated for c in flat_c) / len(flat_c),
+    }
+    stats["accuracy"] = stats["reward_accuracy"]
+
+    t1 = time.perf_counter()
+    rows = [i * g + j for i in range(len(problems)) if keep[i] for j in range(g)]
+    if rows:
+        row_prompts = [prompts[i // g] for i in rows]
+        input_ids, targets, mask = rollout_tensors(row_prompts, [flat_c[i].ids for i in rows], tokenizer.pad_id)
+        if cfg.mask_truncated:
+            mask = mask * torch.tensor([0.0 if flat_c[i].truncated else 1.0 for i in rows])[:, None]
+        advantages = adv.flatten()[rows]
+        weights = loss_weights(mask, cfg.dr_grpo, cfg.max_new_tokens)
+        chunks = [slice(s, s + cfg.micro_batch) for s in range(0, len(rows), cfg.micro_batch)]
+        ref_logp = [None] * len(chunks)
+        if cfg.beta and ref_model is not None:
+            with torch.no_grad():
+                ref_logp = [token_logprobs(ref_model, input_ids[c], targets[c], cfg.temperature)[0] for c in chunks]
+        old_logp: list[torch.Tensor] = []
+        sums: dict[str, float] = {}
+        entropy_sum = 0.0
+        policy.train()
+        for it in range(cfg.mu):
+            optimizer.zero_grad(set_to_none=True)
+            for k, c in enumerate(chunks):
+                logp, entropy = token_logprobs(policy, input_ids[c], targets[c], cfg.temperature)
+                if it == 0:  # the policy has not moved yet: pi_old = pi_theta (no extra forward needed)
+                    old_logp.append(logp.detach())
+                    entropy_sum += float((entropy * mask[c]).sum())
+                loss, s = grpo_loss(logp, old_logp[k], advantages[c], weights[c], cfg.epsilon, cfg.epsilon_high,
+                                    cfg.beta, ref_logp[k])
+                loss.backward()
+                for key, v in s.items():
+                    sums[key] = sums.get(key, 0.0) + v
+                sums["loss"] = sums.get("loss", 0.0) + loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+        policy.eval()
+        stats["maxvio"] = policy.update_expert_bias(bias_update_speed)
+        n_tok = max(sums["tokens"], 1.0)
+        stats.update(loss=sums["loss"] / cfg.mu, kl=sums["kl"] / n_tok, clip_frac_low=sums["clip_low"] / n_tok,
+                     clip_frac_high=sums["clip_high"] / n_tok, ratio=sums["ratio"] / n_tok,
+                     entropy=entropy_sum / max(float(mask.sum()), 1.0), grad_norm=float(grad_norm),
+                     trained_seqs=len(rows), tokens=input_ids.numel() * cfg.mu)
+        stats["clip_frac"] = stats["clip_frac_low"] + stats["clip_frac_high"]
+    else:  # every group was all-right or all-wrong: nothing to learn from this batch
+        stats.update(loss=0.0, kl=0.0, clip_frac=0.0, clip_frac_low=0.0, clip_frac_high=0.0, ratio=1.0,
+                     entropy=None, grad_norm=0.0, trained_seqs=0, tokens=0, maxvio=0.0)
+    stats["t_sample"] = t_sample
+    stats["t_train"] = time.perf_counter() - t1
+    return stats
+
+
+# ----- logging and plots --------------------------------------------------------------------------------------------
+def plot_curves(rows: list[dict[str, Any]], heldout: list[dict[str, Any]], path: Path) -> Path:
+    """rl_curves.png: reward (total and per component), accuracy (train samples; held-out greedy) and response length
+    over steps. Drawn on the Agg canvas directly, as report.plot_losses: no pyplot state, no display."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    steps = [r["step"] for r in rows]
+    fig = Figure(figsize=(15, 4), tight_layout=True)
+    FigureCanvasAgg(fig)
+    ax_reward, ax_acc, ax_len = fig.subplots(1, 3)
+    for key, label in [("reward", "total"), ("reward_accuracy", "accuracy"), ("reward_format", "format")]:
+        ax_reward.plot(steps, [r[key] for r in rows], label=label)
+    ax_reward.set_title("reward (mean over samples)")
+    ax_acc.plot(steps, [r["accuracy"] for r in rows], label="train samples")
+    ax_acc.plot([r["step"] for r in heldout], [r["accuracy"] for r in heldout], "o-", label="held-out greedy")
+    ax_acc.set_title("accuracy")
+    ax_acc.set_ylim(0, 1)
+    ax_len.plot(steps, [r["response_len_mean"] for r in rows], label="mean")
+    ax_len.plot(steps, [r["response_len_max"] for r in rows], label="max")
+    ax_len.set_title("response length (tokens)")
+    for ax in (ax_reward, ax_acc, ax_len):
+        ax.set_xlabel("step")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def format_step(r: dict[str, Any]) -> str:
+    entropy = "-" if r["entropy"] is None else f"{r['entropy']:.3f}"  # None: every group was skipped
+    return (f"step {r['step']:4d} | reward {r['reward']:.3f} acc {r['accuracy']:.3f} fmt {r['reward_format']:.3f} "
+            f"| len {r['response_len_mean']:.0f}/{r['response_len_max']} trunc {r['truncated_frac']:.2f} "
+            f"| zero-std {r['frac_zero_std']:.2f} kl {r['kl']:.4f} clip {r['clip_frac']:.3f} ent {entropy} "
+            f"| sample {r['t_sample']:.1f}s train {r['t_train']:.1f}s")
+
+
+
+
+# ----- the run ------------------------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = GRPOConfig()
+    p.add_argument("--model", type=Path, required=True, help="checkpoint to start from (with tokenizer files), "
+                   "usually an SFT model's final/; also the frozen reference for --beta")
+    p.add_argument("--task", required=True, help="task spec, e.g. arithmetic:min_digits=2,max_digits=2,ops=+-")
+    g = p.add_argument_group("GRPO")
+    g.add_argument("--steps", type=int, default=50, help="GRPO steps (default 50)")
+    g.add_argument("--group-size", "-G", type=int, default=d.group_size,
+                   help=f"samples per prompt (default {d.group_size})")
+    g.add_argument("--prompts-per-step", "-B", type=int, default=d.prompts_per_step,
+                   help=f"prompts per step (default {d.prompts_per_step})")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help=f"completion length cap (default {d.max_new_tokens})")
+    g.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature (default 1.0)")
+    g.add_argument("--mu", type=int, default=d.mu, help="policy updates per batch of rollouts (default 1)")
+    g.add_argument("--epsilon", type=float, default=d.epsilon, help="clip: rho >= 1 - epsilon (default 0.2)")
+    g.add_argument("--epsilon-high", type=float, help="clip: rho <= 1 + epsilon_high (default: epsilon; DAPO 0.28)")
+    g.add_argument("--beta", type=float, default=d.beta, help="k3 KL weight to the initial model (default 0)")
+    g.add_argument("--dr-grpo", action="store_true", help="Dr. GRPO: advantage r - mean, loss / (N * max tokens)")
+    g.add_argument("--mask-truncated", action="store_true", help="no loss on completions cut by --max-new-tokens")
+    g.add_argument("--micro-batch", type=int, default=d.micro_batch,
+                   help=f"sequences per forward/backward (default {d.micro_batch}; does not change the result)")
+    g.add_argument("--eval-every", type=int, default=10,
+                   help="held-out greedy accuracy every N steps, and before the first and after the last (0 = off)")
+    g.add_argument("--eval-n", type=int, default=100, help="held-out (test split) problems for it (default 100)")
+    t = p.add_argument_group("training")
+    t.add_argument("--lr", type=float, default=3e-5, help="peak learning rate, constant after warmup (default 3e-5)")
+    t.add_argument("--warmup-steps", type=int, default=5, help="linear warmup steps (default 5)")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices (default 0)")
+    t.add_argument("--grad-clip", type=float, default=d.max_grad_norm, help="gradient-norm clip (default 1.0)")
+    t.add_argument("--bias-update-speed", type=float, default=0.0,
+                   help="expert-bias gamma during RL (default 0: routing stays as SFT left it)")
+    t.add_argument("--save-every", type=int, default=10, help="steps between checkpoints (default 10)")
+    t.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (default 2)")
+    t.add_argument("--seed", type=int, default=0, help="problem order and sampling seed (default 0)")
+    t.add_argument("--out", type=Path, default=Path("runs/rl"), help="run directory (default runs/rl)")
+    t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/latest")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    t.add_argument("--price-per-hour", type=float, default=0.10, help="USD per machine-hour for run.json")
+
+
+def config_from_args(args: argparse.Namespace) -> GRPOConfig:
+    for name in ("steps", "group_size", "prompts_per_step", "max_new_tokens", "mu", "micro_batch", "keep_last"):
+        if getattr(args, name) <= 0:
+            raise NanoseekError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("eval_every", "eval_n", "save_every", "warmup_steps"):
+        if getattr(args, name) < 0:
+            raise NanoseekError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.group_size < 2:
+        raise NanoseekError("--group-size must be >= 2: GRPO's baseline is the mean reward of the group")
+    if not args.temperature > 0:
+        raise NanoseekError("--temperature must be > 0: GRPO needs samples, not greedy decoding")
+    if not 0 < args.epsilon < 1 or (args.epsilon_high is not None and not args.epsilon_high > 0):
+        raise NanoseekError("--epsilon must be in (0, 1) and --epsilon-high > 0")
+    if args.beta < 0 or not args.lr > 0 or args.weight_decay < 0 or args.grad_clip <= 0:
+        raise NanoseekError("--beta and --weight-decay must be >= 0, --lr and --grad-clip > 0")
+    return GRPOConfig(group_size=args.group_size, prompts_per_step=args.prompts_per_step,
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, mu=args.mu,
+                      epsilon=args.epsilon, epsilon_high=args.epsilon_high, beta=args.beta, dr_grpo=args.dr_grpo,
+                      mask_truncated=args.mask_truncated, micro_batch=args.micro_batch, max_grad_norm=args.grad_clip)
+
+
+def trainer_args(args: argparse.Namespace, seq_len: int) -> argparse.Namespace:
+    """The settings pretrain.Trainer reads (optimizer, schedule, checkpoints, run record), from the RL flags: a
+    constant lr after warmup (DAPO), fp32, no MTP or balance loss (the GRPO loss is the only objective)."""
+    rl = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
+    return argparse.Namespace(**{**rl, "dtype": "fp32", "decay_frac": 0.0, "min_lr_frac": 1.0,
+                                 "decay_shape": "cosine", "mtp_lambda": 0.0, "balance_alpha": 0.0,
+                                 "seq_len": seq_len, "batch_size": args.prompts_per_step * args.group_size,
+                                 "grad_accum": 1})
+
+
+def heldout_accuracy(policy: Transformer, tokenizer: Tokenizer, task: Task, problems: list[Problem],
+                     max_new_tokens: int) -> float:
+    longest = max(len(prompt_ids(tokenizer, p)) for p in problems)
+    engine = make_engine(policy, min(len(problems), 128), longest + max_new_tokens)
+    return greedy_accuracy(engine, tokenizer, task, problems, max_new_tokens)
+
+
+def write_logs(out: Path, rows: list[dict[str, Any]], heldout: list[dict[str, Any]]) -> None:
+    """rl_log.jsonl (one line per step) and rl_curves.png in the run directory (each replaced atomically)."""
+    tmp = out / f".rl_log.jsonl.tmp-{os.getpid()}"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, out / "rl_log.jsonl")
+    tmp_png = out / f".rl_curves.tmp-{os.getpid()}.png"
+    plot_curves(rows, heldout, tmp_png)
+    os.replace(tmp_png, out / "rl_curves.png")
+
+
+def run(args: argparse.Namespace) -> None:
+    cfg = config_from_args(args)
+    threads = args.threads or len(os.sched_getaffinity(0))
+    if threads < 1:
+        raise NanoseekError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    task = load_task(args.task)
+    out: Path = args.out
+    resume_from = latest_checkpoint(out / "checkpoints") if args.resume else None
+    if args.resume and resume_from is None:
+        raise NanoseekError(f"--resume: no checkpoint to resume from in {out / 'checkpoints'}")
+    if not args.resume and (out / "checkpoints" / "latest").is_file():
+        raise NanoseekError(f"{out} already holds a run: add --resume to continue it, or pick another --out")
+    policy = load_model(args.model)
+    tokenizer = Tokenizer.from_dir(args.model)
+    ref_model = None
+    if cfg.beta:
+        ref_model = load_model(args.model).requires_grad_(False)  # the frozen initial policy
+    b = cfg.prompts_per_step
+    train_problems = task.problems("train", args.steps * b, seed=args.seed)  # step s uses [s*B, (s+1)*B)
+    eval_problems = task.problems("test", args.eval_n, seed=args.seed) if args.eval_every and args.eval_n else []
+    seq_len = max(len(prompt_ids(tokenizer, p)) for p in train_problems[:64]) + cfg.max_new_tokens
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(policy, trainer_args(args, seq_len), out, tokenizer_dir=args.model, stage="rl")
+    if resume_from is not None:
+        trainer.load_checkpoint(resume_from)
+    rows: list[dict[str, Any]] = trainer.history["train"]
+    heldout: list[dict[str, Any]] = trainer.history.setdefault("heldout", [])
+    n = policy.num_params()
+    print(f"rl: {n['total'] / 1e6:.2f}M params | {args.task} | {args.steps} steps x {b} prompts x "
+          f"{cfg.group_size} samples | {'Dr. GRPO' if cfg.dr_grpo else 'GRPO'} mu={cfg.mu} eps={cfg.epsilon}"
+          f"{f'/{cfg.epsilon_high}' if cfg.epsilon_high is not None else ''} beta={cfg.beta} lr={args.lr:g}")
+    if not heldout and eval_problems:
+        acc = heldout_accuracy(policy, tokenizer, task, eval_problems, cfg.max_new_tokens)
+        heldout.append({"step": trainer.step, "accuracy": acc})
+        print(f"step {trainer.step:4d} | held-out greedy accuracy {acc:.3f} ({len(eval_problems)} test problems)")
+    bar = tqdm(total=args.steps, initial=trainer.step, desc="rl", unit="step", dynamic_ncols=True)
+    while trainer.step < args.steps:
+        step = trainer.step
+        lr = lr_at(step, args.steps, args.lr, args.warmup_steps, 0.0, 1.0)
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = lr
+        stats = grpo_step(policy, trainer.optimizer, tokenizer, task, train_problems[step * b:(step + 1) * b], cfg,
+                          seed=args.seed * 1_000_003 + step, ref_model=ref_model,
+                          bias_update_speed=args.bias_update_speed)
+        trainer.step += 1
+        trainer.tokens += stats["tokens"]
+        trainer.train_seconds += stats["t_train"]
+        row = {"step": trainer.step, "lr": lr, **stats}
+        rows.append(row)
+        bar.update(1)
+        bar.set_postfix_str(f"reward {row['reward']:.3f} | acc {row['accuracy']:.3f} | "
+                            f"len {row['response_len_mean']:.0f}")
+        tqdm.write(format_step(row))
+        done = trainer.step
+        if eval_problems and (done % args.eval_every == 0 or done == args.steps):
+            acc = heldout_accuracy(policy, tokenizer, task, eval_problems, cfg.max_new_tokens)
+            heldout.append({"step": done, "accuracy": acc})
+            tqdm.write(f"step {done:4d} | held-out greedy accuracy {acc:.3f}")
+        if args.save_every and done % args.save_every == 0 and done < args.steps:
+            trainer.save_checkpoint()
+            write_logs(out, rows, heldout)
+    bar.close()
+    final = trainer.save_final()
+    write_logs(out, rows, heldout)
+    record = trainer.write_report()
+    first, last = (heldout[0]["accuracy"], heldout[-1]["accuracy"]) if heldout else (None, None)
+    summary = f"; held-out greedy accuracy {first:.3f} -> {last:.3f}" if heldout else ""
+    print(f"done: {record.steps} steps in {record.wall_seconds / 60:.1f} min{summary}")
+    print(f"checkpoint (HF layout + tokenizer): {final}; log {out / 'rl_log.jsonl'}; curves {out / 'rl_curves.png'}")

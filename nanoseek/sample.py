@@ -1,0 +1,122 @@
+"""`nanoseek sample`: rejection sampling (R1 paper 2.3.3): k samples per train problem, keep the verified ones.
+
+R1 built its ~600k reasoning SFT samples this way from the RL checkpoint, then fine-tuned the base model (and the
+distilled students) on them. With --keep-correct a sample is written only if the task's rule-based verifier accepts
+it: accuracy 1 (one </think>, one correct \\boxed{} after it), format reward > 0 (non-empty reasoning, no stray
+<think>), and not cut off by --max-new-tokens. Identical completions of the same problem are written once.
+
+Output: SFT chat JSONL (`nanoseek sft --data` / `nanoseek distill --teacher-data` read it), one sample a line:
+  {"messages": [{"role": "user", "content": prompt},
+                {"role": "assistant", "reasoning_content": text before </think>, "content": text after it}],
+   "task": spec, "problem": index, "sample": j, "accuracy": 1.0, "format": 0.1}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanoseek.errors import NanoseekError
+from nanoseek.evaluate import (
+    EVAL_TEMPERATURE,
+    EVAL_TOP_P,
+    Completion,
+    check_positive,
+    load_engine,
+    prompt_ids,
+    sample_completions,
+    score_all,
+)
+from nanoseek.tasks import EOS_TEXT, Problem, Reward, Task, load_task, split_completion
+from nanoseek.tokenizer import Tokenizer
+
+
+def is_verified(reward: Reward, completion: Completion) -> bool:
+    """Correct, well-formed (non-empty reasoning and answer) and finished with an end-of-sentence token."""
+    return reward.accuracy == 1.0 and reward.format > 0 and not completion.truncated
+
+
+def trace_records(problems: list[Problem], completions: list[list[Completion]], rewards: list[list[Reward]],
+                  keep_correct: bool = True, task_spec: str = "") -> list[dict[str, Any]]:
+    """Chat records for the samples (only verified ones with keep_correct), one per distinct completion text."""
+    records = []
+    for i, (problem, cs, rs) in enumerate(zip(problems, completions, rewards, strict=True)):
+        seen: set[str] = set()
+        for j, (c, r) in enumerate(zip(cs, rs, strict=True)):
+            if keep_correct and not is_verified(r, c):
+                continue
+            text = c.text.split(EOS_TEXT, 1)[0]
+            if text in seen:
+                continue
+            seen.add(text)
+            reasoning, answer = split_completion(text)
+            if reasoning is None:  # unverified and malformed (only without --keep-correct): keep the raw text
+                assistant = {"role": "assistant", "content": text.strip()}
+            else:
+                assistant = {"role": "assistant", "reasoning_content": reasoning, "content": answer}
+            records.append({"messages": [{"role": "user", "content": problem.prompt}, assistant], "task": task_spec,
+                            "problem": i, "sample": j, "accuracy": r.accuracy, "format": r.format})
+    return records
+
+
+def rejection_sample(engine: Any, tokenizer: Tokenizer, task: Task, problems: list[Problem], k: int,
+                     max_new_tokens: int, temperature: float = EVAL_TEMPERATURE, top_p: float = EVAL_TOP_P,
+                     seed: int = 0, keep_correct: bool = True, task_spec: str = "",
+                     ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Sample k completions per problem and return (records, summary counts)."""
+    prompts = [prompt_ids(tokenizer, p) for p in problems]
+    completions = sample_completions(engine, tokenizer, prompts, k, max_new_tokens, temperature, top_p, seed=seed)
+    rewards = score_all(task, problems, completions)
+    records = trace_records(problems, completions, rewards, keep_correct, task_spec)
+    verified = [[is_verified(r, c) for r, c in zip(rs, cs, strict=True)] for rs, cs in zip(rewards, completions,
+                                                                                            strict=True)]
+    summary = {"problems": len(problems), "samples": len(problems) * k, "written": len(records),
+               "verified": sum(map(sum, verified)),
+               "problems_with_verified": sum(any(v) for v in verified)}
+    return records, summary
+
+
+def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+# ----- CLI ----------------------------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, required=True, help="checkpoint directory (with tokenizer files)")
+    p.add_argument("--task", required=True, help="task spec, e.g. arithmetic:max_digits=2,ops=+-")
+    p.add_argument("-n", "--n", type=int, required=True, help="problems of the train split")
+    p.add_argument("-k", "--k", type=int, default=4, help="samples per problem (default 4)")
+    p.add_argument("--keep-correct", action="store_true", help="write only verified-correct samples")
+    p.add_argument("--out", type=Path, required=True, help="output chat JSONL")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=EVAL_TEMPERATURE)
+    p.add_argument("--top-p", type=float, default=EVAL_TOP_P)
+    p.add_argument("--batch-size", type=int, default=64, help="engine batch size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+
+
+def run(args: argparse.Namespace) -> None:
+    check_positive(n=args.n, k=args.k, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    if args.temperature <= 0 and args.k > 1:
+        raise NanoseekError("--temperature 0 is greedy: all k samples would be identical; use k=1 or sample")
+    torch.set_num_threads(args.threads)
+    task = load_task(args.task)
+    engine = load_engine(args.model, args.batch_size)
+    tokenizer = Tokenizer.from_dir(args.model)
+    problems = task.problems("train", args.n, seed=args.seed)
+    records, summary = rejection_sample(engine, tokenizer, task, problems, args.k, args.max_new_tokens,
+                                        args.temperature, args.top_p, args.seed, args.keep_correct, args.task)
+    write_jsonl(records, args.out)
+    print(f"{summary['verified']}/{summary['samples']} samples verified correct; "
+          f"{summary['problems_with_verified']}/{summary['problems']} problems have at least one; "
+          f"wrote {summary['written']} records to {args.out}")

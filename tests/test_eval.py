@@ -1,0 +1,138 @@
+import json
+import math
+from argparse import Namespace
+
+import pytest
+import torch
+
+from nanoseek.config import get_preset
+from nanoseek.engine import Engine
+from nanoseek.evaluate import (
+    bootstrap_interval,
+    compute_metrics,
+    evaluate,
+    majority_vote,
+    pass_at_k,
+    sample_completions,
+    wilson_interval,
+)
+from nanoseek.model import Transformer
+from nanoseek.tasks import Reward, format_completion, load_task
+from nanoseek.tokenizer import train_tokenizer
+
+TASK = "arithmetic:min_digits=1,max_digits=2,ops=+-"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tokenizer trained on task traces, and an untrained test-preset model saved with it."""
+    task = load_task(TASK)
+    texts = [p.prompt + "\n" + format_completion(*task.solution_trace(p)) for p in task.problems("train", 200)]
+    out = tmp_path_factory.mktemp("eval_model")
+    tok = train_tokenizer(texts, vocab_size=300, out_dir=out)
+    torch.manual_seed(0)
+    model = Transformer(get_preset("test", vocab_size=tok.vocab_size)).eval()
+    model.save_pretrained(out, tokenizer_dir=out)
+    return task, tok, model, out
+
+
+@pytest.mark.parametrize("n, c, k, expected", [
+    (10, 3, 1, 0.3),
+    (10, 3, 10, 1.0),
+    (10, 0, 5, 0.0),
+    (10, 10, 1, 1.0),
+    (5, 2, 2, 1 - math.comb(3, 2) / math.comb(5, 2)),  # 0.7
+    (8, 1, 4, 0.5),
+    (100, 7, 20, 1 - math.comb(93, 20) / math.comb(100, 20)),
+])
+def test_pass_at_k_exact(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pass_at_k_rejects_bad_counts():
+    with pytest.raises(ValueError):
+        pass_at_k(5, 6, 1)
+    with pytest.raises(ValueError):
+        pass_at_k(5, 2, 6)
+
+
+def test_majority_vote():
+    # "12" twice (one with spaces) beats "13" once; correctness comes from the winning answer's samples
+    assert majority_vote(["12", "13", " 1 2 ", None], [True, False, True, False]) is True
+    assert majority_vote(["13", "12", "13", "12", "13"], [False, True, False, True, False]) is False
+    assert majority_vote([None, None], [False, False]) is False  # nothing parsed: wrong
+    assert majority_vote(["5", "7"], [False, True]) is False  # a tie goes to the answer seen first
+    assert majority_vote(["7", "5"], [True, False]) is True
+    assert majority_vote([None, "9", None], [False, True, False]) is True  # unparsed samples do not vote
+
+
+def test_intervals_contain_estimate():
+    for s, n in [(0, 50), (50, 50), (7, 20), (1, 1), (123, 500)]:
+        lo, hi = wilson_interval(s, n)
+        assert 0 <= lo <= s / n <= hi <= 1
+    lo, hi = wilson_interval(50, 100)
+    assert (lo, hi) == pytest.approx((0.4038, 0.5962), abs=1e-4)  # the textbook value
+    values = [0.0, 0.25, 1.0, 0.5, 0.75, 0.0, 1.0, 0.125] * 5
+    lo, hi = bootstrap_interval(values)
+    assert lo < sum(values) / len(values) < hi
+    assert bootstrap_interval([0.5] * 10) == pytest.approx((0.5, 0.5))
+
+
+def r(acc, parsed):
+    return Reward(accuracy=float(acc), format=0.1, parsed=parsed)
+
+
+def test_compute_metrics_by_hand():
+    greedy = [r(1, "3"), r(0, "4"), r(0, None), r(1, "9")]
+    sampled = [
+        [r(1, "3"), r(0, "5"), r(1, "3"), r(0, "5")],  # 2/4; pass@4 = 1; majority: tie 3 vs 5 -> "3" first -> right
+        [r(0, "1"), r(0, "1"), r(0, "2"), r(0, None)],  # 0/4; 0; wrong
+        [r(0, "8"), r(0, "8"), r(1, "7"), r(0, None)],  # 1/4; 1; majority 8 -> wrong
+        [r(1, "9"), r(1, "9"), r(1, "9"), r(1, "9")],  # 4/4; 1; right
+    ]
+    m = compute_metrics(greedy, sampled, k=4)
+    assert m["pass@1_greedy"]["value"] == 0.5 and m["pass@1_greedy"]["ci_method"] == "wilson"
+    assert m["pass@1_sampled_mean@4"]["value"] == pytest.approx((0.5 + 0 + 0.25 + 1) / 4)
+    assert m["pass@1_sampled_mean@4"]["ci_method"] == "bootstrap"
+    assert m["pass@4"]["value"] == pytest.approx(0.75)
+    assert m["maj@4"]["value"] == pytest.approx(0.5)
+    for key in ("pass@1_greedy", "pass@1_sampled_mean@4", "pass@4", "maj@4"):
+        lo, hi = m[key]["ci95"]
+        assert lo <= m[key]["value"] <= hi
+
+
+def test_sample_completions_seeds_and_eos(tiny):
+    task, tok, model, _ = tiny
+    engine = Engine(model, max_batch_size=8, max_seq_len=128)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 1 + 2?"}], add_generation_prompt=True)
+    out = sample_completions(engine, tok, [prompt, prompt], n=3, max_new_tokens=12, temperature=1.0, seed=5)
+    assert [len(cs) for cs in out] == [3, 3]
+    texts = [c.text for cs in out for c in cs]
+    assert len(set(texts[:3])) > 1  # samples of one prompt differ (each request has its own seed)
+    again = sample_completions(engine, tok, [prompt], n=3, max_new_tokens=12, temperature=1.0, seed=5)
+    assert [c.text for c in again[0]] == texts[:3]  # the same call reproduces
+    for c in (c for cs in out for c in cs):
+        assert c.truncated == (c.ids[-1:] != [tok.eos_id])
+        assert len(c.ids) <= 12 + 1
+        assert c.text == tok.decode(c.ids)
+
+
+def test_evaluate_and_cli_json(tiny, tmp_path):
+    task, tok, model, model_dir = tiny
+    engine = Engine(model, max_batch_size=16, max_seq_len=128)
+    problems = task.problems("test", 6)
+    result = evaluate(engine, tok, task, problems, k=3, max_new_tokens=8)
+    assert result["n"] == 6 and result["k"] == 3
+    assert set(result["metrics"]) >= {"pass@1_greedy", "pass@1_sampled_mean@3", "pass@3", "maj@3"}
+    assert result["greedy_truncated"] == 1.0  # an untrained model never stops within 8 tokens
+
+    from nanoseek import evaluate as ev
+
+    out = tmp_path / "eval.json"
+    args = Namespace(model=model_dir, task=TASK, n=5, k=2, max_new_tokens=8, temperature=0.6, top_p=0.95,
+                     batch_size=8, seed=0, threads=1, json=out)
+    ev.run(args)
+    data = json.loads(out.read_text())
+    assert data["split"] == "test" and data["n"] == 5 and data["task"] == TASK
+    m = data["metrics"]["pass@1_greedy"]
+    assert m["value"] == 0.0 and m["ci95"][0] == 0.0 and 0 < m["ci95"][1] < 0.6

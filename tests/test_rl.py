@@ -1,0 +1,267 @@
+import math
+
+import pytest
+import torch
+
+from nanoseek.config import get_preset
+from nanoseek.errors import NanoseekError
+from nanoseek.model import Transformer
+from nanoseek.rl import (
+    IGNORE,
+    GRPOConfig,
+    group_advantages,
+    grpo_loss,
+    grpo_step,
+    k3_kl,
+    loss_weights,
+    rollout_tensors,
+    token_logprobs,
+)
+from nanoseek.tasks import Problem, Reward, Task
+from nanoseek.tokenizer import train_tokenizer
+
+
+class ParityTask(Task):
+    """A task whose verifier we control: a completion is "correct" iff it has an even number of characters (before
+    the end-of-sentence text), so an untrained model gets mixed rewards within a group."""
+
+    name = "parity"
+
+    def problems(self, split, n, seed=0):
+        return [Problem(f"Say something {i}.", "", {}) for i in range(n)]
+
+    def score(self, problem, completion):
+        text = completion.split("<｜end▁of▁sentence｜>", 1)[0]
+        return Reward(accuracy=float(len(text) % 2 == 0), format=0.0, parsed=text)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    texts = ["Say something 12.\nHello there, say it again: 0123456789 </think> \\boxed{1}"] * 20
+    return train_tokenizer(texts, vocab_size=300, out_dir=tmp_path_factory.mktemp("rl_tok"))
+
+
+def tiny_model(vocab_size, seed=0):
+    torch.manual_seed(seed)
+    return Transformer(get_preset("test", vocab_size=vocab_size)).eval()
+
+
+# ----- advantages ---------------------------------------------------------------------------------------------------
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0],
+                            [0.0, 0.0, 0.0, 0.0],  # all wrong: no signal
+                            [1.1, 1.1, 1.1, 1.1],  # all right: no signal
+                            [1.1, 0.1, 0.0, 0.1]])
+    adv, keep = group_advantages(rewards)
+    assert keep.tolist() == [True, False, False, True]
+    std0 = math.sqrt(4 * 0.25 / 3)  # unbiased sample std of [1, 0, 0, 1]
+    a = 0.5 / (std0 + 1e-4)
+    assert adv[0].tolist() == pytest.approx([a, -a, -a, a], abs=1e-6)
+    assert adv[1].tolist() == [0.0] * 4 and adv[2].tolist() == [0.0] * 4  # exactly zero, not rounding noise
+    dev = [1.1 - 0.325, 0.1 - 0.325, -0.325, 0.1 - 0.325]
+    std3 = math.sqrt(sum(d * d for d in dev) / 3)
+    assert adv[3].tolist() == pytest.approx([d / (std3 + 1e-4) for d in dev], abs=1e-6)
+    # Dr. GRPO: no division by the std
+    adv_dr, keep_dr = group_advantages(rewards, scale_std=False)
+    assert keep_dr.tolist() == keep.tolist()
+    assert adv_dr[0].tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5])
+    assert adv_dr[3].tolist() == pytest.approx(dev, abs=1e-6)
+    with pytest.raises(NanoseekError, match="group"):
+        group_advantages(torch.ones(3, 1))
+
+
+# ----- the clipped objective ----------------------------------------------------------------------------------------
+def clip_case():
+    ratio = torch.tensor([[1.5, 0.7, 1.0], [1.3, 0.5, 0.9]], dtype=torch.float64)
+    old_logp = torch.log(torch.tensor([[0.2, 0.4, 0.3], [0.5, 0.6, 0.1]], dtype=torch.float64))
+    logp = (old_logp + ratio.log()).requires_grad_(True)
+    adv = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    return logp, old_logp, adv, mask
+
+
+def test_clipped_loss_by_hand():
+    logp, old_logp, adv, mask = clip_case()
+    w = loss_weights(mask, dr_grpo=False, max_len=3)
+    loss, s = grpo_loss(logp, old_logp, adv, w, epsilon=0.2)
+    # A=+1: 1.5 -> clipped to 1.2; 0.7 -> unclipped 0.7 (the min keeps the lower, unclipped value); 1.0
+    # A=-2: 1.3 -> -2.6 unclipped; 0.5 -> clipped to 0.8 * -2 = -1.6; the masked token does not count
+    assert loss.item() == pytest.approx(-(1.2 + 0.7 + 1.0 - 2.6 - 1.6) / 5)
+    assert (s["tokens"], s["clip_high"], s["clip_low"]) == (5, 1, 1)
+    loss.backward()
+    # d loss / d logp = -w * A * ratio where unclipped, exactly 0 where the clip is active or the token is masked
+    expected = torch.tensor([[0.0, -0.7, -1.0], [2.6, 0.0, 0.0]], dtype=torch.float64) / 5
+    assert torch.allclose(logp.grad, expected)
+
+
+def test_clip_higher():
+    logp, old_logp, adv, mask = clip_case()
+    w = loss_weights(mask, dr_grpo=False, max_len=3)
+    loss, s = grpo_loss(logp, old_logp, adv, w, epsilon=0.2, epsilon_high=0.6)
+    # the upper bound is now 1.6: 1.5 (A>0) is no longer clipped; the lower bound stays 0.8
+    assert loss.item() == pytest.approx(-(1.5 + 0.7 + 1.0 - 2.6 - 1.6) / 5)
+    assert (s["clip_high"], s["clip_low"]) == (0, 1)
+
+
+def test_dr_grpo_normaliser():
+    logp, old_logp, adv, mask = clip_case()
+    w = loss_weights(mask, dr_grpo=True, max_len=10)
+    loss, _ = grpo_loss(logp, old_logp, adv, w, epsilon=0.2)
+    assert loss.item() == pytest.approx(-(1.2 + 0.7 + 1.0 - 2.6 - 1.6) / (2 * 10))  # / (sequences * max_len)
+
+
+def test_k3_kl():
+    p, q = 0.2, 0.5
+    kl = k3_kl(torch.tensor(math.log(p)), torch.tensor(math.log(q)))
+    assert kl.item() == pytest.approx(q / p - math.log(q / p) - 1)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1000, generator=g) * 3, torch.randn(1000, generator=g) * 3
+    assert (k3_kl(a, b) >= 0).all()
+    assert k3_kl(a, a).abs().max().item() == 0.0
+    # in the loss: beta * k3 per token, weighted like the policy term
+    logp, old_logp, adv, mask = clip_case()
+    ref = old_logp + 0.3
+    w = loss_weights(mask, dr_grpo=False, max_len=3)
+    loss0, _ = grpo_loss(logp, old_logp, adv, w, epsilon=0.2)
+    loss1, s = grpo_loss(logp, old_logp, adv, w, epsilon=0.2, beta=0.1, ref_logp=ref)
+    kl = k3_kl(logp.detach(), ref)
+    assert (loss1 - loss0).item() == pytest.approx(0.1 * (kl * mask).sum().item() / 5)
+    assert s["kl"] == pytest.approx((kl * mask).sum().item())
+
+
+def test_mu1_gradient_is_reinforce():
+    torch.manual_seed(0)
+    model = tiny_model(64)
+    input_ids = torch.randint(7, 64, (3, 10))
+    targets = torch.randint(7, 64, (3, 10))
+    targets[:, :4] = IGNORE  # prompt positions
+    targets[1, 8:] = IGNORE  # padding
+    mask = (targets != IGNORE).float()
+    adv = torch.tensor([1.5, -0.5, 0.25])
+
+    logp, _ = token_logprobs(model, input_ids, targets)
+    loss, s = grpo_loss(logp, logp.detach(), adv, loss_weights(mask, False, 10), epsilon=0.2)
+    assert s["clip_low"] == s["clip_high"] == 0 and s["ratio"] == s["tokens"]  # rho == 1 exactly
+    loss.backward()
+    params = [p for n, p in model.named_parameters() if not n.startswith("mtp.")]  # MTP is not in the forward
+    g_grpo = [p.grad.clone() for p in params]
+    model.zero_grad()
+    logp, _ = token_logprobs(model, input_ids, targets)
+    reinforce = -(mask * adv[:, None] * logp).sum() / mask.sum()
+    reinforce.backward()
+    for g, p in zip(g_grpo, params, strict=True):
+        assert torch.allclose(g, p.grad, atol=1e-7, rtol=1e-5)
+    assert any(g.abs().sum() > 0 for g in g_grpo)
+
+
+def test_token_logprobs_and_entropy():
+    model = tiny_model(64)
+    x = torch.randint(0, 64, (2, 6))
+    y = torch.randint(0, 64, (2, 6))
+    y[0, :2] = IGNORE
+    logp, ent = token_logprobs(model, x, y, temperature=0.7)
+    ref = torch.log_softmax(model(x).float() / 0.7, -1)
+    assert torch.allclose(logp[1], ref[1].gather(-1, y[1, :, None]).squeeze(-1), atol=1e-6)
+    assert (logp[0, :2] == 0).all()
+    assert torch.allclose(ent, -(ref.exp() * ref).sum(-1), atol=1e-5)
+    assert ((ent >= 0) & (ent <= math.log(64) + 1e-5)).all()
+
+
+def test_rollout_tensors():
+    ids, targets, mask = rollout_tensors([[10, 11, 12], [20]], [[13, 14, 1], [21, 1]], pad_id=2)
+    assert ids.tolist() == [[10, 11, 12, 13, 14], [20, 21, 2, 2, 2]]
+    assert targets.tolist() == [[IGNORE, IGNORE, 13, 14, 1], [21, 1, IGNORE, IGNORE, IGNORE]]
+    assert mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 0, 0, 0]]
+
+
+# ----- one real step ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mu, beta, dr", [(1, 0.0, False), (2, 0.05, True)])
+def test_grpo_step_end_to_end(tok, mu, beta, dr):
+    torch.set_num_threads(1)
+    model = tiny_model(tok.vocab_size, seed=1)
+    ref = tiny_model(tok.vocab_size, seed=1) if beta else None
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    task = ParityTask()
+    cfg = GRPOConfig(group_size=4, prompts_per_step=3, max_new_tokens=6, mu=mu, beta=beta, dr_grpo=dr, micro_batch=5)
+    stats = grpo_step(model, opt, tok, task, task.problems("train", 3), cfg, seed=0, ref_model=ref)
+    assert stats["trained_seqs"] > 0 and stats["frac_zero_std"] < 1
+    assert 0 <= stats["accuracy"] <= 1 and stats["response_len_max"] <= 7
+    assert stats["entropy"] > 0 and stats["grad_norm"] > 0 and stats["kl"] >= 0
+    assert stats["t_sample"] > 0 and stats["t_train"] > 0
+    changed = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
+    assert any("layers.0.self_attn" in k for k in changed) and "lm_head.weight" in changed
+    if mu == 1:
+        assert stats["clip_frac"] == 0.0 and stats["ratio"] == pytest.approx(1.0)
+
+
+class ConstantTask(ParityTask):
+    def score(self, problem, completion):
+        return Reward(accuracy=1.0, format=0.1, parsed="")
+
+
+def test_grpo_step_skips_zero_variance_groups(tok):
+    model = tiny_model(tok.vocab_size, seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    task = ConstantTask()
+    cfg = GRPOConfig(group_size=3, prompts_per_step=2, max_new_tokens=4)
+    stats = grpo_step(model, opt, tok, task, task.problems("train", 2), cfg, seed=0)
+    assert stats["frac_zero_std"] == 1.0 and stats["trained_seqs"] == 0 and stats["reward"] == pytest.approx(1.1)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # no update at all
+
+
+PARITY_PLUGIN = '''
+from nanoseek.tasks import Problem, Reward, Task
+
+
+class ParityTask(Task):
+    name = "parity"
+
+    def problems(self, split, n, seed=0):
+        return [Problem(f"Say something {i}.", "", {}) for i in range(n)]
+
+    def score(self, problem, completion):
+        text = completion.split("<｜end▁of▁sentence｜>", 1)[0]
+        return Reward(accuracy=float(len(text) % 2 == 0), format=0.0, parsed=text)
+'''
+
+
+def test_rl_cli_logs_checkpoints_and_resume(tok, tmp_path):
+    import argparse
+    import json
+
+    from nanoseek import rl
+    from nanoseek.checkpoint import load_model
+
+    plugin = tmp_path / "parity.py"
+    plugin.write_text(PARITY_PLUGIN)
+    tok_dir = tmp_path / "init"
+    tok.save(tok_dir)
+    tiny_model(tok.vocab_size).save_pretrained(tok_dir, tokenizer_dir=tok_dir)
+    out = tmp_path / "rl"
+
+    def args(*extra):
+        p = argparse.ArgumentParser()
+        rl.add_arguments(p)
+        return p.parse_args(["--model", str(tok_dir), "--task", f"{plugin}:ParityTask", "--out", str(out),
+                             "-G", "4", "-B", "2", "--max-new-tokens", "6", "--eval-every", "2", "--eval-n", "3",
+                             "--save-every", "1", "--threads", "1", "--lr", "1e-3", *extra])
+
+    rl.run(args("--steps", "2"))
+    rows = [json.loads(line) for line in (out / "rl_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("reward", "reward_accuracy", "reward_format", "accuracy", "response_len_mean", "response_len_max",
+                "truncated_frac", "kl", "clip_frac", "entropy", "frac_zero_std", "t_sample", "t_train"):
+        assert key in rows[0], key
+    assert (out / "rl_curves.png").stat().st_size > 1000 and (out / "run.json").is_file()
+    state = json.loads((out / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["history"]["heldout"]] == [0, 2]
+    assert load_model(out / "final").config == load_model(tok_dir).config
+    with pytest.raises(NanoseekError, match="already holds a run"):
+        rl.run(args("--steps", "3"))
+    rl.run(args("--steps", "3", "--resume"))
+    rows = [json.loads(line) for line in (out / "rl_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    with pytest.raises(NanoseekError, match="group-size"):
+        rl.run(args("-G", "1"))
