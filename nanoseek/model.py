@@ -14,6 +14,7 @@ This file is the training / full-sequence path (expanded keys and values, causal
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -31,6 +32,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # one fused kernel (weight included) instead of ~5 ops forward and ~10 backward: 1.6x faster, same result
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # normalise in fp32 (bf16 sums of squares lose precision), as the reference implementations do
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
@@ -150,12 +154,27 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe, cos, sin, cfg.rope_interleave)  # [B,T,rope]
         kv = self.kv_b_proj(c_kv).view(bsz, seqlen, self.n_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
         k_nope, v = kv.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)
-        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B,H,T,qk]
-        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
-        v = v.transpose(1, 2)  # [B,H,T,v]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                           scale=self.softmax_scale)
-        return self.o_proj(o.transpose(1, 2).reshape(bsz, seqlen, -1))
+        q = torch.cat([q_nope, q_pe], dim=-1)  # [B,T,H,qk]
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)], dim=-1)
+        # SDPA's CPU flash kernel needs one head dim for q, k and v; with qk 48 != v 32 it falls back to the math
+        # path, which materialises the [T,T] scores and ignores causality (~1.3x slower forward+backward here).
+        # Zero-padding v (or q and k) to the common dim is exact: zero v columns give zero output columns, dropped
+        # below, and zero q/k columns add nothing to q.k (the scale is passed explicitly).
+        dim = max(cfg.qk_head_dim, cfg.v_head_dim)
+        if cfg.qk_head_dim < dim:
+            q, k = F.pad(q, (0, dim - cfg.qk_head_dim)), F.pad(k, (0, dim - cfg.qk_head_dim))
+        if cfg.v_head_dim < dim:
+            v = F.pad(v, (0, dim - cfg.v_head_dim))
+        # under CPU autocast, attend in fp32: the CPU flash kernel's backward is ~1.3x slower in bf16 than in fp32
+        # at head dim 48 (the q/k/v projections stay bf16; o_proj casts back)
+        upcast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        if upcast:
+            q, k, v = q.float(), k.float(), v.float()
+        with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=attn_mask, is_causal=attn_mask is None,
+                                               scale=self.softmax_scale)
+        return self.o_proj(o[..., :cfg.v_head_dim].transpose(1, 2).reshape(bsz, seqlen, -1))  # [B,H,T,v] -> [B,T,D]
 
 
 # --- feed-forward ------------------------------------------------------------------------------------------------
@@ -240,22 +259,45 @@ class MoE(nn.Module):
         return y.view(bsz, seqlen, d)
 
     def experts(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Routed experts for x [N,D]: sort the N*K (token, expert) pairs by expert, one matmul per busy expert."""
+        """Routed experts for x [N,D]: sort the N*K (token, expert) pairs by expert, then one grouped matmul
+        (F.grouped_mm: every expert's rows in one call) per projection."""
         k = indices.shape[1]
         flat_idx = indices.flatten()  # [N*K]
         order = flat_idx.argsort(stable=True)
         token_of = order // k  # source token of each sorted pair
-        counts = torch.bincount(flat_idx, minlength=self.config.n_routed_experts).tolist()
-        xs = x[token_of]  # [N*K, D], grouped by expert
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            gate, up = F.linear(xs[start:start + n], self.gate_up_proj[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
-            start += n
-        ys = torch.cat(outs) * weights.flatten()[order, None].to(x.dtype)
+        counts = torch.bincount(flat_idx, minlength=self.config.n_routed_experts)  # [E] rows per expert
+        # grouped_mm is not autocast-aware: cast by hand to the dtype autocast gives F.linear (bf16 under autocast)
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        w_gate_up, w_down = self.gate_up_proj.to(dt), self.down_proj.to(dt)
+        xs = x.to(dt).index_select(0, token_of)  # [N*K, D] grouped by expert; backward is a fast index_add_
+        if self._grouped_mm_ok(xs, w_gate_up, w_down):
+            # vs a Python loop of F.linear: ~1.5x faster forward+backward on CPU, and the weight gradient is
+            # written once into [E, ...] instead of through E per-expert index-backward copies of the full tensor
+            offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
+            gate, up = F.grouped_mm(xs, w_gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+            ys = F.grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=offs)  # [N*K, D]
+        else:
+            outs, start = [], 0
+            gate_up_e, down_e = w_gate_up.unbind(0), w_down.unbind(0)  # unbind: one cheap stack in backward
+            for e, n in enumerate(counts.tolist()):
+                if n == 0:
+                    continue
+                gate, up = F.linear(xs[start:start + n], gate_up_e[e]).chunk(2, dim=-1)
+                outs.append(F.linear(F.silu(gate) * up, down_e[e]))
+                start += n
+            ys = torch.cat(outs)
+        ys = ys * weights.flatten()[order, None].to(x.dtype)  # routing weights in x's dtype (fp32 under autocast)
         return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
+
+    @staticmethod
+    def _grouped_mm_ok(xs: torch.Tensor, *weights: torch.Tensor) -> bool:
+        """F.grouped_mm's CPU kernel (torch >= 2.10) needs every row stride and base address 16-byte aligned."""
+        if xs.device.type != "cpu" or not hasattr(F, "grouped_mm"):
+            return False
+        size = xs.element_size()
+        dims = [xs.shape[-1]] + [d for w in weights for d in w.shape[1:]]
+        ptrs = [xs.data_ptr()] + [w.data_ptr() for w in weights]
+        return all(d * size % 16 == 0 for d in dims) and all(p % 16 == 0 for p in ptrs)
 
     def balance_loss(self, indices: torch.Tensor, scores: torch.Tensor, bsz: int, seqlen: int) -> torch.Tensor:
         """Sequence-wise balance loss sum_i f_i P_i (V3 eq. 17-20), averaged over sequences; multiply by alpha.
@@ -315,6 +357,59 @@ class MTPModule(Block):
         return super().forward(x, cos, sin, attn_mask, balance_alpha)
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits = h weight^T [N,V] against targets [N], in chunks of rows.
+
+    The loss is a scalar whose gradient w.r.t. the logits is (softmax - onehot) / n, so the forward computes the
+    h and weight gradients chunk by chunk while that chunk's logits are still in cache, and backward only scales
+    them: the [N,V] fp32 logits, log-softmax and gradient never go through memory. Same numerics as
+    F.cross_entropy(F.linear(h, weight).float(), targets): matmuls in the autocast dtype, softmax in fp32.
+    cpu preset (N = V = 4096): lm_head + loss forward+backward ~1.5x faster under bf16 autocast, ~1.2x in fp32.
+    """
+
+    CHUNK = 256  # rows per chunk: [256, V] fp32 logits = 4 MiB at V = 4096
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                need_grad: bool) -> torch.Tensor:  # h [N,D], weight [V,D], targets [N]
+        dev = h.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        need_h, need_w = need_grad and ctx.needs_input_grad[0], need_grad and ctx.needs_input_grad[1]
+        with torch.autocast(dev, enabled=False):
+            hd, wd = h.to(dt), weight.to(dt)
+            valid = targets != ignore_index
+            safe = torch.where(valid, targets, 0)  # any in-range index for the ignored rows (masked below)
+            loss = torch.zeros((), dtype=torch.float32, device=h.device)
+            grad_h = torch.empty_like(hd) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+            for s in range(0, hd.shape[0], LinearCrossEntropy.CHUNK):
+                rows = slice(s, s + LinearCrossEntropy.CHUNK)
+                hc, tc, vc = hd[rows], safe[rows, None], valid[rows, None]
+                logits = (hc @ wd.t()).float()  # [C,V]
+                lse = logits.logsumexp(-1, keepdim=True)
+                loss += torch.where(vc, lse - logits.gather(1, tc), 0.0).sum()
+                if need_h or need_w:
+                    g = logits.sub_(lse).exp_()  # softmax, in place of the logits
+                    g.scatter_add_(1, tc, torch.full_like(lse, -1.0))  # - onehot(target)
+                    g = g.mul_(vc).to(dt)  # ignored rows: no gradient
+                    if need_h:
+                        grad_h[rows] = g @ wd
+                    if need_w:
+                        grad_w += (g.t() @ hc).float()
+            n = valid.sum()
+        ctx.save_for_backward(grad_h, grad_w, n)
+        ctx.dtypes = h.dtype, weight.dtype
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_h, grad_w, n = ctx.saved_tensors
+        scale = grad_loss / n
+        grad_h = None if grad_h is None else grad_h.to(ctx.dtypes[0]) * scale
+        grad_w = None if grad_w is None else grad_w.to(ctx.dtypes[1]) * scale
+        return grad_h, grad_w, None, None, None
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -369,7 +464,7 @@ class Transformer(nn.Module):
         combines h^{k-1}_i with Emb(t_{i+k}) and predicts targets_{i+k} (the token k+1 steps ahead).
         """
         h = self.hidden_states(input_ids, balance_alpha)
-        loss_main = self._cross_entropy(self.lm_head(self.norm(h)), targets, ignore_index)
+        loss_main = self._lm_loss(self.norm(h), targets, ignore_index)
         loss = loss_main
         stats = {"loss_main": loss_main.item()}
         if mtp_lambda and len(self.mtp):
@@ -380,8 +475,7 @@ class Transformer(nn.Module):
                     break
                 cos, sin = self.rotary(torch.arange(seqlen - k, device=input_ids.device))
                 h = module(h[:, :-1], self.embed_tokens(input_ids[:, k:]), cos, sin, balance_alpha=balance_alpha)
-                logits = self.lm_head(module.shared_head.norm(h))
-                mtp_losses.append(self._cross_entropy(logits, targets[:, k:], ignore_index))
+                mtp_losses.append(self._lm_loss(module.shared_head.norm(h), targets[:, k:], ignore_index))
             if mtp_losses:
                 loss_mtp = torch.stack(mtp_losses).mean()
                 loss = loss + mtp_lambda * loss_mtp
@@ -395,9 +489,13 @@ class Transformer(nn.Module):
         stats["loss"] = loss.item()
         return loss, stats
 
-    @staticmethod
-    def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+    def _lm_loss(self, h: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        """Mean cross-entropy of lm_head(h) for h [B,T,D] (normed) against targets [B,T]: fp32 softmax, as
+        F.cross_entropy(self.lm_head(h).float(), ...), without holding the [B*T,V] logits (LinearCrossEntropy)."""
+        weight = self.lm_head.weight
+        need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+        return LinearCrossEntropy.apply(h.flatten(0, 1), weight, targets.flatten(), ignore_index, need_grad)
+
 
     # --- auxiliary-loss-free load balancing -------------------------------------------------------------------------
     def gates(self) -> list[Gate]:

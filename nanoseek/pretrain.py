@@ -160,7 +160,9 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    # fused: one kernel for all parameters (CPU and CUDA); the default per-parameter loop took 58.5 ms a step on the
+    # cpu preset against 8.7 ms fused (docs/bench_train.md)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
 
 def check_training_args(args: argparse.Namespace, config: ModelConfig) -> None:
