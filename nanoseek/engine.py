@@ -18,6 +18,7 @@ r qk_rope_head_dim, V vocab, N = B*S tokens, E routed experts, K experts per tok
 from __future__ import annotations
 
 import itertools
+import math
 import sys
 import threading
 import time
@@ -33,11 +34,14 @@ import torch.nn.functional as F
 from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
 from nanoseek.model import MoE, Transformer, apply_rope
+from nanoseek.quant import QuantizedWeight, check_mode, quantize, weight_bytes
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Every projection goes through here, so a weight-only quantised weight type can be dispatched on later."""
-    return F.linear(x, weight)
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+    """Every projection goes through here: a plain tensor, or a weight-only quantised one (quant.py)."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight)
+    return weight.linear(x)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -47,7 +51,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
-def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor | QuantizedWeight, down: torch.Tensor | QuantizedWeight
+           ) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)) with gate and up fused into one [2I, D] weight."""
     gate, up = linear(x, gate_up).chunk(2, dim=-1)
     return linear(F.silu(gate) * up, down)
@@ -94,6 +99,18 @@ class LayerWeights:
             self.enorm, self.hnorm = block.enorm.weight, block.hnorm.weight
             self.eh_proj, self.head_norm = block.eh_proj.weight, block.shared_head.norm.weight
 
+    def quantize(self, q: Callable[[torch.Tensor], QuantizedWeight]) -> None:
+        """Swap every projection for its quantised form, except kv_b_proj: W_UK / W_UV run in torch.bmm (and the
+        naive prefill's wkv_b stays with them, so prefill and decode see the same keys and values)."""
+        for name in ("wq_a_kv_a", "wq_b", "wo", "mlp_gate_up", "mlp_down", "eh_proj"):
+            if getattr(self, name, None) is not None:
+                setattr(self, name, q(getattr(self, name)))
+        if self.moe:
+            self.experts_gate_up = [q(w) for w in self.experts_gate_up]
+            self.experts_down = [q(w) for w in self.experts_down]
+            # F.grouped_mm reads full-precision 3-D weights: the quantised experts take the loop through linear()
+            self.grouped, self.experts_gate_up_t, self.experts_down_t = False, None, None
+
 
 class Batch(NamedTuple):
     """What every layer needs to feed [B,S] tokens to a run of slots (computed once per forward)."""
@@ -104,6 +121,12 @@ class Batch(NamedTuple):
     sin: torch.Tensor
     mask: torch.Tensor | None  # additive [B, S*H, T]; None = fresh causal prefill; empty = nothing to hide
     t: int  # cached positions attended (T)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs [m,V] (unnormalised, >= 0), u [m] uniform in [0,1) -> the first index whose CDF exceeds u * total."""
+    cdf = probs.cumsum(-1)
+    return (cdf <= u[:, None].to(cdf.device) * cdf[:, -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
 
 
 # --- requests -------------------------------------------------------------------------------------------------------
@@ -157,6 +180,8 @@ class Request:
     generator: torch.Generator | None  # None for greedy
     on_event: Callable[[Event], None] | None = None  # called from the engine-loop thread
     output_ids: list[int] = field(default_factory=list)
+    draft: int = 0  # speculative decoding: the MTP module's guess for the token after output_ids[-1]
+    draft_probs: torch.Tensor | None = None  # ... and the distribution q it was drawn from [V] (sampled requests)
     finish_reason: str | None = None
     slot: int | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -182,7 +207,8 @@ class Request:
 # --- the engine -----------------------------------------------------------------------------------------------------
 class Engine:
     def __init__(self, model: Transformer, max_batch_size: int = 8, max_seq_len: int | None = None,
-                 prefill_mode: str = "naive"):
+                 prefill_mode: str = "naive", quant: str | None = None, group_size: int = 32,
+                 speculative: bool = False):
         cfg = model.config
         if max_seq_len is None:
             max_seq_len = min(cfg.max_position_embeddings, 4096)
@@ -193,7 +219,17 @@ class Engine:
                                 f"{cfg.max_position_embeddings}], got {max_seq_len!r}")
         if prefill_mode not in ("naive", "absorbed"):
             raise NanoseekError(f"engine: prefill_mode must be 'naive' or 'absorbed', got {prefill_mode!r}")
-        self.model, self.config = model, cfg
+        check_mode(quant, group_size)
+        if quant is not None and model.embed_tokens.weight.device.type != "cpu":
+            raise NanoseekError(f"engine: quant={quant!r} runs on the CPU only (the model is on "
+                                f"{model.embed_tokens.weight.device})")
+        if speculative and not model.mtp:
+            raise NanoseekError("engine: speculative=True needs a checkpoint with an MTP module "
+                                "(config num_nextn_predict_layers >= 1); this one has none")
+        self.speculative = bool(speculative)
+        self.model: Transformer | None = model  # None after from_pretrained(quant=...): only the engine needs it
+        self.config = cfg
+        self.quant, self.group_size = quant, group_size
         self.max_batch_size, self.max_seq_len, self.prefill_mode = max_batch_size, max_seq_len, prefill_mode
         self.dtype, self.device = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
         with torch.no_grad():
@@ -204,6 +240,10 @@ class Engine:
             self.lm_head = model.lm_head.weight
             # RoPE tables for every cache position, fp32 as model.RotaryEmbedding makes them: [max_seq, r/2]
             self.cos, self.sin = model.rotary(torch.arange(max_seq_len, device=self.device))
+            if quant is not None:  # the embedding is a row gather and stays as it is; the router stays fp32
+                for lw in self.layers + self.mtp_layers:
+                    lw.quantize(lambda w: quantize(w, quant, group_size))
+                self.lm_head = quantize(self.lm_head, quant, group_size)
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         self.caches = [torch.zeros(max_batch_size, max_seq_len, width, dtype=self.dtype, device=self.device)
                        for _ in self.layers]
@@ -222,7 +262,7 @@ class Engine:
         self._stop = threading.Event()
         self.last_error: str | None = None  # the exception that failed the last requests ending with "error"
         self.counters = dict(requests=0, prompt_tokens=0, generated_tokens=0, decode_steps=0, prefill_seconds=0.0,
-                             decode_seconds=0.0)
+                             decode_seconds=0.0, draft_tokens=0, accepted_draft_tokens=0)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, max_batch_size: int = 8,
@@ -230,9 +270,11 @@ class Engine:
                         **kwargs) -> Engine:
         from nanoseek.checkpoint import load_model
 
+        check_mode(quant, kwargs.get("group_size", 32))
+        engine = cls(load_model(path, dtype=dtype, device=device), max_batch_size, max_seq_len, quant=quant, **kwargs)
         if quant is not None:
-            raise NanoseekError(f"engine: unknown quant mode {quant!r} (none is supported yet; use quant=None)")
-        return cls(load_model(path, dtype=dtype, device=device), max_batch_size, max_seq_len, **kwargs)
+            engine.model = None  # nobody else holds the loaded model: free its full-precision copy of the weights
+        return engine
 
     # --- cache views ----------------------------------------------------------------------------------------------
     def kv_cache(self, layer: int) -> torch.Tensor:
@@ -306,10 +348,11 @@ class Engine:
         """Shared experts + the routed experts the N tokens selected (one matmul pair per busy expert only)."""
         weights, indices = self._route(x, lw)
         y = torch.zeros_like(x) if lw.mlp_gate_up is None else swiglu(x, lw.mlp_gate_up, lw.mlp_down)
-        if x.shape[0] == 1:  # one token (batch-1 decode): run its K experts, no sorting
-            outs = torch.cat([swiglu(x, lw.experts_gate_up[e], lw.experts_down[e]) for e in indices[0].tolist()])
-            return y + (weights.to(x.dtype).view(-1, 1) * outs).sum(0, keepdim=True)
-        k = indices.shape[1]
+        n, k = indices.shape
+        if n * k <= 4:  # a token or two (batch-1 decode, speculative verification): run each pair, no sorting
+            outs = torch.cat([swiglu(x[i:i + 1], lw.experts_gate_up[e], lw.experts_down[e])
+                              for i, row in enumerate(indices.tolist()) for e in row])  # [N*K, D]
+            return y + (weights.to(x.dtype).view(n, k, 1) * outs.view(n, k, -1)).sum(1)
         flat = indices.flatten()
         order = flat.argsort(stable=True)
         token_of = order // k  # source token of each (token, expert) pair, grouped by expert
@@ -360,45 +403,163 @@ class Engine:
         mask = torch.zeros(hidden.shape, dtype=self.dtype, device=pos.device).masked_fill_(hidden, float("-inf"))
         return mask[:, :, None].expand(-1, -1, self.config.num_attention_heads, -1).reshape(bsz, -1, t)
 
+    def _forward(self, tokens: torch.Tensor, b: Batch) -> torch.Tensor:
+        """tokens [B,S] through the main blocks -> hidden states [B,S,D] before the final norm (lengths untouched)."""
+        x = F.embedding(tokens, self.embed)
+        for lw, cache in zip(self.layers, self.caches, strict=True):
+            x = self._block(x, lw, cache, b)
+        return x
+
+    def _set_lengths(self, start: int, lens: list[int]) -> None:
+        self.lengths[start:start + len(lens)] = torch.tensor(lens, device=self.device)
+        self.slot_lengths[start:start + len(lens)] = lens
+
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int = 0, fresh: bool = False) -> torch.Tensor:
         """Feed tokens [B,S] to slots start..start+B-1 at positions lengths[slot] + 0..S-1 (0.. if fresh: the slots
         are emptied first, as for a prefill); returns hidden states [B,S,D] before the final norm, and advances
         `lengths` by S."""
         bsz, seqlen = tokens.shape
-        b = self._batch(start, bsz, seqlen, fresh)
-        x = F.embedding(tokens, self.embed)
-        for lw, cache in zip(self.layers, self.caches, strict=True):
-            x = self._block(x, lw, cache, b)
-        lengths = self.lengths[b.rows]
-        if fresh:
-            lengths.zero_()
-        lengths += seqlen
-        self.slot_lengths[b.rows] = [n + seqlen for n in ([0] * bsz if fresh else self.slot_lengths[b.rows])]
+        lens = [0] * bsz if fresh else self.slot_lengths[start:start + bsz]
+        x = self._forward(tokens, self._batch(start, bsz, seqlen, fresh))
+        self._set_lengths(start, [n + seqlen for n in lens])
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., D] -> fp32 logits [..., V]."""
         return linear(rms_norm(hidden, self.norm, self.config.rms_norm_eps), self.lm_head).float()
 
-    @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], start: int = 0) -> torch.Tensor:
-        """Prefill prompts into slots start.. (right-padded, one batched pass); returns last-position logits [n,V]
-        and sets each slot's length to its prompt length."""
+    def _prefill(self, prompts: list[list[int]], start: int) -> tuple[torch.Tensor, torch.Tensor, Batch, torch.Tensor]:
+        """Right-padded batched prefill into slots start..: (hidden [n,S,D], tokens [n,S], its Batch, lengths [n])."""
         lens = [len(p) for p in prompts]
         tokens = torch.zeros(len(prompts), max(lens), dtype=torch.long)
         for i, p in enumerate(prompts):
             tokens[i, :len(p)] = torch.tensor(p)
-        hidden = self.forward(tokens.to(self.device), start, fresh=True)
-        last = torch.tensor(lens, device=self.device)
-        self.lengths[start:start + len(prompts)] = last
-        self.slot_lengths[start:start + len(prompts)] = lens
-        return self.logits(hidden[torch.arange(len(prompts), device=self.device), last - 1])
+        tokens = tokens.to(self.device)
+        b = self._batch(start, len(prompts), tokens.shape[1], fresh=True)
+        hidden = self._forward(tokens, b)
+        self._set_lengths(start, lens)
+        return hidden, tokens, b, torch.tensor(lens, device=self.device)
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], start: int = 0) -> torch.Tensor:
+        """Prefill prompts into slots start.. (right-padded, one batched pass); returns last-position logits [n,V]
+        and sets each slot's length to its prompt length."""
+        hidden, _, _, lens = self._prefill(prompts, start)
+        return self.logits(hidden[torch.arange(len(prompts), device=self.device), lens - 1])
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token per slot for slots 0..n-1 (tokens [n]); returns logits [n,V]."""
         return self.logits(self.forward(tokens[:, None], 0)[:, -1])
+
+    @torch.inference_mode()
+    def perplexity(self, token_ids: list[int] | torch.Tensor, seq_len: int = 256) -> float:
+        """exp(mean next-token NLL) over token_ids, in non-overlapping windows of seq_len inputs (each window read
+        from an empty cache, like a prompt) through this engine's own forward: its dtype and quantised weights.
+        Uses cache slots 0.., so not while requests are running."""
+        if self.active:
+            raise NanoseekError("engine: perplexity() needs an idle engine (requests are running)")
+        if not _is_int(seq_len) or not 1 <= seq_len <= self.max_seq_len:
+            raise NanoseekError(f"engine: perplexity seq_len must be in [1, max_seq_len = {self.max_seq_len}], "
+                                f"got {seq_len!r}")
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device)
+        windows = (len(ids) - 1) // seq_len
+        if windows < 1:
+            raise NanoseekError(f"engine: perplexity needs at least seq_len + 1 = {seq_len + 1} tokens, got {len(ids)}")
+        nll = 0.0
+        for w in range(0, windows, self.max_batch_size):
+            x = torch.stack([ids[i * seq_len:(i + 1) * seq_len + 1]
+                             for i in range(w, min(w + self.max_batch_size, windows))])  # [B, seq_len + 1]
+            logits = self.logits(self.forward(x[:, :-1], 0, fresh=True))
+            nll += F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
+        return math.exp(nll / (windows * seq_len))
+
+    # --- MTP speculative decoding ---------------------------------------------------------------------------------
+    def _mtp(self, hidden: torch.Tensor, next_tokens: torch.Tensor, b: Batch) -> torch.Tensor:
+        """MTP depth 1 at the positions b feeds: position i pairs the main model's h_i [B,S,D] (before the final
+        norm) with the embedding of t_{i+1} (next_tokens [B,S]), h'_i = eh_proj([enorm(emb) ; hnorm(h)]), then its
+        block over its own latent cache. Returns the block output [B,S,D] (shared_head.norm comes in _mtp_logits)."""
+        lw, eps = self.mtp_layers[0], self.config.rms_norm_eps
+        x = torch.cat([rms_norm(F.embedding(next_tokens, self.embed), lw.enorm, eps), rms_norm(hidden, lw.hnorm, eps)],
+                      dim=-1)
+        return self._block(linear(x, lw.eh_proj), lw, self.mtp_caches[0], b)
+
+    def _mtp_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return linear(rms_norm(h, self.mtp_layers[0].head_norm, self.config.rms_norm_eps), self.lm_head).float()
+
+    def _draft(self, logits: torch.Tensor, reqs: list[Request]) -> None:
+        """MTP logits [n,V] -> each request's draft: the argmax, or for a sampled request a draw from its filtered
+        MTP distribution q (kept for the acceptance test)."""
+        drafts = logits.argmax(-1)
+        rows = [i for i, r in enumerate(reqs) if r.generator is not None]
+        q = None
+        if rows:
+            q = self._probs(logits[rows], [reqs[i].params for i in rows])
+            drafts[rows] = _inverse_cdf(q, torch.cat([torch.rand(1, generator=reqs[i].generator) for i in rows]))
+        for r, d in zip(reqs, drafts.tolist(), strict=True):
+            r.draft, r.draft_probs = d, None
+        for j, i in enumerate(rows):
+            reqs[i].draft_probs = q[j]
+
+    def _prefill_mtp(self, hidden: torch.Tensor, tokens: torch.Tensor, b: Batch, lens: torch.Tensor,
+                     first: list[int], reqs: list[Request]) -> None:
+        """Fill the MTP cache over the prompt positions (same slots and positions as the main prefill: position i
+        pairs h_i with the next prompt token, the last with the token just sampled) and draft each second token."""
+        rows = torch.arange(len(reqs), device=self.device)
+        next_tokens = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)  # the column past each prompt is padding
+        next_tokens[rows, lens - 1] = torch.tensor(first, device=self.device)
+        self._draft(self._mtp_logits(self._mtp(hidden, next_tokens, b)[rows, lens - 1]), reqs)
+
+    def _verify(self, logits: torch.Tensor, drafts: torch.Tensor, reqs: list[Request]) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+        """logits [n,2,V] of the main model at [last token, draft] -> (tokens [n,2], accepted [n] bool).
+
+        tokens[:,0] is the next token; tokens[:,1] the one after it, valid where accepted. Greedy: the draft is
+        accepted iff it equals the argmax, so the output is the plain greedy output. Sampled (speculative sampling,
+        Leviathan et al. 2023): accept d with probability min(1, p(d)/q(d)), else draw from normalise(max(p - q, 0));
+        p and q are the main and MTP distributions after temperature / top-k / top-p, so every emitted token is
+        distributed exactly as plain sampling from p. Two uniform draws per request and step."""
+        out = logits.argmax(-1)
+        accepted = out[:, 0] == drafts
+        rows = [i for i, r in enumerate(reqs) if r.generator is not None]
+        if rows:
+            ps = [reqs[i].params for i in rows]
+            p = self._probs(logits[rows].flatten(0, 1), [x for x in ps for _ in range(2)]).view(len(rows), 2, -1)
+            q = torch.stack([reqs[i].draft_probs for i in rows])
+            d = drafts[rows]
+            u = torch.stack([torch.rand(2, generator=reqs[i].generator) for i in rows])  # [m,2]
+            ok = u[:, 0] * q.gather(1, d[:, None]).squeeze(1) < p[:, 0].gather(1, d[:, None]).squeeze(1)
+            residual = (p[:, 0] - q).clamp(min=0)
+            residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[:, 0])  # p == q: never rejected
+            first = torch.where(ok, d, _inverse_cdf(residual, u[:, 1]))
+            out[rows] = torch.stack([first, _inverse_cdf(p[:, 1], u[:, 1])], dim=1)  # u[:,1]: one of the two is used
+            accepted[rows] = ok
+        return out, accepted
+
+    def _speculative_decode(self, events: list[Event]) -> None:
+        """One verify step for slots 0..n-1: the main model reads [last token, draft] per slot in one forward; the
+        MTP module reads the same positions, pairing h_L with the verified t_{L+1} and h_{L+1} with t_{L+2}, and
+        drafts from the last accepted position. A rejected draft's cache rows (main and MTP) lie past the slot's new
+        length: hidden by the mask and overwritten by the next step."""
+        reqs = self.active
+        n = len(reqs)
+        tokens = torch.tensor([[r.output_ids[-1], r.draft] for r in reqs], device=self.device)
+        lens = self.slot_lengths[:n]
+        b = self._batch(0, n, 2, fresh=False)
+        hidden = self._forward(tokens, b)
+        out, accepted = self._verify(self.logits(hidden), tokens[:, 1], reqs)
+        h = self._mtp(hidden, out, b)
+        acc = accepted.long()
+        self._draft(self._mtp_logits(h[torch.arange(n, device=self.device), acc]), reqs)
+        acc_list = acc.tolist()
+        self._set_lengths(0, [m + 1 + a for m, a in zip(lens, acc_list, strict=True)])
+        self.counters["draft_tokens"] += n
+        self.counters["accepted_draft_tokens"] += sum(acc_list)
+        for r, (t1, t2), a in zip(reqs, out.tolist(), acc_list, strict=True):
+            self._accept(events, r, t1)
+            if a and not r.finished:
+                self._accept(events, r, t2)
 
     # --- requests -------------------------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams | None = None,
@@ -505,8 +666,11 @@ class Engine:
             for i, r in enumerate(new):
                 r.slot = start + i
             self.active.extend(new)
-            logits = self.prefill([r.prompt_ids for r in new], start)
-            for r, tok in zip(new, self._sample(logits, new), strict=True):
+            hidden, tokens, b, lens = self._prefill([r.prompt_ids for r in new], start)
+            first = self._sample(self.logits(hidden[torch.arange(len(new), device=self.device), lens - 1]), new)
+            if self.speculative:
+                self._prefill_mtp(hidden, tokens, b, lens, first, new)
+            for r, tok in zip(new, first, strict=True):
                 self._accept(events, r, tok)
             self.counters["requests"] += len(new)
             self.counters["prompt_tokens"] += sum(len(r.prompt_ids) for r in new)
@@ -514,14 +678,35 @@ class Engine:
             self._release([r for r in new if r.finished])
         if self.active:
             t0 = time.perf_counter()
-            tokens = torch.tensor([r.output_ids[-1] for r in self.active], device=self.device)
-            logits = self.decode(tokens)
-            for r, tok in zip(self.active, self._sample(logits, self.active), strict=True):
-                self._accept(events, r, tok)
+            if self.speculative:
+                self._speculative_decode(events)
+            else:
+                tokens = torch.tensor([r.output_ids[-1] for r in self.active], device=self.device)
+                logits = self.decode(tokens)
+                for r, tok in zip(self.active, self._sample(logits, self.active), strict=True):
+                    self._accept(events, r, tok)
             self.counters["decode_steps"] += 1
             self.counters["decode_seconds"] += time.perf_counter() - t0
             self._release([r for r in self.active if r.finished])
         return events
+
+    def _filter(self, logits: torch.Tensor, ps: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [m,V] -> temperature, then top-k and top-p: (probabilities sorted descending with the dropped ones
+        zeroed, unnormalised [m,V]; their token ids [m,V])."""
+        vocab = logits.shape[-1]
+        temp = torch.tensor([p.temperature for p in ps], device=logits.device)[:, None]
+        probs, order = F.softmax(logits / temp, dim=-1).sort(dim=-1, descending=True)
+        before = probs.cumsum(-1) - probs  # probability mass ranked above each token
+        top_p = torch.tensor([p.top_p for p in ps], device=logits.device)[:, None]
+        top_k = torch.tensor([p.top_k or vocab for p in ps], device=logits.device)[:, None]
+        drop = (before >= top_p) | (torch.arange(vocab, device=logits.device) >= top_k)
+        drop[:, 0] = False  # always keep the most likely token
+        return probs.masked_fill(drop, 0.0), order
+
+    def _probs(self, logits: torch.Tensor, ps: list[SamplingParams]) -> torch.Tensor:
+        """The distribution sampling draws from, normalised, in vocabulary order [m,V]."""
+        kept, order = self._filter(logits, ps)
+        return torch.zeros_like(kept).scatter_(1, order, kept / kept.sum(-1, keepdim=True))
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
         """logits [n,V] fp32 -> one token per request: argmax, or temperature / top-k / top-p sampling with the
@@ -529,19 +714,9 @@ class Engine:
         tokens = logits.argmax(-1)
         rows = [i for i, r in enumerate(reqs) if r.generator is not None]
         if rows:
-            ps = [reqs[i].params for i in rows]
-            vocab = logits.shape[-1]
-            temp = torch.tensor([p.temperature for p in ps], device=logits.device)[:, None]
-            probs, order = F.softmax(logits[rows] / temp, dim=-1).sort(dim=-1, descending=True)
-            before = probs.cumsum(-1) - probs  # probability mass ranked above each token
-            top_p = torch.tensor([p.top_p for p in ps], device=logits.device)[:, None]
-            top_k = torch.tensor([p.top_k or vocab for p in ps], device=logits.device)[:, None]
-            drop = (before >= top_p) | (torch.arange(vocab, device=logits.device) >= top_k)
-            drop[:, 0] = False  # always keep the most likely token
-            cdf = probs.masked_fill(drop, 0.0).cumsum(-1)
+            kept, order = self._filter(logits[rows], [reqs[i].params for i in rows])
             u = torch.cat([torch.rand(1, generator=reqs[i].generator) for i in rows]).to(logits.device)
-            choice = (cdf <= u[:, None] * cdf[:, -1:]).sum(-1).clamp(max=vocab - 1)  # first index with cdf > u
-            tokens[rows] = order.gather(1, choice[:, None]).squeeze(1)
+            tokens[rows] = order.gather(1, _inverse_cdf(kept, u)[:, None]).squeeze(1)
         return tokens.tolist()
 
     # --- convenience front ends -----------------------------------------------------------------------------------
@@ -633,4 +808,9 @@ class Engine:
             "active_slots": len(self.active),
             "waiting": waiting,
             "tokens_per_second": c["generated_tokens"] / max(c["decode_seconds"] + c["prefill_seconds"], 1e-9),
+            "quant": self.quant or str(self.dtype).removeprefix("torch."),
+            "weight_bytes": weight_bytes([vars(lw) for lw in self.layers + self.mtp_layers]
+                                         + [self.embed, self.norm, self.lm_head]),
+            "speculative": self.speculative,
+            "acceptance_rate": c["accepted_draft_tokens"] / max(c["draft_tokens"], 1),
         }

@@ -33,6 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights and cache dtype (default "
                                                                             "float32, the fastest on most CPUs "
                                                                             "for small models)")
+    p.add_argument("--quant", choices=["int8", "int4"], default=None,
+                   help="weight-only quantisation for the CPU: int8 per output channel, int4 in groups of 32 "
+                        "(default: none; see docs/engine.md)")
+    p.add_argument("--speculate", action="store_true",
+                   help="MTP speculative decoding: the checkpoint's MTP module drafts a token, the model verifies it "
+                        "in the same forward (same output; faster when drafts are accepted)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core; 1 is often "
                                                             "faster for small models or on a busy machine)")
 
@@ -50,7 +56,8 @@ def run(args: argparse.Namespace) -> None:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop_token_ids=[tokenizer.eos_id])
     params.validate()
-    engine = Engine.from_pretrained(args.model, dtype=DTYPES[args.dtype], max_batch_size=1)
+    engine = Engine.from_pretrained(args.model, dtype=DTYPES[args.dtype], max_batch_size=1, quant=args.quant,
+                                    speculative=args.speculate)
     if tokenizer.vocab_size > engine.config.vocab_size:
         raise NanoseekError(f"{args.model}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                             f"vocab_size is {engine.config.vocab_size}")
@@ -73,5 +80,7 @@ def run(args: argparse.Namespace) -> None:
     sys.stdout.flush()
     t1 = time.perf_counter()
     decode_rate = (n - 1) / (t1 - first) if n > 1 else 0.0
+    stats = engine.stats()
+    spec = f", draft acceptance {stats['acceptance_rate']:.0%}" if args.speculate else ""
     print(f"[{len(ids)} prompt tokens, {n} new tokens in {t1 - t0:.2f} s: first token after {(first or t1) - t0:.3f} "
-          f"s, then {decode_rate:.1f} tok/s]", file=sys.stderr)
+          f"s, then {decode_rate:.1f} tok/s{spec}]", file=sys.stderr)

@@ -342,7 +342,7 @@ def test_a_failing_step_ends_its_requests_and_the_engine_keeps_serving(model, mo
 
 def test_bad_engine_arguments(model, model_dir):
     with pytest.raises(NanoseekError, match="quant"):
-        Engine.from_pretrained(model_dir, quant="int8")
+        Engine.from_pretrained(model_dir, quant="int3")
     with pytest.raises(NanoseekError, match="max_seq_len"):
         Engine(model, max_seq_len=10_000)
     with pytest.raises(NanoseekError, match="max_batch_size"):

@@ -1,0 +1,207 @@
+"""MTP speculative decoding: greedy output identical to plain decoding (batch 1, batch 4, requests joining and
+leaving), the MTP latent cache equal to a full recompute, acceptance statistics, speculative sampling's
+distribution, stop and length limits, errors."""
+
+import pytest
+import torch
+
+from nanoseek import NanoseekError, Transformer, get_preset
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.model import apply_rope
+
+PERIOD = 24
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def pattern_batch(pattern: torch.Tensor, n: int, seq_len: int, g: torch.Generator) -> torch.Tensor:
+    """[n, seq_len + 1] windows of a repeating 24-token pattern in which every 4th token is one of three random
+    ones: the rest is predictable, so the MTP head's drafts are right often but not always."""
+    off = torch.randint(0, PERIOD, (n,), generator=g)
+    x = torch.stack([pattern.repeat(seq_len // PERIOD + 3)[o:o + seq_len + 1] for o in off])
+    noise = torch.randint(0, 3, x.shape, generator=g) * 100 + 1 + x % 50
+    return torch.where(torch.arange(seq_len + 1) % 4 == 3, noise, x)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """The test preset trained for 60 steps (~3 s) on pattern_batch with L_main + L_MTP: drafts accepted ~80%."""
+    torch.manual_seed(0)
+    model = Transformer(get_preset("test"))
+    g = torch.Generator().manual_seed(1)
+    pattern = torch.randperm(500, generator=g)[:PERIOD] + 7
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        x = pattern_batch(pattern, 8, 40, g)
+        loss, _ = model.compute_loss(x[:, :-1], x[:, 1:], mtp_lambda=1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x = pattern_batch(pattern, 6, 30, g)
+    prompts = [x[0, :5].tolist(), x[1, :12].tolist(), [3, 9, 100], x[3, :1].tolist(), x[4, :20].tolist(),
+               x[5, :7].tolist()]
+    return model.eval(), prompts
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    torch.manual_seed(0)
+    return Transformer(get_preset("test", initializer_range=0.1)).eval()
+
+
+def engine_for(model, **kw):
+    return Engine(model, **{"max_batch_size": 4, "max_seq_len": 128, **kw})
+
+
+def plain(model, prompts, n, **kw):
+    return engine_for(model).generate(prompts, n, stop_token_ids=[], **kw)
+
+
+# --- greedy: identical to plain decoding ----------------------------------------------------------------------------
+def test_greedy_identical_batch1_and_batch4(trained):
+    model, prompts = trained
+    for batch in ([prompts[2]], prompts[:4]):  # prompts[2] is off the pattern: drafts are often wrong
+        expected = plain(model, batch, 40)
+        engine = engine_for(model, speculative=True)
+        assert engine.generate(batch, 40, stop_token_ids=[]) == expected
+        s = engine.stats()
+        assert s["speculative"] and s["generated_tokens"] == 40 * len(batch)
+        assert 0.5 < s["acceptance_rate"] < 1.0  # both the accept and the reject paths ran
+        assert s["accepted_draft_tokens"] == round(s["acceptance_rate"] * s["draft_tokens"])
+        assert s["decode_steps"] < 30  # vs 39 without speculation
+
+
+def test_greedy_identical_with_requests_joining_and_leaving(trained):
+    model, prompts = trained
+    engine = engine_for(model, max_batch_size=3, speculative=True)
+    plan = {0: [(prompts[0], 6)], 2: [(prompts[3], 25), (prompts[1], 9)], 5: [(prompts[5], 15), (prompts[2], 20)],
+            6: [(prompts[4], 31)]}
+    reqs = []
+    for step in range(200):
+        for prompt, n in plan.get(step, []):
+            reqs.append(engine.submit(prompt, SamplingParams(n, stop_token_ids=[])))
+        engine.step()
+        assert [r.slot for r in engine.active] == list(range(len(engine.active)))
+        if len(reqs) == 6 and all(r.finished for r in reqs):
+            break
+    for (prompt, n), r in zip([x for s in sorted(plan) for x in plan[s]], reqs, strict=True):
+        assert r.finish_reason == "length"
+        assert r.output_ids == plain(model, [prompt], n)[0]
+    assert engine.stats()["accepted_draft_tokens"] > 0
+
+
+def test_greedy_identical_on_an_untrained_model_and_with_wrong_drafts(random_model, trained, monkeypatch):
+    prompts = [[(17 * i + 5 * j) % 500 + 7 for j in range(n)] for i, n in enumerate([5, 12, 1, 30])]
+    engine = engine_for(random_model, speculative=True)
+    assert engine.generate(prompts, 30, stop_token_ids=[]) == plain(random_model, prompts, 30)
+    # every draft wrong: each step still emits the main model's token, and rolls the caches back
+    model, prompts = trained
+    engine = engine_for(model, speculative=True)
+    real = engine._draft
+
+    def wrong(logits, reqs):
+        real(logits, reqs)
+        for r in reqs:
+            r.draft = (r.draft + 1) % model.config.vocab_size
+
+    monkeypatch.setattr(engine, "_draft", wrong)
+    assert engine.generate(prompts[:4], 30, stop_token_ids=[]) == plain(model, prompts[:4], 30)
+    assert engine.stats()["accepted_draft_tokens"] == 0
+
+
+def test_mtp_cache_equals_full_recompute(trained):
+    """After speculative steps (accepted and rejected drafts), the MTP module's latent cache holds, at every
+    position i the main model has read, the latent of eh_proj([enorm(emb(t_{i+1})) ; hnorm(h_i)])."""
+    model, prompts = trained
+    engine = engine_for(model, speculative=True)
+    reqs = [engine.submit(p, SamplingParams(30, stop_token_ids=[])) for p in prompts[:3]]
+    for _ in range(6):
+        engine.step()
+    assert engine.stats()["accepted_draft_tokens"] < engine.stats()["draft_tokens"]
+    cfg, mtp = model.config, model.mtp[0]
+    for r in reqs:
+        seq = r.prompt_ids + r.output_ids  # the last output is not read by the main model yet
+        n = len(seq) - 1
+        assert engine.slot_lengths[r.slot] == n
+        with torch.no_grad():
+            ids = torch.tensor([seq])
+            h = model.hidden_states(ids[:, :-1])
+            x = mtp.eh_proj(torch.cat([mtp.enorm(model.embed_tokens(ids[:, 1:])), mtp.hnorm(h)], dim=-1))
+            c_kv, k_pe = mtp.self_attn.project_kv_latent(mtp.input_layernorm(x))
+            cos, sin = model.rotary(torch.arange(n))
+            k_pe = apply_rope(k_pe, cos, sin, cfg.rope_interleave)
+        torch.testing.assert_close(engine.mtp_caches[0][r.slot, :n, :cfg.kv_lora_rank], c_kv[0], atol=2e-5, rtol=0)
+        torch.testing.assert_close(engine.mtp_caches[0][r.slot, :n, cfg.kv_lora_rank:], k_pe[0], atol=2e-5, rtol=0)
+
+
+def test_stop_tokens_and_length_limits(trained):
+    model, prompts = trained
+    full = plain(model, [prompts[1]], 30)[0]
+    for stop in (full[9], full[10]):  # a stop token in either half of an accepted pair
+        engine = engine_for(model, speculative=True)
+        req = engine.submit(prompts[1], SamplingParams(30, stop_token_ids=[stop]))
+        while not req.finished:
+            engine.step()
+        assert req.output_ids == full[:full.index(stop)] and req.finish_reason == "stop"
+    for n in (1, 2, 7):  # max_new_tokens reached in the middle of an accepted pair, or right after the prefill
+        assert engine_for(model, speculative=True).generate([prompts[1]], n, stop_token_ids=[])[0] == full[:n]
+    # prompt + output clamped at max_seq_len: the verify step never writes past the cache
+    engine = engine_for(model, max_seq_len=len(prompts[1]) + 9, speculative=True)
+    assert engine.generate([prompts[1]], 100, stop_token_ids=[])[0] == full[:9]
+
+
+# --- sampling -------------------------------------------------------------------------------------------------------
+def test_verify_keeps_the_target_distribution(random_model):
+    """The acceptance rule alone: drafts drawn from q, verified against p, give tokens distributed as p, and are
+    accepted with probability sum_v min(p_v, q_v)."""
+    engine = engine_for(random_model)
+    n, vocab = 20000, 6
+    p = torch.tensor([0.05, 0.4, 0.1, 0.3, 0.15, 0.0])
+    q = torch.tensor([0.3, 0.1, 0.1, 0.1, 0.2, 0.2])
+    reqs = [engine._request([1], SamplingParams(temperature=1.0, seed=i), None) for i in range(n)]
+    drafts = torch.multinomial(q, n, replacement=True, generator=torch.Generator().manual_seed(0))
+    for r in reqs:
+        r.draft_probs = q
+    logits = p.clamp(min=1e-30).log().expand(n, 2, vocab)
+    out, accepted = engine._verify(logits, drafts, reqs)
+    freq = torch.bincount(out[:, 0], minlength=vocab) / n
+    assert (freq - p).abs().max() < 0.015 and freq[5] == 0
+    assert abs(accepted.float().mean() - torch.minimum(p, q).sum()) < 0.015
+    assert (out[accepted, 0] == drafts[accepted]).all()
+
+
+def test_speculative_sampling(trained):
+    model, prompts = trained
+    kw = dict(temperature=0.8, top_p=0.95, seed=7)
+    engine = engine_for(model, speculative=True)
+    alone = engine.generate([prompts[1]], 30, stop_token_ids=[], **kw)[0]
+    assert engine.stats()["acceptance_rate"] > 0.3
+    assert engine.generate([prompts[1]], 30, stop_token_ids=[], **kw)[0] == alone  # reproducible
+    batched = engine_for(model, speculative=True).generate(prompts[:4], 30, stop_token_ids=[], **dict(kw))
+    assert batched[1] == engine_for(model, speculative=True).generate([prompts[1]], 30, stop_token_ids=[],
+                                                                     **kw)[0] == alone
+    # top_k=1 makes p and q one-hot: exactly greedy
+    assert engine.generate([prompts[1]], 30, stop_token_ids=[], temperature=1.0, top_k=1, seed=0)[0] == \
+        plain(model, [prompts[1]], 30)[0]
+    # mixed batch: the greedy requests are still exact
+    engine = engine_for(model, speculative=True)
+    greedy = engine.submit(prompts[0], SamplingParams(25, stop_token_ids=[]))
+    sampled = engine.submit(prompts[2], SamplingParams(25, stop_token_ids=[], **kw))
+    while not (greedy.finished and sampled.finished):
+        engine.step()
+    assert greedy.output_ids == plain(model, [prompts[0]], 25)[0] and len(sampled.output_ids) == 25
+
+
+def test_speculation_needs_an_mtp_module(tmp_path):
+    model = Transformer(get_preset("test", num_nextn_predict_layers=0))
+    with pytest.raises(NanoseekError, match="MTP"):
+        Engine(model, speculative=True)
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(NanoseekError, match="MTP"):
+        Engine.from_pretrained(tmp_path / "m", speculative=True)
