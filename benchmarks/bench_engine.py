@@ -540,6 +540,9 @@ def write_report(res: dict, path: Path) -> None:
     lines += ["", "Precision pairs: nanoseek fp32 ~ llama.cpp f32 (f32 KV cache); nanoseek bf16 ~ llama.cpp f16 "
               "(the nearest 16-bit type; f16 KV cache); nanoseek int8 (per-channel int8 weights, bf16 kernel "
               "activations, fp32 cache) ~ llama.cpp q8_0 (blocks of 32 int8 weights, q8 activations, f16 KV cache).",
+              "", "For a model this small, two threads can be slower than one for every engine (each op is too small "
+              "to split; docs/engine.md has a `--threads 1` run next to this one): compare engines at the same "
+              "setting.",
               ""]
     path.write_text("\n".join(lines))
 

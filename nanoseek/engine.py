@@ -8,7 +8,10 @@ The engine reads a `Transformer`'s weights (model.py) and runs its own serving f
 - prefill expands k/v from the fresh latent for fused causal SDPA (flash kernel, O(T) memory; measured faster);
 - continuous batching: slots are cache rows, active requests always hold slots 0..n-1 (a finished request's slot is
   refilled from the last slot), new requests are prefilled together (right-padded) between decode steps;
-- sampling per request with its own torch.Generator: reproducible whatever shares the batch.
+- sampling per request with its own torch.Generator: reproducible whatever shares the batch;
+- weight-only int8 / int4 (quant.py): every projection goes through `linear`, which dispatches on the weight type;
+- MTP speculative decoding (speculative=True): the MTP module drafts one token from the main model's last hidden
+  state, the main model verifies [last token, draft] in one 2-token forward, both caches roll back on rejection.
 One thread owns the loop (`step`, or `start` / `run_forever`); `submit` and `Request.cancel` work from any thread.
 
 Shapes: B batch rows (slots), S new tokens per row, T attended cache length, D hidden, H heads, c kv_lora_rank,
