@@ -19,13 +19,7 @@ PROMPTS = [[(17 * i + 5 * j) % 500 + 7 for j in range(n)] for i, n in enumerate(
 N_NEW = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one thread is faster, and immune to a busy machine (threads waiting on each other)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,7 @@ from nanoseek.quant import Int4Weight, Int8Weight, quantize
 PROMPTS = [[(17 * i + 5 * j) % 500 + 7 for j in range(n)] for i, n in enumerate([5, 12, 1, 30])]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,7 @@ from nanoseek.model import apply_rope
 PERIOD = 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def pattern_batch(pattern: torch.Tensor, n: int, seq_len: int, g: torch.Generator) -> torch.Tensor:
