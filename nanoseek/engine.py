@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
-from nanoseek.model import MoE, Transformer, apply_rope
+from nanoseek.model import MoE, Transformer, apply_rope, select_experts
 from nanoseek.quant import QuantizedWeight, check_mode, quantize, weight_bytes
 
 
@@ -333,19 +333,8 @@ class Engine:
 
     def _route(self, x: torch.Tensor, lw: LayerWeights) -> tuple[torch.Tensor, torch.Tensor]:
         """model.Gate: x [N,D] -> weights [N,K] fp32, expert indices [N,K]."""
-        cfg = self.config
         scores = F.linear(x.float(), lw.gate_w).sigmoid()
-        s_sel = scores + lw.gate_bias  # the bias picks experts, it never weights them
-        if cfg.n_group > 1:
-            grouped = s_sel.view(x.shape[0], cfg.n_group, -1)
-            drop = torch.ones(grouped.shape[:2], dtype=torch.bool, device=x.device)
-            drop.scatter_(1, grouped.topk(2, dim=-1).values.sum(-1).topk(cfg.topk_group, dim=-1).indices, False)
-            s_sel = grouped.masked_fill(drop[..., None], float("-inf")).flatten(1)
-        indices = s_sel.topk(cfg.num_experts_per_tok, dim=-1).indices
-        weights = scores.gather(1, indices)
-        if cfg.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * cfg.routed_scaling_factor, indices
+        return select_experts(scores, lw.gate_bias, self.config)
 
     def _moe(self, x: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
         """Shared experts + the routed experts the N tokens selected (one matmul pair per busy expert only)."""

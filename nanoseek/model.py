@@ -191,6 +191,28 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def select_experts(scores: torch.Tensor, bias: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores [N,E] sigmoid affinities (fp32) -> routing weights [N,K], expert indices [N,K].
+
+    The bias only picks experts (group scores = sum of each group's top-2 biased scores; keep topk_group groups;
+    top-K experts among them); the weights are the unbiased scores, normalised and scaled. Shared by the training
+    Gate and the inference engine.
+    """
+    s_sel = scores.detach() + bias
+    if cfg.n_group > 1:
+        n = s_sel.shape[0]
+        grouped = s_sel.view(n, cfg.n_group, -1)
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [N,n_group]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(cfg.topk_group, dim=-1).indices, True)
+        s_sel = grouped.masked_fill(~keep[:, :, None], float("-inf")).view(n, -1)
+    indices = s_sel.topk(cfg.num_experts_per_tok, dim=-1).indices
+    weights = scores.gather(1, indices)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, indices
+
+
 class Gate(nn.Module):
     """The V3 router: sigmoid affinities; a per-expert bias steers *selection* only (auxiliary-loss-free balancing).
 
@@ -215,19 +237,8 @@ class Gate(nn.Module):
         cfg = self.config
         with torch.autocast(x.device.type, enabled=False):
             scores = F.linear(x.float(), self.weight.float()).sigmoid()
-        s_sel = scores.detach() + self.e_score_correction_bias
-        if cfg.n_group > 1:
-            n = s_sel.shape[0]
-            grouped = s_sel.view(n, cfg.n_group, -1)
-            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [N,n_group]
-            keep = torch.zeros_like(group_scores, dtype=torch.bool)
-            keep.scatter_(1, group_scores.topk(cfg.topk_group, dim=-1).indices, True)
-            s_sel = grouped.masked_fill(~keep[:, :, None], float("-inf")).view(n, -1)
-        indices = s_sel.topk(cfg.num_experts_per_tok, dim=-1).indices
-        weights = scores.gather(1, indices)
-        if cfg.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * cfg.routed_scaling_factor, indices, scores
+        weights, indices = select_experts(scores, self.e_score_correction_bias, cfg)
+        return weights, indices, scores
 
 
 class MoE(nn.Module):

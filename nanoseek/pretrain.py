@@ -402,6 +402,20 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return path
 
 
+def resume_point(out: Path, resume: bool) -> Path | None:
+    """The checkpoint a stage resumes from (None for a fresh run); refuses to start a fresh run over an old one."""
+    if resume:
+        path = latest_checkpoint(out / "checkpoints")
+        if path is None:
+            raise NanoseekError(f"--resume: no checkpoint to resume from ({out / 'checkpoints' / 'latest'} "
+                                f"does not exist)")
+        return path
+    if (out / "checkpoints" / "latest").is_file():
+        raise NanoseekError(f"{out} already holds a run (checkpoints/latest exists): add --resume to continue it, "
+                            f"or pick another --out")
+    return None
+
+
 class _StopOnCtrlC:
     """First Ctrl-C asks the loop to stop after the current step (which it then saves); a second one stops at once.
 
@@ -544,16 +558,9 @@ def run(args: argparse.Namespace) -> None:
     for p in paths:
         read_documents(p)  # raises NanoseekError naming a missing or unsupported file, before any work
     out: Path = args.out
-    resume_from = None
-    if args.resume:
-        resume_from = latest_checkpoint(out / "checkpoints")
-        if resume_from is None:
-            raise NanoseekError(f"--resume: no checkpoint to resume from ({out / 'checkpoints' / 'latest'} "
-                                f"does not exist)")
+    resume_from = resume_point(out, args.resume)
+    if resume_from is not None:
         check_same_config(config, resume_from)  # fail before the tokenizer and data work, not after
-    elif (out / "checkpoints" / "latest").is_file():
-        raise NanoseekError(f"{out} already holds a run (checkpoints/latest exists): add --resume to continue it, "
-                            f"or pick another --out (the tokenizer/ and data/ of a run dir are reused)")
     out.mkdir(parents=True, exist_ok=True)
 
     vocab = args.vocab_size or config.vocab_size

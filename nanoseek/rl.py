@@ -36,7 +36,7 @@ from nanoseek.engine import Engine
 from nanoseek.errors import NanoseekError
 from nanoseek.evaluate import Completion, greedy_accuracy, prompt_ids, sample_completions, score_all
 from nanoseek.model import Transformer
-from nanoseek.pretrain import Trainer, latest_checkpoint, lr_at
+from nanoseek.pretrain import Trainer, lr_at, resume_point
 from nanoseek.tasks import Problem, Task, load_task
 from nanoseek.tokenizer import Tokenizer
 
@@ -371,11 +371,7 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(threads)
     task = load_task(args.task)
     out: Path = args.out
-    resume_from = latest_checkpoint(out / "checkpoints") if args.resume else None
-    if args.resume and resume_from is None:
-        raise NanoseekError(f"--resume: no checkpoint to resume from in {out / 'checkpoints'}")
-    if not args.resume and (out / "checkpoints" / "latest").is_file():
-        raise NanoseekError(f"{out} already holds a run: add --resume to continue it, or pick another --out")
+    resume_from = resume_point(out, args.resume)
     policy = load_model(args.model)
     tokenizer = Tokenizer.from_dir(args.model)
     ref_model = None

@@ -34,9 +34,9 @@ from nanoseek.pretrain import (
     Trainer,
     add_training_arguments,
     check_training_args,
-    latest_checkpoint,
     pretrain_loss,
     resolve_device,
+    resume_point,
     train,
 )
 from nanoseek.tasks import Task, load_task
@@ -182,11 +182,7 @@ def fit(model: Transformer, examples: list[Example], args: argparse.Namespace, p
     """Fine-tune `model` on examples with the shared Trainer (optimizer, schedule, expert-bias update, checkpoints,
     --resume, progress bar); writes <out>/final, run.json and loss.png. Returns the trainer (history in it)."""
     out: Path = args.out
-    resume_from = latest_checkpoint(out / "checkpoints") if args.resume else None
-    if args.resume and resume_from is None:
-        raise NanoseekError(f"--resume: no checkpoint to resume from in {out / 'checkpoints'}")
-    if not args.resume and (out / "checkpoints" / "latest").is_file():
-        raise NanoseekError(f"{out} already holds a run: add --resume to continue it, or pick another --out")
+    resume_from = resume_point(out, args.resume)
     train_examples, val_examples = split_validation(examples, args.seed)
     if args.epochs is not None:
         args.steps = max(1, math.ceil(args.epochs * len(train_examples) / (args.batch_size * args.grad_accum)))
