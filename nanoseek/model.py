@@ -9,7 +9,8 @@ Module and parameter names follow the Hugging Face DeepseekV3 checkpoint (checkp
 the `model.` prefix, experts stored as 3-D tensors here, and MTP blocks stored as extra layers there).
 
 This file is the training / full-sequence path (expanded keys and values, causal SDPA). The inference engine
-(engine.py) reuses these weights with the absorbed-MLA latent cache.
+(engine.py) reuses these weights with the absorbed-MLA latent cache. Block projections are `Linear`s: with the
+routed experts, fp8.enable_fp8 switches them to DeepSeek-V3 FP8 GEMMs (off by default).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig, yarn_mscale
+from nanoseek.fp8 import fp8_grouped_linear, fp8_linear
 
 
 class RMSNorm(nn.Module):
@@ -37,6 +39,21 @@ class RMSNorm(nn.Module):
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # normalise in fp32 (bf16 sums of squares lose precision), as the reference implementations do
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose three GEMMs switch to DeepSeek-V3 FP8 numerics when `fp8` is set (fp8.enable_fp8).
+
+    Every projection of the blocks is one; the output head (nn.Linear), the MoE gate and the embedding are not,
+    so they stay high precision (V3 paper 3.3). With fp8 off (the default) this is exactly nn.Linear.
+    """
+
+    fp8 = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8:
+            return fp8_linear(x, self.weight)  # bias-free, as every projection here (enable_fp8 checks)
+        return F.linear(x, self.weight, self.bias)
 
 
 # --- rotary position embedding with YaRN -------------------------------------------------------------------------
@@ -115,15 +132,15 @@ class MLA(nn.Module):
         d, h = config.hidden_size, config.num_attention_heads
         self.n_heads = h
         if config.q_lora_rank is None:
-            self.q_proj = nn.Linear(d, h * config.qk_head_dim, bias=False)
+            self.q_proj = Linear(d, h * config.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(d, config.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(d, config.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
-            self.q_b_proj = nn.Linear(config.q_lora_rank, h * config.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(d, config.kv_lora_rank + config.qk_rope_head_dim, bias=False)
+            self.q_b_proj = Linear(config.q_lora_rank, h * config.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(d, config.kv_lora_rank + config.qk_rope_head_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(config.kv_lora_rank, h * (config.qk_nope_head_dim + config.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(h * config.v_head_dim, d, bias=False)
+        self.kv_b_proj = Linear(config.kv_lora_rank, h * (config.qk_nope_head_dim + config.v_head_dim), bias=False)
+        self.o_proj = Linear(h * config.v_head_dim, d, bias=False)
         self.softmax_scale = config.softmax_scale
 
     def project_q(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,9 +200,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, inter_dim: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
-        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
-        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+        self.gate_proj = Linear(dim, inter_dim, bias=False)
+        self.up_proj = Linear(dim, inter_dim, bias=False)
+        self.down_proj = Linear(inter_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -245,7 +262,10 @@ class MoE(nn.Module):
     """Shared experts + fine-grained routed experts. Experts are 3-D tensors so dispatch is a sort + per-expert matmul.
 
     gate_up_proj [E, 2*I, D] (gate rows then up rows), down_proj [E, D, I]; I = moe_intermediate_size.
+    `fp8` (set by fp8.enable_fp8) runs the routed experts' GEMMs with V3 FP8 numerics; the gate never does.
     """
+
+    fp8 = False
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -279,24 +299,33 @@ class MoE(nn.Module):
         counts = torch.bincount(flat_idx, minlength=self.config.n_routed_experts)  # [E] rows per expert
         # grouped_mm is not autocast-aware: cast by hand to the dtype autocast gives F.linear (bf16 under autocast)
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        w_gate_up, w_down = self.gate_up_proj.to(dt), self.down_proj.to(dt)
         xs = x.to(dt).index_select(0, token_of)  # [N*K, D] grouped by expert; backward is a fast index_add_
-        if self._grouped_mm_ok(xs, w_gate_up, w_down):
-            # vs a Python loop of F.linear: ~1.5x faster forward+backward on CPU, and the weight gradient is
-            # written once into [E, ...] instead of through E per-expert index-backward copies of the full tensor
-            offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
-            gate, up = F.grouped_mm(xs, w_gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-            ys = F.grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=offs)  # [N*K, D]
+        if self.fp8:
+            # V3 FP8 numerics of per-expert GEMMs (quantised from the fp32 master weights, gate and up blocked
+            # separately), computed for all experts at once: exact, because every 1x128 / 128x128 tile lies within
+            # one expert's operands (see fp8._FP8GroupedLinear); ~1.9x faster forward+backward than a loop of
+            # fp8_linear per expert (cpu preset MoE, 1024 tokens: 72 vs 136 ms)
+            offs = counts.cumsum(0).to(torch.int32)
+            gate, up = fp8_grouped_linear(xs, self.gate_up_proj, offs, n_split=2).chunk(2, dim=-1)
+            ys = fp8_grouped_linear(F.silu(gate) * up, self.down_proj, offs)  # [N*K, D]
         else:
-            outs, start = [], 0
-            gate_up_e, down_e = w_gate_up.unbind(0), w_down.unbind(0)  # unbind: one cheap stack in backward
-            for e, n in enumerate(counts.tolist()):
-                if n == 0:
-                    continue
-                gate, up = F.linear(xs[start:start + n], gate_up_e[e]).chunk(2, dim=-1)
-                outs.append(F.linear(F.silu(gate) * up, down_e[e]))
-                start += n
-            ys = torch.cat(outs)
+            w_gate_up, w_down = self.gate_up_proj.to(dt), self.down_proj.to(dt)
+            if self._grouped_mm_ok(xs, w_gate_up, w_down):
+                # vs a Python loop of F.linear: ~1.5x faster forward+backward on CPU, and the weight gradient is
+                # written once into [E, ...] instead of through E per-expert index-backward copies of the full tensor
+                offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
+                gate, up = F.grouped_mm(xs, w_gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+                ys = F.grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=offs)  # [N*K, D]
+            else:
+                outs, start = [], 0
+                gate_up_e, down_e = w_gate_up.unbind(0), w_down.unbind(0)  # unbind: one cheap stack in backward
+                for e, n in enumerate(counts.tolist()):
+                    if n == 0:
+                        continue
+                    gate, up = F.linear(xs[start:start + n], gate_up_e[e]).chunk(2, dim=-1)
+                    outs.append(F.linear(F.silu(gate) * up, down_e[e]))
+                    start += n
+                ys = torch.cat(outs)
         ys = ys * weights.flatten()[order, None].to(x.dtype)  # routing weights in x's dtype (fp32 under autocast)
         return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
 
@@ -359,7 +388,7 @@ class MTPModule(Block):
         super().__init__(config, layer_idx)
         self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.shared_head = SharedHead(config)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,  # type: ignore[override]
