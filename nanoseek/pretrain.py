@@ -7,6 +7,7 @@ expert's routing bias moves by gamma towards the mean load.
 
 The Trainer below (optimizer, schedule, expert-bias update, checkpoints, resume, progress bar, run record) is meant
 for reuse by the later stages: they add their arguments with add_training_arguments() and pass their own loss.
+Under torchrun (pretrain only) it trains data-parallel with DDP or FSDP2: nanoseek/distributed.py, docs/distributed.md.
 
 Run directory (--out):
   tokenizer/  data/  checkpoints/step_NNNNNN/ (HF checkpoint + trainer_state.json + optimizer.pt)
@@ -16,6 +17,7 @@ Run directory (--out):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -34,10 +36,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from nanoseek import distributed
 from nanoseek.checkpoint import load_model, save_pretrained
 from nanoseek.config import PRESETS, ModelConfig, get_preset
 from nanoseek.data import TokenDataset, default_corpus_files, prepare_data, read_documents
 from nanoseek.errors import NanoseekError
+from nanoseek.fp8 import enable_fp8
 from nanoseek.model import Transformer
 from nanoseek.report import RunRecord, cpu_has_native_bf16, machine_peak_flops, plot_losses
 from nanoseek.tokenizer import Tokenizer, train_tokenizer
@@ -48,7 +52,7 @@ LossFn = Callable[[Transformer, torch.Tensor, torch.Tensor], tuple[torch.Tensor,
 # Training settings whose change on --resume breaks "same run as without the interruption" (a note is printed).
 RESUME_SENSITIVE = ("data", "batch_size", "seq_len", "grad_accum", "lr", "min_lr_frac", "warmup_steps", "decay_frac",
                     "decay_shape", "weight_decay", "grad_clip", "dtype", "bias_update_speed", "balance_alpha",
-                    "mtp_lambda", "seed", "steps")
+                    "mtp_lambda", "seed", "steps", "fp8")
 
 
 # --- arguments -----------------------------------------------------------------------------------------------------
@@ -59,7 +63,7 @@ def add_training_arguments(p: argparse.ArgumentParser, *, steps: int, batch_size
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
     g.add_argument("--batch-size", type=int, default=batch_size,
-                   help=f"sequences per micro-batch (default {batch_size})")
+                   help=f"sequences per micro-batch, over all processes under torchrun (default {batch_size})")
     g.add_argument("--seq-len", type=int, default=seq_len, help=f"tokens per sequence (default {seq_len})")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
@@ -112,6 +116,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, default=None,
                    help="tokenizer vocabulary when one is trained (default: the config's vocab_size)")
     p.add_argument("--sample-prompt", default="ROMEO:", help="prompt of the periodic text samples (default 'ROMEO:')")
+    p.add_argument("--fp8", action="store_true",
+                   help="DeepSeek-V3 FP8 GEMMs for every projection and expert (1x128 / 128x128 e4m3 tiles, emulated "
+                        "exactly; slower on CPU); embedding, head, gate, norms, attention stay in --dtype")
+    p.add_argument("--parallel", choices=distributed.MODES, default="ddp",
+                   help="under torchrun: ddp = whole model per process, gradients all-reduced; fsdp = FSDP2, weights, "
+                        "gradients and optimizer state sharded (default ddp; docs/distributed.md)")
     add_training_arguments(p, steps=300, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=20, out="runs/pretrain",
                            eval_every=50, save_every=100, sample_every=100)
 
@@ -161,7 +171,8 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused: one kernel for all parameters (CPU and CUDA); the default per-parameter loop took 58.5 ms a step on the
-    # cpu preset against 8.7 ms fused (docs/bench_train.md)
+    # cpu preset against 8.7 ms fused (docs/bench_train.md). It also takes FSDP2's DTensor parameters on CPU (checked
+    # with torch 2.13 and gloo), so torchrun --parallel fsdp needs no foreach fallback.
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
 
@@ -231,6 +242,7 @@ class Trainer:
         self.peak_flops = machine_peak_flops(self.amp_dtype, self.device, cache_file=self.out_dir / "peak_flops.json")
         self._flops_per_token: dict[int, float] = {}
         self._last_saved_step = -1
+        self._gathered: Transformer | None = None  # FSDP: rank 0's whole-weights copy for checkpoints and samples
         model.train()
 
     # ----- one optimizer step --------------------------------------------------------------------------------------
@@ -264,6 +276,10 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v
             tokens += x.numel()
             flops += x.numel() * self.flops_per_token(x.shape[1])
+        # under torchrun: the logged numbers are the global batch's (means of equal per-rank shards); the gradients
+        # are already averaged by DDP / FSDP, so clipping sees the global norm (FSDP: a DTensor norm over all shards)
+        sums = distributed.all_reduce_mean(sums)
+        tokens *= distributed.world_size()
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         self.optimizer.step()
@@ -279,6 +295,7 @@ class Trainer:
         record = {"step": self.step, **{k: v / len(micro_batches) for k, v in sums.items()}, "lr": lr,
                   "maxvio": maxvio}
         self.history["train"].append(record)
+        # flops are this rank's and peak_flops this process's: the MFU of one rank (all do the same work)
         return {**record, "tokens_per_second": tokens / dt, "mfu": flops / dt / self.peak_flops}
 
     @torch.no_grad()
@@ -292,7 +309,7 @@ class Trainer:
                     total += loss_fn(self.model, x.to(self.device), y.to(self.device))[1]["loss"]
         finally:
             self.model.train()
-        val = total / len(batches)
+        val = distributed.all_reduce_mean({"loss": total / len(batches)})["loss"]  # batches: this rank's shards
         self.history["val"].append({"step": self.step, "loss": val})
         return val
 
@@ -300,18 +317,41 @@ class Trainer:
     def wall_seconds(self) -> float:
         return self.previous_wall_seconds + time.time() - self.session_start
 
+    def full_model(self) -> Transformer | None:
+        """On rank 0, a plain model with the current whole weights (the model itself unless FSDP shards it);
+        None on the other ranks. Under FSDP this gathers the shards: every rank must call it."""
+        if not distributed.is_sharded(self.model):
+            return self.model if distributed.is_main() else None
+        full = distributed.full_state_dict(self.model)
+        if not distributed.is_main():
+            return None
+        if self._gathered is None:
+            with torch.random.fork_rng(devices=[]), torch.device(self.device):  # rank 0's RNG stays like the others'
+                self._gathered = Transformer(self.model.config)
+        self._gathered.load_state_dict(full)
+        self._gathered.train(self.model.training)
+        return self._gathered
+
     def save_checkpoint(self) -> Path:
-        """checkpoints/step_NNNNNN (written atomically), then `latest` is pointed at it, then old ones pruned."""
+        """checkpoints/step_NNNNNN (written atomically), then `latest` is pointed at it, then old ones pruned.
+
+        Under torchrun every rank calls this (FSDP gathers weights and optimizer moments); rank 0 writes the same
+        files a single process would, so the checkpoint resumes at any world size.
+        """
         name = f"step_{self.step:06d}"
+        path = self.ckpt_dir / name
+        model, optimizer_state = self.full_model(), distributed.full_optimizer_state(self.optimizer)
+        self._last_saved_step = self.step
+        if model is None:  # not rank 0
+            return path
         state = {"stage": self.stage, "step": self.step, "tokens": self.tokens, "train_seconds": self.train_seconds,
                  "wall_seconds": self.wall_seconds(), "compute_dtype": str(self.amp_dtype),
                  "args": _jsonable(self.args), "history": self.history}
         buf = io.BytesIO()
-        torch.save(self.optimizer.state_dict(), buf)
+        torch.save(optimizer_state, buf)
         extra = {"trainer_state.json": (json.dumps(state, indent=1) + "\n").encode(), "optimizer.pt": buf.getvalue()}
-        path = self.ckpt_dir / name
         try:
-            save_pretrained(self.model, path, tokenizer_dir=self.tokenizer_dir, extra_files=extra)
+            save_pretrained(model, path, tokenizer_dir=self.tokenizer_dir, extra_files=extra)
             tmp = self.ckpt_dir / f"latest.tmp-{os.getpid()}"
             with open(tmp, "w") as f:
                 f.write(name + "\n")
@@ -320,7 +360,6 @@ class Trainer:
             os.replace(tmp, self.ckpt_dir / "latest")  # only now, with the directory complete, does latest move
         except OSError as e:
             raise NanoseekError(f"could not write checkpoint {path}: {e}") from e
-        self._last_saved_step = self.step
         self._prune()
         return path
 
@@ -344,9 +383,10 @@ class Trainer:
             state = json.loads((path / "trainer_state.json").read_text())
         except json.JSONDecodeError as e:
             raise NanoseekError(f"{path / 'trainer_state.json'}: invalid JSON (line {e.lineno}: {e.msg})") from None
-        with torch.no_grad():
-            self.model.load_state_dict(load_model(path).state_dict())
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True))
+        with torch.no_grad():  # the files hold whole tensors; under FSDP each rank keeps its shard
+            distributed.load_state_dict(self.model, load_model(path).state_dict())
+        distributed.load_optimizer_state(
+            self.optimizer, torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True))
         self.step, self.tokens, self.history = state["step"], state["tokens"], state["history"]
         self.train_seconds, self.previous_wall_seconds = state["train_seconds"], state["wall_seconds"]
         self._last_saved_step = self.step
@@ -361,7 +401,8 @@ class Trainer:
         """final/: the weights + tokenizer (no optimizer): what the next stage or a user loads."""
         if self._last_saved_step != self.step:
             self.save_checkpoint()
-        return save_pretrained(self.model, self.out_dir / "final", tokenizer_dir=self.tokenizer_dir)
+        model, path = self.full_model(), self.out_dir / "final"
+        return save_pretrained(model, path, tokenizer_dir=self.tokenizer_dir) if model is not None else path
 
     def run_record(self) -> RunRecord:
         cfg, args = self.model.config, self.args
@@ -371,14 +412,19 @@ class Trainer:
             stage=self.stage, config=cfg.to_hf_dict(), params_total=p["total"], params_active=p["active"],
             params_mtp=p["mtp_total"], steps=self.step, tokens=self.tokens,
             flops_per_token=self.flops_per_token(args.seq_len), wall_seconds=self.wall_seconds(),
-            train_seconds=self.train_seconds, threads=torch.get_num_threads(),
-            dtype=str(self.amp_dtype).removeprefix("torch."), device=str(self.device), peak_flops=self.peak_flops,
+            # threads and peak over all processes, so CPU-hours and MFU count the whole torchrun job
+            train_seconds=self.train_seconds, threads=torch.get_num_threads() * distributed.world_size(),
+            dtype=("fp8-e4m3 (emulated) + " if getattr(args, "fp8", False) else "")
+            + str(self.amp_dtype).removeprefix("torch."), device=str(self.device),
+            peak_flops=self.peak_flops * distributed.world_size(),
             price_per_hour=args.price_per_hour, final_train_loss=train[-1]["loss"] if train else None,
             final_val_loss=val[-1]["loss"] if val else None)
 
     def write_report(self) -> RunRecord:
-        """run.json and loss.png in the run directory."""
+        """run.json and loss.png in the run directory (written by rank 0 only; every rank gets the record)."""
         record = self.run_record()
+        if not distributed.is_main():
+            return record
         record.write(self.out_dir / "run.json")
         plot_losses(self.history, self.out_dir / "loss.png", title=f"nanoseek {self.stage}")
         return record
@@ -449,7 +495,8 @@ def train(trainer: Trainer, get_batch: Callable[[int, int], Batch], loss_fn: Los
     Ctrl-C: the current step finishes, a checkpoint is written, and KeyboardInterrupt is re-raised.
     """
     args = trainer.args
-    bar = tqdm(total=args.steps, initial=trainer.step, desc=trainer.stage, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=trainer.step, desc=trainer.stage, unit="step", dynamic_ncols=True,
+               disable=not distributed.is_main())
     with _StopOnCtrlC() as ctrl_c:
         try:
             while trainer.step < args.steps:
@@ -463,7 +510,7 @@ def train(trainer: Trainer, get_batch: Callable[[int, int], Batch], loss_fn: Los
                     tqdm.write(f"step {done}: val loss {trainer.evaluate(val_batches, loss_fn):.4f}")
                 if sample is not None and args.sample_every and done % args.sample_every == 0 and done < args.steps:
                     tqdm.write(f"step {done} sample: {sample()!r}")
-                if ctrl_c.requested:
+                if distributed.any_rank(ctrl_c.requested):  # under torchrun all ranks must stop at the same step
                     path = trainer.save_checkpoint()
                     tqdm.write(f"interrupted: saved {path} (continue with the same command plus --resume)")
                     raise KeyboardInterrupt
@@ -540,8 +587,22 @@ def prepare_tokenizer(paths: list[Path], out_dir: Path, vocab_size: int) -> Toke
 
 
 def run(args: argparse.Namespace) -> None:
+    """One process, or one rank of `torchrun --nproc_per_node=N -m nanoseek pretrain ... [--parallel fsdp]`."""
+    device = distributed.setup(resolve_device(args.device))  # joins torchrun's process group; no-op without it
+    try:
+        if distributed.is_main():
+            _run(args, device)
+        else:  # only rank 0 prints (errors still reach stderr from every rank)
+            with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+                _run(args, device)
+    finally:  # also on errors and Ctrl-C: a rank that leaves must not keep the others waiting
+        distributed.cleanup()
+
+
+def _run(args: argparse.Namespace, device: torch.device) -> None:
     t_start = time.time()
-    threads = args.threads or len(os.sched_getaffinity(0))
+    # under torchrun the processes share the cores: by default each gets cores / processes-per-node threads
+    threads = args.threads or max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     if threads < 1:
         raise NanoseekError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
@@ -551,9 +612,9 @@ def run(args: argparse.Namespace) -> None:
         print(f"note: the machine is busy (load {load:.1f} on {cores} cores): {threads} OpenMP threads spin-waiting "
               f"on each other can run several times slower; try --threads 1 or OMP_WAIT_POLICY=PASSIVE")
     os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # the tokenizers library's thread pool
-    device = resolve_device(args.device)
     config = load_config(args)
     check_training_args(args, config)
+    local_batch = distributed.local_batch_size(args.batch_size)  # --batch-size is global: same run at any world size
     paths = [Path(p) for p in (args.data or default_corpus_files())]
     for p in paths:
         read_documents(p)  # raises NanoseekError naming a missing or unsupported file, before any work
@@ -566,12 +627,12 @@ def run(args: argparse.Namespace) -> None:
     vocab = args.vocab_size or config.vocab_size
     if vocab > config.vocab_size:
         raise NanoseekError(f"--vocab-size {vocab} exceeds the model's vocab_size ({config.vocab_size})")
-    tokenizer = prepare_tokenizer(paths, out, vocab)
+    tokenizer = distributed.main_first(lambda: prepare_tokenizer(paths, out, vocab))  # rank 0 trains, others reuse
     if tokenizer.vocab_size > config.vocab_size:
         raise NanoseekError(f"{out / 'tokenizer'} has {tokenizer.vocab_size} tokens, more than the model's "
                             f"vocab_size ({config.vocab_size}); delete it or use another --out")
     t = time.time()
-    meta = prepare_data(paths, tokenizer, out / "data", seed=args.seed)
+    meta = distributed.main_first(lambda: prepare_data(paths, tokenizer, out / "data", seed=args.seed))
     train_ds = TokenDataset(out / "data" / "train.bin", meta["dtype"])
     val_ds = TokenDataset(out / "data" / "val.bin", meta["dtype"])
     for name, ds in (("train", train_ds), ("val", val_ds)):
@@ -584,6 +645,9 @@ def run(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     with torch.device(device):
         model = Transformer(config)
+    if args.fp8:
+        print(f"fp8: {enable_fp8(model)} weight tensors compute with DeepSeek-V3 FP8 GEMMs (emulated)")
+    model = distributed.wrap_model(model, args.parallel)  # before the Trainer builds the optimizer (FSDP shards)
     trainer = Trainer(model, args, out, tokenizer_dir=out / "tokenizer", stage="pretrain")
     trainer.session_start = t_start  # the wall clock includes tokenizer and data preparation
     if resume_from is not None:
@@ -593,17 +657,23 @@ def run(args: argparse.Namespace) -> None:
           f"{args.batch_size}x{args.seq_len}x{args.grad_accum} tokens/step | {str(trainer.amp_dtype)[6:]} on "
           f"{device} x{threads} threads | measured peak {trainer.peak_flops / 1e9:.0f} GFLOP/s")
 
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    if distributed.initialized():
+        print(f"distributed: {distributed.world_size()} processes ({args.parallel}, {dist.get_backend()}), "
+              f"{local_batch} of the {args.batch_size} sequences per micro-batch each")
     loss_fn = pretrain_loss(args.mtp_lambda, args.balance_alpha)
-    val_batches = [val_ds.get_batch(args.batch_size, args.seq_len, step=i, seed=args.seed)
+    # every rank draws the same global batch and keeps its rows (distributed.shard): the tokens of a step do not
+    # depend on the world size
+    val_batches = [distributed.shard(val_ds.get_batch(args.batch_size, args.seq_len, step=i, seed=args.seed))
                    for i in range(args.eval_iters)]
 
     def get_batch(step: int, micro: int) -> Batch:
-        return train_ds.get_batch(args.batch_size, args.seq_len, step, micro=micro, seed=args.seed, rank=rank,
-                                  world_size=world)
+        return distributed.shard(train_ds.get_batch(args.batch_size, args.seq_len, step, micro=micro, seed=args.seed))
 
     def show_sample() -> str:
-        return sample(model, tokenizer, args.sample_prompt, max_new_tokens=48, temperature=0.8, seed=args.seed)
+        full = trainer.full_model()  # FSDP gathers the shards (every rank calls this); only rank 0 samples
+        if full is None:
+            return ""
+        return sample(full, tokenizer, args.sample_prompt, max_new_tokens=48, temperature=0.8, seed=args.seed)
 
     train(trainer, get_batch, loss_fn, val_batches, show_sample)
     final = trainer.save_final()

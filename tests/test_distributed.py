@@ -1,0 +1,179 @@
+"""Two CPU processes (gloo) against one: same global batch, same losses; checkpoints resume across world sizes.
+
+The ranks are forked from this test process (torch and nanoseek already imported: no seconds of start-up per rank)
+and run `nanoseek pretrain` with the variables torchrun sets (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+MASTER_PORT); the bad-input test goes through the real `torchrun`.
+
+Tolerance: 2 processes do the same arithmetic on the same tokens as 1, except that each matmul sees half the rows
+and gradients are summed by gloo's all-reduce (g_rank0 + g_rank1) / 2 instead of inside one matmul: float32
+summation in another order. Measured differences are ~3e-7 in the losses after 6 steps; we allow 1e-5 (loss) and
+1e-4 (weights), far below the ~0.1 a step moves the loss, so a real bug (wrong shard, unaveraged gradients, rank-local
+expert biases) cannot hide in it. Expert loads are integer counts: MaxVio and the routing biases match exactly.
+"""
+
+import json
+import multiprocessing
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nanoseek.cli import main
+from nanoseek.data import corpus_dir
+
+TEXT = (corpus_dir() / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:14000]
+ARGS = ["--preset", "test", "--vocab-size", "300", "--batch-size", "4", "--seq-len", "32", "--threads", "1",
+        "--warmup-steps", "2", "--eval-every", "3", "--eval-iters", "2", "--sample-every", "0", "--steps", "6",
+        "--save-every", "3"]
+LOSS_TOL, WEIGHT_TOL = 1e-5, 1e-4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(env: dict[str, str], argv: list[str], log: str) -> None:
+    """One forked rank: torchrun's environment, stdout/stderr to log.{out,err}, then the CLI."""
+    os.environ.update(env)
+    for fd, suffix in ((1, "out"), (2, "err")):
+        f = os.open(f"{log}.{suffix}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(f, fd)
+    sys.stdout = open(1, "w", closefd=False)
+    sys.stderr = open(2, "w", closefd=False)
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as e:
+        code = e.code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def launch(world: int, *args, tmp: Path) -> list[subprocess.CompletedProcess]:
+    """Run `nanoseek pretrain *args` as `world` gloo ranks; returns each rank's (returncode, stdout, stderr)."""
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
+           "LOCAL_WORLD_SIZE": str(world)}
+    argv = ["pretrain", *map(str, args)]
+    ctx = multiprocessing.get_context("fork")
+    logs = [str(tmp / f"rank{r}") for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(env | {"RANK": str(r), "LOCAL_RANK": str(r)}, argv, logs[r]))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout=120)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    read = lambda path: Path(path).read_text()
+    return [subprocess.CompletedProcess(argv, p.exitcode, read(log + ".out"), read(log + ".err"))
+            for p, log in zip(procs, logs, strict=True)]
+
+
+def history(run: Path, step: int = 6) -> dict:
+    return json.loads((run / "checkpoints" / f"step_{step:06d}" / "trainer_state.json").read_text())["history"]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    ha, hb = history(a), history(b)
+    assert [r["step"] for r in ha["train"]] == [r["step"] for r in hb["train"]] == list(range(1, 7))
+    for ra, rb in zip(ha["train"] + ha["val"], hb["train"] + hb["val"], strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=LOSS_TOL)
+        assert ra.get("maxvio") == pytest.approx(rb.get("maxvio"), abs=1e-6)
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        if k.endswith("e_score_correction_bias"):
+            assert torch.equal(wa[k], wb[k]), k  # bias updates from the global load, the same on every rank
+        else:
+            assert torch.allclose(wa[k], wb[k], atol=WEIGHT_TOL), k
+
+
+def rewind(run: Path, copy: Path, step: int = 3) -> Path:
+    """A copy of `run` as it was after `step` (as if stopped there): latest -> step_00000N, later files removed."""
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "final")
+    shutil.rmtree(copy / "checkpoints" / "step_000006")
+    (copy / "checkpoints" / "latest").write_text(f"step_{step:06d}\n")
+    return copy
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, data_file, one_thread) -> Path:
+    """The 1-process reference run (in this process)."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    try:
+        main(["pretrain", *ARGS, "--data", str(data_file), "--out", str(out)])
+    except SystemExit as e:
+        assert e.code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory, single, data_file) -> dict[str, Path]:
+    runs = {}
+    for mode in ("ddp", "fsdp"):
+        out = tmp_path_factory.mktemp(mode) / "run"
+        ranks = launch(2, *ARGS, "--data", data_file, "--out", out, "--parallel", mode, tmp=out.parent)
+        assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr[-2000:] + ranks[1].stderr[-2000:]
+        assert "distributed: 2 processes" in ranks[0].stdout and "final val loss" in ranks[0].stdout
+        assert ranks[1].stdout == ""  # only rank 0 prints
+        runs[mode] = out
+    return runs
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_follow_the_one_process_run(single, two, mode):
+    assert_same_run(two[mode], single)
+    assert json.loads((two[mode] / "run.json").read_text())["tokens"] == 6 * 4 * 32  # the global batch's tokens
+
+
+def test_checkpoint_of_two_processes_resumes_in_one(tmp_path, single, two, data_file, one_thread, capsys):
+    run = rewind(two["fsdp"], tmp_path / "run")  # sharded weights and AdamW moments, saved whole by rank 0
+    try:
+        main(["pretrain", *ARGS, "--data", str(data_file), "--out", str(run), "--resume"])
+    except SystemExit as e:
+        assert e.code == 0
+    assert f"resumed from {run / 'checkpoints' / 'step_000003'} at step 3" in capsys.readouterr().out
+    assert_same_run(run, single)
+
+
+def test_checkpoint_of_one_process_resumes_in_two(tmp_path, single, data_file):
+    run = rewind(single, tmp_path / "run")
+    ranks = launch(2, *ARGS, "--data", data_file, "--out", run, "--resume", "--parallel", "fsdp", tmp=tmp_path)
+    assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr[-2000:]
+    assert "resumed from" in ranks[0].stdout and "at step 3" in ranks[0].stdout
+    assert_same_run(run, single)
+
+
+def test_batch_not_divisible_by_world_size_is_one_line_on_every_rank(tmp_path, data_file):
+    """Through the real torchrun: both ranks print the same one-line error, torchrun exits non-zero."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={free_port()}", "-m", "nanoseek", "pretrain", *ARGS, "--data",
+                           str(data_file), "--out", str(tmp_path / "run"), "--batch-size", "3"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("nanoseek pretrain: error:")]
+    assert errors == ["nanoseek pretrain: error: --batch-size 3 is the global batch and must be divisible by the 2 "
+                      "processes (try 2)"] * 2
+    assert not (tmp_path / "run").exists()
