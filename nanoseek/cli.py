@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rl": ("nanoseek.rl", "GRPO reinforcement learning with a task's rule-based rewards"),
     "sample": ("nanoseek.sample", "rejection sampling: k samples per problem, keep verified-correct traces"),
     "distill": ("nanoseek.distill", "SFT of a small dense student on a teacher's verified traces"),
+    "report": ("nanoseek.report", "the cost report card: stages, FLOPs, $, MFU, evals, $/M tokens, V3-scale table"),
 }
 
 
