@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("nanoseek.sample", "rejection sampling: k samples per problem, keep verified-correct traces"),
     "distill": ("nanoseek.distill", "SFT of a small dense student on a teacher's verified traces"),
     "report": ("nanoseek.report", "the cost report card: stages, FLOPs, $, MFU, evals, $/M tokens, V3-scale table"),
+    "ablate": ("nanoseek.ablate", "the V2/V3 ablations at CPU scale: balance, mla, mtp, fp8 (tables and plots)"),
 }
 
 
