@@ -7,7 +7,8 @@
 Engines (each configuration in its own long-lived subprocess, all with --threads threads; all are loaded first, then
 measured round-robin, one at a time, --repeats times, so a slow spell on a shared machine hits every engine alike):
   nanoseek      Engine.from_pretrained: fp32, bf16, int8, int4 (weight-only, quant.py), each with and without MTP
-                speculative decoding (speculative=True)
+                speculative decoding (speculative=True); and fp32 with compile=True ("compiled": the decode step as
+                torch.compile'd graphs; their compile time, in the warm-up, is the "compile s" column)
   transformers  DeepseekV3ForCausalLM.generate, fp32 and bf16 (its expanded-KV DynamicCache)
   llama.cpp     llama-cpp-python's C API on the GGUF that nanoseek.export.export_gguf writes from the same
                 checkpoint: f32 (f32 KV cache), f16 and q8_0 (f16 KV cache, llama.cpp's default); batch 16 runs
@@ -50,7 +51,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 B16 = 16
-NANOSEEK = [(p, s) for p in ("fp32", "bf16", "int8", "int4") for s in (False, True)]
+NANOSEEK = [(p, s, False) for p in ("fp32", "bf16", "int8", "int4") for s in (False, True)]
+NANOSEEK += [("fp32", s, True) for s in (False, True)]  # compile=True
 TRANSFORMERS = ["fp32", "bf16"]
 LLAMA = ["f32", "f16", "q8_0"]
 MATCH = {"fp32": ("fp32", "f32"), "bf16": ("bf16", "f16"), "int8": (None, "q8_0")}  # nanoseek -> (hf, llama.cpp)
@@ -92,9 +94,13 @@ class NanoseekSession:
         self.engine = Engine.from_pretrained(job["model"], dtype=torch.bfloat16 if prec == "bf16" else torch.float32,
                                              quant=prec if prec in ("int8", "int4") else None,
                                              speculative=job["speculative"], max_batch_size=B16,
-                                             max_seq_len=data["max_seq_len"])
-        self.generate(data["prompts"][:2], 8)  # warm-up
-        self.info = dict(rss_loaded_mb=rss_mb() - self.base, weight_mb=self.engine.stats()["weight_bytes"] / 2**20)
+                                             max_seq_len=data["max_seq_len"], compile=job["compile"])
+        self.generate(data["prompts"][:1], 8)  # warm-up (compile=True: the batch-1 graphs ...
+        self.generate(data["prompts"][:2], 8)  # ... and the batch >= 2 ones)
+        stats = self.engine.stats()
+        self.info = dict(rss_loaded_mb=rss_mb() - self.base, weight_mb=stats["weight_bytes"] / 2**20)
+        if job["compile"]:
+            self.info["compile_s"] = stats["compile_seconds"]
 
     def generate(self, prompts: list[list[int]], new: int) -> tuple[Rates, list[int]]:
         from nanoseek.engine import SamplingParams
@@ -404,14 +410,15 @@ def main() -> None:
                 data=str(args.workdir / "data.json"))
     jobs = []
     if "nanoseek" in args.only:
-        jobs += [dict(engine="nanoseek", prec=p, speculative=s) for p, s in NANOSEEK]
+        jobs += [dict(engine="nanoseek", prec=p, speculative=s, compile=c) for p, s, c in NANOSEEK]
     if "transformers" in args.only:
         jobs += [dict(engine="transformers", prec=p) for p in TRANSFORMERS]
     if "llama.cpp" in args.only:
         jobs += [dict(engine="llama.cpp", prec=p, gguf=str(ggufs[p])) for p in LLAMA]
     workers = []
     for i, job in enumerate(jobs):  # all loaded first, then measured round-robin (see the worker sessions)
-        name = f"{job['engine']} {job['prec']}" + (" +MTP" if job.get("speculative") else "")
+        name = (f"{job['engine']} {job['prec']}" + (" compiled" if job.get("compile") else "")
+                + (" +MTP" if job.get("speculative") else ""))
         workers.append(Worker(name, {**base, **job}, args.workdir, i))
         print(f"loaded {name}" + (f": error: {workers[-1].error}" if workers[-1].error else ""), flush=True)
     for rep in range(args.repeats):
@@ -462,7 +469,7 @@ def targets(results: list[dict]) -> list[dict]:
                         met_wall=None if wall is None else (wall > goal if goal == 1 else wall >= goal),
                         met_cpu=None if cpu is None else (cpu > goal if goal == 1 else cpu >= goal)))
 
-    for prec, (hf, llama) in MATCH.items():
+    for prec, (hf, llama) in [*MATCH.items(), ("fp32 compiled", MATCH["fp32"])]:
         ns = f"nanoseek {prec}"
         if hf:
             add(f"decode b1: {ns} / transformers {hf} >= 4x", ns, f"transformers {hf}", "decode_b1", 4)
@@ -471,9 +478,13 @@ def targets(results: list[dict]) -> list[dict]:
         add(f"decode b16: {ns} / llama.cpp {llama} > 1x", ns, f"llama.cpp {llama}", "decode_b16", 1)
     add("decode b1: nanoseek int8 / nanoseek fp32 >= 1.5x", "nanoseek int8", "nanoseek fp32", "decode_b1", 1.5)
     add("perplexity: int8 / fp32 - 1 <= 1%", "nanoseek int8", "nanoseek fp32", "perplexity", 0.01)
-    for prec in ("fp32", "int8"):
+    for prec in ("fp32", "int8", "fp32 compiled"):
         add(f"decode b1: nanoseek {prec} +MTP / nanoseek {prec} >= 1.5x", f"nanoseek {prec} +MTP",
             f"nanoseek {prec}", "decode_b1", 1.5)
+    add("decode b1: nanoseek fp32 compiled / nanoseek fp32 (eager) > 1x", "nanoseek fp32 compiled", "nanoseek fp32",
+        "decode_b1", 1)
+    add("decode b16: nanoseek fp32 compiled / nanoseek fp32 (eager) > 1x", "nanoseek fp32 compiled", "nanoseek fp32",
+        "decode_b16", 1)
     return out
 
 
@@ -509,19 +520,20 @@ def write_report(res: dict, path: Path) -> None:
         "the run. *weights* is what the engine keeps (nanoseek: `stats()['weight_bytes']`; llama.cpp: the GGUF).",
         "",
         "| engine | decode b1 tok/s | b1 CPU | decode b16 tok/s | b16 CPU | prefill tok/s | prefill CPU | RSS loaded "
-        "MB | peak RSS MB | weights MB | perplexity | MTP acceptance | b1 tokens = nanoseek fp32 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "MB | peak RSS MB | weights MB | perplexity | MTP acceptance | b1 tokens = nanoseek fp32 | compile s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['name']} | error: {r['error']} ||||||||||||")
+            lines.append(f"| {r['name']} | error: {r['error']} |||||||||||||")
             continue
         weights = r.get("weight_mb", r.get("gguf_mb"))
         lines.append(f"| {r['name']} | {fmt(r['decode_b1'], '.1f')} | {fmt(r['decode_b1_cpu'], '.1f')} | "
                      f"{fmt(r['decode_b16'], '.1f')} | {fmt(r['decode_b16_cpu'], '.1f')} | {fmt(r['prefill'])} | "
                      f"{fmt(r['prefill_cpu'])} | {fmt(r['rss_loaded_mb'])} | {fmt(r['peak_rss_mb'])} | "
                      f"{fmt(weights, '.1f')} | {fmt(r.get('perplexity'), '.3f')} | "
-                     f"{fmt(r.get('acceptance'), '.1%')} | {same_tokens(ref_tokens, r.get('tokens_b1'))} |")
+                     f"{fmt(r.get('acceptance'), '.1%')} | {same_tokens(ref_tokens, r.get('tokens_b1'))} | "
+                     f"{fmt(r.get('compile_s'))} |")
     lines += ["", "*tok/s* columns are wall clock; *CPU* columns are tokens per CPU-second of the engine's process "
               "(all its threads): steadier than wall clock when other jobs share the machine, and equal to it for "
               "one thread on an idle machine.", "", "## Targets", "",

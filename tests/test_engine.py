@@ -341,9 +341,47 @@ def test_bad_engine_arguments(model, model_dir):
         Engine(model, max_seq_len=10_000)
     with pytest.raises(NanoseekError, match="max_batch_size"):
         Engine(model, max_batch_size=0)
+    with pytest.raises(NanoseekError, match="compile"):
+        Engine(model, quant="int8", compile=True)
     engine = Engine.from_pretrained(model_dir, max_batch_size=2)
     assert engine.max_seq_len == min(model.config.max_position_embeddings, 4096)
     assert engine.generate([PROMPTS[0]], 8, stop_token_ids=[]) == [alone(model, PROMPTS[0], max_new_tokens=8)]
+
+
+# --- compile=True: the static-shape decode graph --------------------------------------------------------------------
+@pytest.fixture
+def aot_eager(monkeypatch):
+    """The compiled path's graph capture without inductor's C++ code generation (seconds instead of a minute a
+    graph); test_compiled_decode_inductor runs the real backend once."""
+    import nanoseek.engine
+
+    monkeypatch.setattr(nanoseek.engine, "COMPILE_BACKEND", "aot_eager")
+
+
+def test_compiled_decode_matches_transformers(model, hf_greedy, aot_eager):
+    engine = engine_for(model, compile=True)
+    assert engine.generate([PROMPTS[0]], N_NEW, stop_token_ids=[]) == [hf_greedy[0]]
+    assert engine.generate(PROMPTS, N_NEW, stop_token_ids=[]) == hf_greedy
+    assert engine.stats()["compiled_graphs"] == 2  # batch 1, and batch >= 2 (dynamic)
+    # requests leaving: 3 slots, then 2, then 1, each row at its own length: no new graph
+    reqs = [engine.submit(PROMPTS[i], SamplingParams(n, stop_token_ids=[])) for i, n in [(3, 10), (1, 30), (5, 20)]]
+    while not all(r.finished for r in reqs):
+        engine.step()
+    assert [r.output_ids for r in reqs] == [hf_greedy[3][:10], hf_greedy[1][:30], hf_greedy[5][:20]]
+    assert engine.stats()["compiled_graphs"] == 2
+
+
+def test_compiled_seeded_sampling_matches_eager(model, aot_eager):
+    kw = dict(max_new_tokens=20, temperature=0.9, top_p=0.9, top_k=50, seed=3, stop_token_ids=[])
+    assert engine_for(model, compile=True).generate(PROMPTS[:2], **kw) == engine_for(model).generate(PROMPTS[:2], **kw)
+
+
+def test_compiled_decode_inductor(model, hf_greedy):
+    """The real backend (inductor's generated C++): one graph, batch 1."""
+    engine = engine_for(model, compile=True)
+    assert engine.generate([PROMPTS[1]], 16, stop_token_ids=[]) == [hf_greedy[1][:16]]
+    s = engine.stats()
+    assert s["compiled_graphs"] == 1 and s["compile_seconds"] > 0
 
 
 # --- the CLI ----------------------------------------------------------------------------------------------------------

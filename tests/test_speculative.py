@@ -110,6 +110,22 @@ def test_greedy_identical_on_an_untrained_model_and_with_wrong_drafts(random_mod
     assert engine.stats()["accepted_draft_tokens"] == 0
 
 
+def test_compiled_speculative_greedy_identical(trained, monkeypatch):
+    """compile=True: the verify forward and the MTP module run as compiled graphs (captured with aot_eager here, no
+    C++ code generation; test_engine.py runs inductor itself)."""
+    import nanoseek.engine
+
+    monkeypatch.setattr(nanoseek.engine, "COMPILE_BACKEND", "aot_eager")
+    model, prompts = trained
+    engine = engine_for(model, speculative=True, compile=True)
+    assert engine.generate([prompts[2]], 40, stop_token_ids=[]) == plain(model, [prompts[2]], 40)  # off the pattern
+    s = engine.stats()
+    assert 0.5 < s["acceptance_rate"] < 1.0 and s["compiled_graphs"] == 2  # the verify forward and the MTP module
+    eager = engine_for(model, speculative=True)
+    eager.generate([prompts[2]], 40, stop_token_ids=[])
+    assert eager.stats()["accepted_draft_tokens"] == s["accepted_draft_tokens"]
+
+
 def test_mtp_cache_equals_full_recompute(trained):
     """After speculative steps (accepted and rejected drafts), the MTP module's latent cache holds, at every
     position i the main model has read, the latent of eh_proj([enorm(emb(t_{i+1})) ; hnorm(h_i)])."""
