@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("nanoseek.distill", "SFT of a small dense student on a teacher's verified traces"),
     "report": ("nanoseek.report", "the cost report card: stages, FLOPs, $, MFU, evals, $/M tokens, V3-scale table"),
     "ablate": ("nanoseek.ablate", "the V2/V3 ablations at CPU scale: balance, mla, mtp, fp8 (tables and plots)"),
+    "speedrun": ("nanoseek.speedrun", "tokenizer -> pretrain -> SFT -> GRPO -> distill -> eval -> report card, "
+                                      "one command (--quick: toy size)"),
 }
 
 

@@ -1,0 +1,329 @@
+"""`nanoseek speedrun`: a reasoning model built end to end by one command, with every stage's cost on the card.
+
+    tokenizer -> pretrain (MLA + DeepSeekMoE + MTP) -> SFT (cold start, <think> traces) -> eval -> GRPO -> eval
+    -> rejection sampling from the RL model -> distillation into a small dense student -> eval -> report card
+
+Each stage is the same `nanoseek <command>` a user would type (the argv is printed in the stage's log), run in this
+process. The run directory (--out, default runs/speedrun) holds one sub-directory per stage plus:
+  logs/<stage>.log   everything the stage printed            done/<stage>   written when the stage finished
+  eval/<model>.json  `nanoseek eval --json` results           report.md      the report card (+ PNGs)
+
+Interrupted and rerun with the same command, it skips the stages in done/ and continues the unfinished one from its
+last checkpoint (--resume). The default fits in 30 minutes on 2 CPU cores; --quick runs the same stages at toy size
+in about 3 minutes (the test suite's smoke test). On a machine with several CUDA GPUs, pre-training runs under
+torchrun, one process per GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from nanoseek.config import get_preset
+from nanoseek.data import default_corpus_files
+from nanoseek.errors import NanoseekError
+from nanoseek.tasks import format_completion, load_task
+
+
+@dataclass
+class Plan:
+    """The sizes of one speedrun. Step counts are optimizer steps; n = problems."""
+
+    preset: str  # the pre-trained MoE model (teacher)
+    student_preset: str  # the distilled dense student's shape
+    vocab_size: int  # tokenizer vocabulary
+    task: str  # the verifiable reasoning task (nanoseek/tasks)
+    corpus_traces: int  # worked problems of the task added to the pre-training text (train split)
+    pretrain_steps: int
+    pretrain_batch: int
+    pretrain_seq_len: int
+    pretrain_lr: float
+    sft_n: int  # cold-start traces
+    sft_steps: int
+    sft_lr: float
+    rl_steps: int
+    rl_prompts: int  # B prompts per step
+    rl_group: int  # G samples per prompt
+    rl_lr: float
+    sample_n: int  # train problems for rejection sampling
+    sample_k: int  # samples per problem
+    distill_steps: int
+    distill_lr: float
+    eval_n: int  # held-out test problems per evaluation
+    eval_k: int  # sampled completions per problem (temperature 0.6, top-p 0.95), 0 = greedy only
+    max_new_tokens: int
+
+
+TASK = "arithmetic:min_digits=2,max_digits=2,ops=+-"
+PLANS: dict[str, Plan] = {
+    "default": Plan(preset="small", student_preset="test", vocab_size=2048, task=TASK, corpus_traces=20000,
+                    pretrain_steps=600, pretrain_batch=16, pretrain_seq_len=256, pretrain_lr=3e-3,
+                    sft_n=2000, sft_steps=300, sft_lr=1e-3, rl_steps=60, rl_prompts=16, rl_group=8, rl_lr=3e-5,
+                    sample_n=3000, sample_k=1, distill_steps=600, distill_lr=3e-3, eval_n=500, eval_k=4,
+                    max_new_tokens=160),
+    # toy size: one-digit additions, which the test preset learns within a minute, so that every stage (rejection
+    # sampling included) has something to work with
+    "quick": Plan(preset="test", student_preset="test", vocab_size=512,
+                  task="arithmetic:min_digits=1,max_digits=1,ops=+", corpus_traces=1000,
+                  pretrain_steps=60, pretrain_batch=8, pretrain_seq_len=128, pretrain_lr=3e-3,
+                  sft_n=1000, sft_steps=150, sft_lr=3e-3, rl_steps=3, rl_prompts=4, rl_group=4, rl_lr=3e-5,
+                  sample_n=32, sample_k=2, distill_steps=30, distill_lr=3e-3, eval_n=50, eval_k=0,
+                  max_new_tokens=100),
+}
+
+
+@dataclass
+class Stage:
+    name: str
+    describe: str  # one line for the progress display
+    weight: float  # rough share of the run's time, for the overall progress bar
+    run: Callable[[], None]
+    summary: Callable[[], str]  # one line printed when the stage ends (loss, accuracy, cost)
+    run_dir: Path | None = None  # a training stage's directory: resumed from its checkpoints when unfinished
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="the same stages at toy size (~3 min on 2 cores)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="run directory (default runs/speedrun, or runs/speedrun-quick with --quick)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads per stage (default 1: at these sizes a second thread made a pre-training "
+                        "step slower, 1.5 s vs 0.85 s, on the 2-core dev box; docs/speedrun.md)")
+    p.add_argument("--price-per-hour", type=float, default=0.10,
+                   help="USD per machine-hour for the report card (default 0.10, as nanoseek pretrain)")
+    p.add_argument("--restart", action="store_true", help="delete --out first and start from scratch")
+
+
+# --- stage runners --------------------------------------------------------------------------------------------------
+def nanoseek(argv: list[str]) -> None:
+    """Run `nanoseek <argv>` in this process; a NanoseekError propagates (the speedrun names the stage)."""
+    from nanoseek.cli import build_parser  # here: cli imports every command module lazily, speedrun among them
+
+    print(f"$ nanoseek {' '.join(argv)}", flush=True)
+    args = build_parser(argv[0]).parse_args(argv)
+    importlib.import_module(args._module).run(args)
+
+
+def torchrun_pretrain(argv: list[str], n_gpus: int) -> None:
+    """Pre-training on several GPUs: the same command under torchrun, one process per GPU (standard DDP/FSDP2)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_gpus}",
+           "-m", "nanoseek", *argv]
+    print(f"$ {' '.join(cmd)}", flush=True)
+    if subprocess.run(cmd, stdout=sys.stdout, stderr=sys.stderr).returncode != 0:
+        raise NanoseekError(f"torchrun pre-training failed (see {argv[argv.index('--out') + 1]})")
+
+
+def write_trace_corpus(task_spec: str, n: int, path: Path) -> Path:
+    """n worked train-split problems as plain-text documents (question, reasoning, answer) for pre-training.
+
+    V3's pre-training corpus is rich in maths; this is that at toy scale: the base model sees the digits, the
+    column-by-column steps and the \\boxed{} answers before SFT teaches the chat format around them."""
+    task = load_task(task_spec)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for p in task.problems("train", n, seed=12345):
+            reasoning, answer = task.solution_trace(p)
+            text = f"{p.prompt}\n{format_completion(reasoning, answer)}"
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def run_summary(run_dir: Path) -> str:
+    r = _json(run_dir / "run.json")
+    if not r:
+        return ""
+    loss = f"val loss {r['final_val_loss']:.3f}" if r.get("final_val_loss") is not None else (
+        f"train loss {r['final_train_loss']:.3f}" if r.get("final_train_loss") is not None else "")
+    return f"{r['steps']} steps, {r['tokens']:,} tokens, {loss}, MFU {r['mfu']:.1%}, ${r['cost_usd']:.4f}"
+
+
+def eval_summary(path: Path) -> str:
+    m = _json(path).get("metrics", {})
+    greedy = m.get("pass@1_greedy", {}).get("value")
+    sampled = next((v["value"] for k, v in m.items() if k.startswith("pass@1_sampled")), None)
+    parts = [f"greedy pass@1 {greedy:.3f}" if greedy is not None else "",
+             f"sampled pass@1 {sampled:.3f}" if sampled is not None else ""]
+    return ", ".join(p for p in parts if p)
+
+
+def build_stages(plan: Plan, out: Path, threads: int, price: float) -> list[Stage]:
+    """The stages, each as the nanoseek command a user would type."""
+    common = ["--threads", str(threads), "--price-per-hour", str(price)]
+    pre, sft, rl, smp, dst, ev = (out / d for d in ("pretrain", "sft", "rl", "sample", "distill", "eval"))
+    traces = out / "corpus" / f"{plan.task.split(':')[0]}_traces.jsonl"
+    corpus = [*default_corpus_files(), traces]
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+    def tokenizer() -> None:
+        from nanoseek.pretrain import prepare_tokenizer
+
+        traces.parent.mkdir(parents=True, exist_ok=True)
+        write_trace_corpus(plan.task, plan.corpus_traces, traces)
+        pre.mkdir(parents=True, exist_ok=True)
+        prepare_tokenizer(corpus, pre, plan.vocab_size)  # pretrain finds and reuses pretrain/tokenizer
+
+    def pretrain() -> None:
+        argv = ["pretrain", "--preset", plan.preset, "--data", *map(str, corpus), "--vocab-size",
+                str(plan.vocab_size), "--steps", str(plan.pretrain_steps), "--batch-size", str(plan.pretrain_batch),
+                "--seq-len", str(plan.pretrain_seq_len), "--lr", str(plan.pretrain_lr), "--warmup-steps",
+                str(max(1, plan.pretrain_steps // 20)), "--eval-every", str(max(1, plan.pretrain_steps // 4)),
+                "--save-every", str(max(1, plan.pretrain_steps // 4)), "--sample-every", "0",
+                "--bias-update-speed", "0.01", "--sample-prompt", "What is 25 + 17?", "--out", str(pre),
+                *common, *resume_flag(pre)]
+        if n_gpus > 1:
+            torchrun_pretrain(argv, n_gpus)
+        else:
+            nanoseek(argv)
+
+    def evaluate(model: Path, name: str) -> Callable[[], None]:
+        def run_eval() -> None:
+            ev.mkdir(parents=True, exist_ok=True)
+            nanoseek(["eval", "--model", str(model), "--task", plan.task, "-n", str(plan.eval_n), "--k",
+                      str(plan.eval_k), "--max-new-tokens", str(plan.max_new_tokens), "--batch-size", "128",
+                      "--threads", str(threads), "--json", str(ev / f"{name}.json")])
+        return run_eval
+
+    def finetune() -> None:
+        nanoseek(["sft", "--model", str(pre / "final"), "--task", plan.task, "--n", str(plan.sft_n), "--steps",
+                  str(plan.sft_steps), "--batch-size", "32", "--lr", str(plan.sft_lr), "--warmup-steps", "10",
+                  "--mtp-lambda", "0.3", "--bias-update-speed", "0.01",
+                  "--save-every", str(max(1, plan.sft_steps // 3)), "--eval-every", str(max(1, plan.sft_steps // 3)),
+                  "--out", str(sft), *common, *resume_flag(sft)])
+
+    def grpo() -> None:
+        nanoseek(["rl", "--model", str(sft / "final"), "--task", plan.task, "--steps", str(plan.rl_steps),
+                  "-B", str(plan.rl_prompts), "-G", str(plan.rl_group), "--max-new-tokens", str(plan.max_new_tokens),
+                  "--lr", str(plan.rl_lr), "--warmup-steps", "3", "--eval-every", "0",
+                  "--save-every", str(max(1, plan.rl_steps // 4)), "--out", str(rl), *common, *resume_flag(rl)])
+
+    def sample() -> None:
+        smp.mkdir(parents=True, exist_ok=True)
+        nanoseek(["sample", "--model", str(rl / "final"), "--task", plan.task, "-n", str(plan.sample_n), "-k",
+                  str(plan.sample_k), "--keep-correct", "--max-new-tokens", str(plan.max_new_tokens),
+                  "--batch-size", "128", "--threads", str(threads), "--out", str(smp / "traces.jsonl")])
+
+    def distill() -> None:
+        nanoseek(["distill", "--teacher-data", str(smp / "traces.jsonl"), "--teacher", str(rl / "final"),
+                  "--student-preset", plan.student_preset, "--steps", str(plan.distill_steps), "--batch-size", "32",
+                  "--lr", str(plan.distill_lr), "--warmup-steps", "20", "--mtp-lambda", "0",
+                  "--save-every", str(max(1, plan.distill_steps // 3)), "--eval-every",
+                  str(max(1, plan.distill_steps // 3)), "--out", str(dst), *common, *resume_flag(dst)])
+
+    def report() -> None:
+        from nanoseek.report import write_report_card
+
+        path = write_report_card([out], out / "report.md", price_per_hour=price, title="nanoseek speedrun")
+        print(f"report card: {path}")
+
+    n_traces = lambda: sum(1 for _ in open(smp / "traces.jsonl")) if (smp / "traces.jsonl").is_file() else 0  # noqa: E731
+    return [
+        Stage("tokenizer", f"byte-level BPE ({plan.vocab_size} tokens) on the corpus + {plan.corpus_traces:,} "
+              f"worked problems", 0.02, tokenizer, lambda: f"{plan.vocab_size} tokens -> {pre / 'tokenizer'}"),
+        Stage("pretrain", f"{plan.preset} preset, MLA + MoE + MTP, {plan.pretrain_steps} steps", 0.40, pretrain,
+              lambda: run_summary(pre), pre),
+        Stage("eval_base", f"the pre-trained model, pass@1 on {plan.eval_n} held-out problems", 0.03,
+              evaluate(pre / "final", "base"), lambda: eval_summary(ev / "base.json")),
+        Stage("sft", f"cold start: {plan.sft_n:,} <think> traces, {plan.sft_steps} steps", 0.17, finetune,
+              lambda: run_summary(sft), sft),
+        Stage("eval_sft", f"pass@1 on {plan.eval_n} held-out problems", 0.03, evaluate(sft / "final", "sft"),
+              lambda: eval_summary(ev / "sft.json")),
+        Stage("rl", f"GRPO, {plan.rl_steps} steps x {plan.rl_prompts} prompts x {plan.rl_group} samples", 0.16,
+              grpo, lambda: run_summary(rl), rl),
+        Stage("eval_rl", f"pass@1 on {plan.eval_n} held-out problems", 0.03, evaluate(rl / "final", "rl"),
+              lambda: eval_summary(ev / "rl.json")),
+        Stage("sample", f"rejection sampling: {plan.sample_n} problems x {plan.sample_k}, keep verified", 0.03,
+              sample, lambda: f"{n_traces()} verified traces"),
+        Stage("distill", f"dense {plan.student_preset} student, {plan.distill_steps} steps", 0.12, distill,
+              lambda: run_summary(dst), dst),
+        Stage("eval_distill", f"pass@1 on {plan.eval_n} held-out problems", 0.03,
+              evaluate(dst / "final", "distill"), lambda: eval_summary(ev / "distill.json")),
+        Stage("report", "report card", 0.01, report, lambda: str(out / "report.md")),
+    ]
+
+
+def resume_flag(run_dir: Path) -> list[str]:
+    """--resume when an earlier, interrupted speedrun left a checkpoint in this stage's directory."""
+    return ["--resume"] if (run_dir / "checkpoints" / "latest").is_file() else []
+
+
+# --- the command ----------------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> None:
+    plan = PLANS["quick" if args.quick else "default"]
+    out: Path = args.out or Path("runs/speedrun-quick" if args.quick else "runs/speedrun")
+    threads = args.threads
+    if threads < 1:
+        raise NanoseekError(f"--threads must be >= 1, got {threads}")
+    if args.price_per_hour < 0:
+        raise NanoseekError(f"--price-per-hour must be >= 0, got {args.price_per_hour}")
+    get_preset(plan.preset)  # fail early on a bad plan
+    if args.restart and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan_file = out / "plan.json"
+    if plan_file.is_file() and _json(plan_file) != asdict(plan):
+        raise NanoseekError(f"{out} holds a speedrun with another plan ({plan_file}); use --restart or another --out")
+    plan_file.write_text(json.dumps(asdict(plan), indent=1) + "\n")
+    for d in ("logs", "done"):
+        (out / d).mkdir(exist_ok=True)
+
+    stages = build_stages(plan, out, threads, args.price_per_hour)
+    total = sum(s.weight for s in stages)
+    done = [s for s in stages if (out / "done" / s.name).is_file()]
+    print(f"nanoseek speedrun{' --quick' if args.quick else ''}: {len(stages)} stages -> {out}"
+          + (f" ({len(done)} already done: {', '.join(s.name for s in done)})" if done else ""))
+    t_start = time.time()
+    bar = tqdm(total=round(total * 100), unit="%", dynamic_ncols=True, file=sys.stdout,
+               bar_format="{desc} |{bar}| {percentage:3.0f}% [{elapsed}]")
+    try:
+        for i, stage in enumerate(stages, 1):
+            marker = out / "done" / stage.name
+            label = f"[{i}/{len(stages)}] {stage.name}"
+            if marker.is_file():
+                bar.update(round(stage.weight * 100))
+                bar.write(f"{label:<20} skipped (done in an earlier run) {stage.summary()}")
+                continue
+            resuming = stage.run_dir is not None and resume_flag(stage.run_dir)
+            bar.set_description_str(f"{label}: {stage.describe}{' (resuming)' if resuming else ''}")
+            t0 = time.time()
+            log = out / "logs" / f"{stage.name}.log"
+            try:
+                with open(log, "a", encoding="utf-8") as f, contextlib.redirect_stdout(f):
+                    stage.run()  # its own progress bar (stderr) shows under the overall one
+            except NanoseekError as e:
+                raise NanoseekError(f"stage {stage.name}: {e} (log: {log})") from None
+            except KeyboardInterrupt:
+                bar.write(f"{label} interrupted; rerun the same command to continue from its last checkpoint")
+                raise
+            marker.write_text(f"{time.time() - t0:.1f}\n")
+            bar.update(round(stage.weight * 100))
+            bar.write(f"{label:<20} {_minutes(time.time() - t0):>7}  {stage.summary()}")
+    finally:
+        bar.close()
+    print(f"speedrun finished in {_minutes(time.time() - t_start)} (this session). Report card: {out / 'report.md'}")
+    print("Talk to the reasoning model (GRPO) or the distilled student:")
+    print(f"  nanoseek chat --model {out / 'rl' / 'final'}")
+    print(f"  nanoseek serve --model {out / 'rl' / 'final'}      # then open http://127.0.0.1:8000")
+    print(f"  nanoseek chat --model {out / 'distill' / 'final'}")

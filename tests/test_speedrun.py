@@ -1,0 +1,105 @@
+"""`nanoseek speedrun --quick`: the whole pipeline at toy size (the smoke test of issue #6), rerun and resume, and
+the printed chat / serve commands working on the model it produced."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from nanoseek.cli import main
+from nanoseek.speedrun import PLANS
+
+STAGES = ["tokenizer", "pretrain", "eval_base", "sft", "eval_sft", "rl", "eval_rl", "sample", "distill",
+          "eval_distill", "report"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("speedrun") / "run"
+    main(["speedrun", "--quick", "--out", str(out), "--threads", "1"])
+    return out
+
+
+def test_quick_speedrun_runs_every_stage(quick_run, capsys):
+    out = quick_run
+    assert sorted(p.name for p in (out / "done").iterdir()) == sorted(STAGES)
+    for stage in ("pretrain", "sft", "rl", "distill"):
+        record = json.loads((out / stage / "run.json").read_text())
+        assert record["stage"] == stage and record["steps"] > 0 and record["cost_usd"] > 0
+        assert (out / stage / "final" / "config.json").is_file()
+    plan = PLANS["quick"]
+    assert json.loads((out / "pretrain" / "run.json").read_text())["steps"] == plan.pretrain_steps
+    student = json.loads((out / "distill" / "final" / "config.json").read_text())
+    assert student["n_routed_experts"] == 0 and student["num_nextn_predict_layers"] == 0  # dense, like R1's students
+    for name in ("base", "sft", "rl", "distill"):
+        result = json.loads((out / "eval" / f"{name}.json").read_text())
+        assert result["n"] == plan.eval_n and 0 <= result["metrics"]["pass@1_greedy"]["value"] <= 1
+    # one-digit addition is learnt within the toy budget: rejection sampling has verified traces to distil
+    assert sum(1 for _ in open(out / "sample" / "traces.jsonl")) > 0
+    card = (out / "report.md").read_text()
+    for stage in ("pretrain", "sft", "rl", "distill"):
+        assert stage in card
+
+
+def test_rerun_skips_done_stages_and_resumes_an_unfinished_one(quick_run, capsys):
+    out = quick_run
+    # pretend the run was interrupted inside distillation: its checkpoints exist, its final model does not
+    (out / "done" / "distill").unlink()
+    (out / "done" / "eval_distill").unlink()
+    (out / "done" / "report").unlink()
+    capsys.readouterr()
+    main(["speedrun", "--quick", "--out", str(out), "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert printed.count("skipped (done in an earlier run)") == len(STAGES) - 3
+    assert "resumed from" in (out / "logs" / "distill.log").read_text()
+    assert f"nanoseek chat --model {out / 'rl' / 'final'}" in printed
+
+
+def test_plan_mismatch_is_refused(quick_run, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["speedrun", "--out", str(quick_run), "--threads", "1"])  # the default plan into a quick run's dir
+    assert e.value.code == 2
+    assert "another plan" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_printed_chat_and_serve_commands_work(quick_run):
+    model = quick_run / "rl" / "final"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    chat = subprocess.run([sys.executable, "-m", "nanoseek", "chat", "--model", str(model), "--max-tokens", "40"],
+                          input="What is 3 + 4?\n/exit\n", capture_output=True, text=True, timeout=120, env=env)
+    assert chat.returncode == 0, chat.stderr
+    assert "<think>" in chat.stdout or "think" in chat.stdout.lower()
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", "--model", str(model), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
+                       json={"messages": [{"role": "user", "content": "What is 3 + 4?"}], "max_tokens": 60})
+        assert r.status_code == 200
+        message = r.json()["choices"][0]["message"]
+        assert "reasoning_content" in message and "content" in message
+    finally:
+        server.terminate()
+        server.wait(10)
