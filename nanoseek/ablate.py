@@ -38,13 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.config import PRESETS, ModelConfig
+from nanoseek.config import ModelConfig
 from nanoseek.data import TokenDataset, default_corpus_files, prepare_data, read_documents
 from nanoseek.errors import NanoseekError
 from nanoseek.model import MLA, Transformer, apply_rope
 from nanoseek.pretrain import (
     Trainer,
     _jsonable,
+    add_model_and_data_arguments,
     add_training_arguments,
     check_training_args,
     load_config,
@@ -484,13 +485,7 @@ def plot_ablation(ablation: str, rows: list[dict[str, Any]], results: list[dict[
 # --- the command ----------------------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ablation", choices=ABLATIONS, help="which ablation to run")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", choices=list(PRESETS), default="cpu", help="model preset (default cpu)")
-    src.add_argument("--config", type=Path, help="a config.json (HF DeepseekV3 field names) instead of a preset")
-    p.add_argument("--data", type=Path, nargs="+", default=None,
-                   help=".txt / .jsonl files to train on (default: the bundled tinyshakespeare + GSM8K train)")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help="tokenizer vocabulary (default: the config's vocab_size)")
+    add_model_and_data_arguments(p)
     a = p.add_argument_group("ablation variants")
     a.add_argument("--gammas", type=float, nargs="+", default=[0.001, 0.01],
                    help="balance: bias update speeds of the aux-loss-free variants (default 0.001 = V3, and 0.01)")

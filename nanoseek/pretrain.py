@@ -107,7 +107,8 @@ def add_training_arguments(p: argparse.ArgumentParser, *, steps: int, batch_size
                         "for a small 2-vCPU cloud VM; V3's cost table uses $2 per H800 GPU-hour)")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_and_data_arguments(p: argparse.ArgumentParser) -> None:
+    """--preset/--config, --data and --vocab-size: the model and the corpus a pre-training run starts from."""
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=list(PRESETS), default="cpu", help="model preset (default cpu)")
     src.add_argument("--config", type=Path, help="a config.json (HF DeepseekV3 field names) instead of a preset")
@@ -115,6 +116,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=".txt / .jsonl files to train on (default: the bundled tinyshakespeare + GSM8K train)")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="tokenizer vocabulary when one is trained (default: the config's vocab_size)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_and_data_arguments(p)
     p.add_argument("--sample-prompt", default="ROMEO:", help="prompt of the periodic text samples (default 'ROMEO:')")
     p.add_argument("--fp8", action="store_true",
                    help="DeepSeek-V3 FP8 GEMMs for every projection and expert (1x128 / 128x128 e4m3 tiles, emulated "
