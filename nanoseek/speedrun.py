@@ -10,7 +10,7 @@ process. The run directory (--out, default runs/speedrun) holds one sub-director
 
 Interrupted and rerun with the same command, it skips the stages in done/ and continues the unfinished one from its
 last checkpoint (--resume). The default fits in 30 minutes on 2 CPU cores; --quick runs the same stages at toy size
-in about 3 minutes (the test suite's smoke test). On a machine with several CUDA GPUs, pre-training runs under
+in about a minute (the test suite's smoke test). On a machine with several CUDA GPUs, pre-training runs under
 torchrun, one process per GPU.
 """
 
@@ -97,7 +97,7 @@ class Stage:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="the same stages at toy size (~3 min on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="the same stages at toy size (about a minute on 2 cores)")
     p.add_argument("--out", type=Path, default=None,
                    help="run directory (default runs/speedrun, or runs/speedrun-quick with --quick)")
     p.add_argument("--threads", type=int, default=1,
