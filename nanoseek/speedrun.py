@@ -86,6 +86,11 @@ PLANS: dict[str, Plan] = {
 }
 
 
+# the stages in order (build_stages defines them)
+STAGES = ("tokenizer", "pretrain", "eval_base", "sft", "eval_sft", "rl", "eval_rl", "sample", "distill",
+          "eval_distill", "report")
+
+
 @dataclass
 class Stage:
     name: str
@@ -236,6 +241,8 @@ def build_stages(plan: Plan, out: Path, threads: int, price: float) -> list[Stag
         from nanoseek.report import write_report_card
 
         path = write_report_card([out], out / "report.md", price_per_hour=price, title="nanoseek speedrun")
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(stage_table(out, price))
         print(f"report card: {path}")
 
     n_traces = lambda: sum(1 for _ in open(smp / "traces.jsonl")) if (smp / "traces.jsonl").is_file() else 0  # noqa: E731
@@ -264,6 +271,21 @@ def build_stages(plan: Plan, out: Path, threads: int, price: float) -> list[Stag
     ]
 
 
+def stage_table(out: Path, price: float) -> str:
+    """Markdown: every finished stage's wall time (done/<stage> holds its seconds) and cost, evaluations and
+    sampling included, which the run records of the training stages alone do not show."""
+    rows, total = [], 0.0
+    for marker in (out / "done" / name for name in STAGES):
+        if not marker.is_file():
+            continue
+        seconds = float(marker.read_text())
+        total += seconds
+        rows.append(f"| {marker.name} | {_minutes(seconds)} | ${seconds / 3600 * price:.4f} |")
+    return ("\n## Speedrun stages\n\nWall time of every stage of this speedrun (the last session of a stage that was "
+            f"resumed), at ${price:.2f}/machine-hour.\n\n| stage | wall time | cost |\n|---|---:|---:|\n"
+            + "\n".join(rows) + f"\n| **total** | **{_minutes(total)}** | **${total / 3600 * price:.4f}** |\n")
+
+
 def resume_flag(run_dir: Path) -> list[str]:
     """--resume when an earlier, interrupted speedrun left a checkpoint in this stage's directory."""
     return ["--resume"] if (run_dir / "checkpoints" / "latest").is_file() else []
@@ -290,6 +312,7 @@ def run(args: argparse.Namespace) -> None:
         (out / d).mkdir(exist_ok=True)
 
     stages = build_stages(plan, out, threads, args.price_per_hour)
+    assert tuple(s.name for s in stages) == STAGES
     total = sum(s.weight for s in stages)
     done = [s for s in stages if (out / "done" / s.name).is_file()]
     print(f"nanoseek speedrun{' --quick' if args.quick else ''}: {len(stages)} stages -> {out}"

@@ -13,10 +13,7 @@ import httpx
 import pytest
 
 from nanoseek.cli import main
-from nanoseek.speedrun import PLANS
-
-STAGES = ["tokenizer", "pretrain", "eval_base", "sft", "eval_sft", "rl", "eval_rl", "sample", "distill",
-          "eval_distill", "report"]
+from nanoseek.speedrun import PLANS, STAGES
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +42,7 @@ def test_quick_speedrun_runs_every_stage(quick_run, capsys):
     card = (out / "report.md").read_text()
     for stage in ("pretrain", "sft", "rl", "distill"):
         assert stage in card
+    assert "## Speedrun stages" in card and "| eval_distill |" in card and "| **total** |" in card
 
 
 def test_rerun_skips_done_stages_and_resumes_an_unfinished_one(quick_run, capsys):
