@@ -9,8 +9,9 @@
 
 Every request becomes one engine request per choice (`engine.submit`); the engine's loop thread reports each token
 through `on_event` into a server-wide inbox, and one `call_soon_threadsafe` per engine step wakes the asyncio loop to
-hand the events to their HTTP requests. A client that disconnects has its requests cancelled, and the engine frees
-their slots at its next step. Errors use OpenAI's body
+hand the events to their HTTP requests; each request then turns everything that has arrived for it into one socket
+write (token chunks from pre-built JSON templates). A client that disconnects has its requests cancelled, and the
+engine frees their slots at its next step. Errors use OpenAI's body
 {"error": {"message", "type", "param", "code"}}; see docs/serving.md.
 """
 
@@ -19,8 +20,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import bisect
 import hashlib
 import hmac
+import itertools
 import json
 import math
 import re
@@ -127,10 +130,9 @@ class Histogram:
         self.sum, self.count = 0.0, 0
 
     def observe(self, value: float) -> None:
-        for i, upper in enumerate(self.buckets):
-            if value <= upper:
-                self.counts[i] += 1
-                break
+        i = bisect.bisect_left(self.buckets, value)  # the first bucket with value <= upper (none: only +Inf)
+        if i < len(self.buckets):
+            self.counts[i] += 1
         self.sum += value
         self.count += 1
 
@@ -199,6 +201,11 @@ class Metrics:
         lines += one("nanoseek_queue_depth", "gauge", "Engine requests waiting for a batch slot.", stats["waiting"])
         lines += one("nanoseek_active_slots", "gauge", "Batch slots holding a request.", stats["active_slots"])
         lines += one("nanoseek_max_batch_size", "gauge", "Batch slots.", stats["max_batch_size"])
+        # the engine's own clock: tokens / decode steps is the mean batch occupancy, seconds / steps the step time
+        lines += one("nanoseek_decode_steps_total", "counter", "Engine decode steps (one per batch of tokens).",
+                     stats["decode_steps"])
+        lines += one("nanoseek_engine_seconds_total", "counter", "Seconds the engine spent in prefill and decode.",
+                     stats["prefill_seconds"] + stats["decode_seconds"])
         lines += self.ttft.render() + self.itl.render() + self.latency.render()
         lines += one("nanoseek_price_per_hour_usd", "gauge", "Configured machine price (--price-per-hour).",
                      self.price_per_hour)
@@ -209,13 +216,16 @@ class Metrics:
 
 # --- one generation: n engine requests, their events on the asyncio loop ---------------------------------------------
 class Generation:
-    """The n choices of one HTTP request. Token events arrive from the engine thread through an asyncio.Queue;
-    `events()` turns them into text deltas, `close()` cancels what is still running (idempotent)."""
+    """The n choices of one HTTP request. Token events arrive from the engine thread (via Server._drain) in `inbox`;
+    `batches()` turns them into text deltas, `close()` cancels what is still running (idempotent)."""
 
     def __init__(self, server: Server, prompt_ids: list[int], params: list[SamplingParams], reasoning: bool,
                  stop: list[str]):
         self.server, self.n = server, len(params)
-        self.queue: asyncio.Queue[tuple[int, int | None, str | None]] = asyncio.Queue()
+        # (choice, token id or None, finish reason or None), appended on the event loop by Server._drain, which
+        # resolves `waiter` (if batches() is waiting): one task wake-up per engine step, however many tokens arrived
+        self.inbox: deque[tuple[int, int | None, str | None]] = deque()
+        self.waiter: asyncio.Future | None = None
         self.splitters = [TextSplitter(server.tokenizer, reasoning, stop) for _ in params]
         self.finish: list[str | None] = [None] * self.n
         self.completion_tokens = [0] * self.n
@@ -234,36 +244,47 @@ class Generation:
             raise APIError(400, str(e)) from None
         server.metrics.prompt_tokens += self.prompt_tokens * self.n
 
-    async def events(self) -> AsyncIterator[tuple[int, str, str, str | None]]:
-        """Yield (choice index, reasoning delta, content delta, finish reason or None) until every choice is done."""
+    async def batches(self) -> AsyncIterator[list[tuple[int, str, str, str | None]]]:
+        """Yield, per wake-up, the list of (choice index, reasoning delta, content delta, finish reason or None) for
+        every event that has arrived, in order, until every choice is done."""
         m = self.server.metrics
         while None in self.finish:
-            i, token, reason = await self.queue.get()
-            if self.finish[i] is not None:  # a choice already ended by a stop string: late tokens are dropped
-                continue
-            reasoning = content = ""
-            if token is not None:
-                now = time.perf_counter()
-                last = self.last_token[i]
-                if last is None:
-                    m.ttft.observe(now - self.t0)
-                else:
-                    m.itl.observe(now - last)
-                self.last_token[i] = now
-                self.completion_tokens[i] += 1
-                m.output_tokens += 1
-                splitter = self.splitters[i]
-                reasoning, content = splitter.feed(token)
-                if splitter.stopped:
-                    reason = "stop"
-                    self.requests[i].cancel()
-            if reason is not None:
-                r, c = self.splitters[i].finish()
-                reasoning, content = reasoning + r, content + c
-                self.finish[i] = reason
-                m.finished[reason] = m.finished.get(reason, 0) + 1
-            if reasoning or content or reason:
-                yield i, reasoning, content, reason
+            if not self.inbox:
+                self.waiter = self.server.loop.create_future()
+                try:
+                    await self.waiter
+                finally:
+                    self.waiter = None
+            now = time.perf_counter()  # the events of one wake-up arrived together
+            out = []
+            while self.inbox:
+                i, token, reason = self.inbox.popleft()
+                if self.finish[i] is not None:  # a choice already ended by a stop string: late tokens are dropped
+                    continue
+                reasoning = content = ""
+                if token is not None:
+                    last = self.last_token[i]
+                    if last is None:
+                        m.ttft.observe(now - self.t0)
+                    else:
+                        m.itl.observe(now - last)
+                    self.last_token[i] = now
+                    self.completion_tokens[i] += 1
+                    m.output_tokens += 1
+                    splitter = self.splitters[i]
+                    reasoning, content = splitter.feed(token)
+                    if splitter.stopped:
+                        reason = "stop"
+                        self.requests[i].cancel()
+                if reason is not None:
+                    r, c = self.splitters[i].finish()
+                    reasoning, content = reasoning + r, content + c
+                    self.finish[i] = reason
+                    m.finished[reason] = m.finished.get(reason, 0) + 1
+                if reasoning or content or reason:
+                    out.append((i, reasoning, content, reason))
+            if out:
+                yield out
         m.latency.observe(time.perf_counter() - self.t0)
 
     def usage(self, reasoning: bool) -> dict[str, Any]:
@@ -291,7 +312,7 @@ class _ClosingStream(StreamingResponse):
     """A StreamingResponse that always closes its Generation, even when the client leaves before the first chunk
     (an async generator that never started would never run its `finally`)."""
 
-    def __init__(self, content: AsyncIterator[str], generation: Generation):
+    def __init__(self, content: AsyncIterator[bytes], generation: Generation):
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.generation = generation
@@ -307,6 +328,29 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+_json_str = json.JSONEncoder(ensure_ascii=False).encode  # str -> its JSON literal, as json.dumps writes it
+
+
+class _ChunkTemplates:
+    """The SSE event of one streamed token, pre-built around the one JSON string that changes: per token, this
+    costs one string encode instead of building and serialising the whole chunk dict (the same bytes as
+    `_sse(chunk dict)`, checked by the tests)."""
+
+    def __init__(self, head: dict[str, Any], n: int, chat: bool, usage: bool):
+        # the end of a token chunk: close the delta (chat), the choice, the choices list, then usage and the object
+        self.tail = ("}" if chat else "") + ', "logprobs": null, "finish_reason": null}]' + (
+            ', "usage": null}\n\n' if usage else "}\n\n")
+        starts = [_sse({**head, "choices": [{"index": i}]}).removesuffix("}]}\n\n") for i in range(n)]
+        if chat:
+            self.reasoning = [f"{s}, \"delta\": {{\"reasoning_content\": " for s in starts]
+            self.content = [f"{s}, \"delta\": {{\"content\": " for s in starts]
+        else:
+            self.content = [f"{s}, \"text\": " for s in starts]
+
+    def token(self, prefixes: list[str], i: int, text: str) -> str:
+        return prefixes[i] + _json_str(text) + self.tail
+
+
 # --- the server -----------------------------------------------------------------------------------------------------
 class Server:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: str | None, max_queue: int,
@@ -317,6 +361,9 @@ class Server:
         self.pending = 0
         self.metrics = Metrics(price_per_hour)
         self.created = int(time.time())
+        # response ids: a random per-process prefix and a counter (32 hex digits, like a uuid4); a uuid4 per request
+        # would read os.urandom, a syscall that releases the GIL and then waits to win it back from the engine thread
+        self.id_prefix, self.id_counter = uuid.uuid4().hex[:20], itertools.count()
         # engine thread -> event loop: events wait in `inbox`; one wake-up of the loop drains all the events of an
         # engine step (one per active request) instead of one cross-thread call per token
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -336,7 +383,9 @@ class Server:
         self.drain_scheduled = False  # before draining: an event appended from now on schedules another drain
         while self.inbox:
             gen, i, token, reason = self.inbox.popleft()
-            gen.queue.put_nowait((i, token, reason))
+            gen.inbox.append((i, token, reason))
+            if gen.waiter is not None and not gen.waiter.done():
+                gen.waiter.set_result(None)
 
     def admit(self, n: int) -> None:
         if self.pending + n > self.capacity:
@@ -410,7 +459,7 @@ class Server:
                        chat: bool) -> Response:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         gen = Generation(self, ids, params, reasoning=chat, stop=stop)
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{self.id_prefix}{next(self.id_counter):012x}"
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": self.model_name}
         if body.stream:
@@ -429,9 +478,10 @@ class Server:
 
     async def _collect(self, gen: Generation, chat: bool) -> list[dict[str, Any]]:
         reasoning, content = [[] for _ in range(gen.n)], [[] for _ in range(gen.n)]
-        async for i, r, c, _ in gen.events():
-            reasoning[i].append(r)
-            content[i].append(c)
+        async for batch in gen.batches():
+            for i, r, c, _ in batch:
+                reasoning[i].append(r)
+                content[i].append(c)
         if chat:
             return [{"index": i, "message": {"role": "assistant", "content": "".join(content[i]),
                                              "reasoning_content": "".join(reasoning[i])},
@@ -451,36 +501,41 @@ class Server:
                 task.cancel()
                 return None
 
-    async def _stream(self, gen: Generation, head: dict[str, Any], chat: bool, usage: bool) -> AsyncIterator[str]:
+    async def _stream(self, gen: Generation, head: dict[str, Any], chat: bool, usage: bool) -> AsyncIterator[bytes]:
         def chunk(i: int, delta: dict[str, Any] | str, finish: str | None = None) -> str:
             choice = {"index": i, "delta": delta} if chat else {"index": i, "text": delta}
             out = {**head, "choices": [{**choice, "logprobs": None, "finish_reason": finish}]}
             return _sse({**out, "usage": None} if usage else out)
 
+        tpl = _ChunkTemplates(head, gen.n, chat, usage)
         if chat:  # DeepSeek's first chunk: the role, with empty reasoning
             yield "".join(chunk(i, {"role": "assistant", "content": None, "reasoning_content": ""})
-                          for i in range(gen.n))
-        out: list[str] = []  # chunks not sent yet: everything already queued goes out in one write
-        async for i, r, c, reason in gen.events():
-            if reason == "error":
-                yield "".join(out) + _sse({"error": {"message": "the engine failed while generating",
-                                                     "type": "server_error", "param": None, "code": "engine_error"}})
-                return
-            if chat:
-                if r:
-                    out.append(chunk(i, {"reasoning_content": r}))
-                if c:
-                    out.append(chunk(i, {"content": c}))
-                if reason:
-                    out.append(chunk(i, {}, reason))
-            elif c or reason:
-                out.append(chunk(i, c, reason))
-            if out and gen.queue.empty():
-                yield "".join(out)
+                          for i in range(gen.n)).encode()
+        out: list[str] = []  # one engine step's chunks (one event per token, in order) go out in one write
+        async for batch in gen.batches():
+            for i, r, c, reason in batch:
+                if reason == "error":
+                    out.append(_sse({"error": {"message": "the engine failed while generating",
+                                               "type": "server_error", "param": None, "code": "engine_error"}}))
+                    yield "".join(out).encode()
+                    return
+                if chat:
+                    if r:
+                        out.append(tpl.token(tpl.reasoning, i, r))
+                    if c:
+                        out.append(tpl.token(tpl.content, i, c))
+                    if reason:
+                        out.append(chunk(i, {}, reason))
+                elif reason:
+                    out.append(chunk(i, c, reason))
+                elif c:
+                    out.append(tpl.token(tpl.content, i, c))
+            if out:
+                yield "".join(out).encode()
                 out = []
         if usage:
             out.append(_sse({**head, "choices": [], "usage": gen.usage(chat)}))
-        yield "".join(out) + "data: [DONE]\n\n"
+        yield ("".join(out) + "data: [DONE]\n\n").encode()
 
 
 def _csp(html: str) -> str:

@@ -554,6 +554,75 @@ def test_metrics_prometheus_text(scripted):
         assert line.startswith("# ") or re.fullmatch(r"[a-z_]+(\{[a-z_]+=\"[^\"]*\"\})? \S+", line), line
 
 
+
+# --- the streaming path: pre-built chunk templates, one write per wake-up --------------------------------------------
+@pytest.mark.parametrize("chat_mode", [True, False])
+@pytest.mark.parametrize("usage", [True, False])
+def test_chunk_templates_match_json_dumps(chat_mode, usage):
+    from nanoseek.server import _ChunkTemplates, _sse
+
+    head = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1, "model": 'm "q" \\ ü'}
+    tpl = _ChunkTemplates(head, n=3, chat=chat_mode, usage=usage)
+    for text in ("moon", ' "quoted" \\ back', "line\nbreak\ttab\x00", "中文 🌙", "</script><img src=x>", "\u2028"):
+        for i in range(3):
+            for key, prefixes in (("reasoning_content", getattr(tpl, "reasoning", None)), ("content", tpl.content)):
+                if prefixes is None:
+                    continue
+                choice = {"index": i, "delta": {key: text}} if chat_mode else {"index": i, "text": text}
+                obj = {**head, "choices": [{**choice, "logprobs": None, "finish_reason": None}]}
+                assert tpl.token(prefixes, i, text) == _sse({**obj, "usage": None} if usage else obj)
+
+
+
+def test_response_ids_unique(scripted):
+    url, _ = scripted
+    ids = [http.post(f"{url}/v1/chat/completions", json=chat(max_tokens=1)).json()["id"] for _ in range(3)]
+    ids.append(http.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 1}).json()["id"])
+    assert len(set(ids)) == 4 and all(re.fullmatch(r"(chatcmpl|cmpl)-[0-9a-f]{32}", i) for i in ids), ids
+
+def test_stream_coalesces_one_write_per_wakeup(scripted_dir):
+    """Tokens of several engine steps that arrive before the stream wakes go out in one write, still one SSE event
+    per token (reasoning events before content events), then the finish chunk, the usage chunk and [DONE]."""
+    from nanoseek.server import ChatCompletionRequest, Generation, Server
+
+    tok = Tokenizer.from_dir(scripted_dir)
+    engine = Engine(load_model(scripted_dir), max_batch_size=2)  # no loop thread: the test steps it
+    server = Server(engine, tok, "tiny", api_key=None, max_queue=4, price_per_hour=0.0)
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+
+    async def main() -> list[bytes]:
+        server.loop = asyncio.get_running_loop()
+        params = server.sampling(ChatCompletionRequest.model_validate(chat()), 50, len(ids), "messages")
+        gen = Generation(server, ids, params, reasoning=True, stop=[])
+        stream = server._stream(gen, {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1,
+                                      "model": "tiny"}, chat=True, usage=True)
+        writes = [await stream.__anext__()]  # the role chunk
+        for _ in range(4):  # four engine steps before the loop runs: their events wait in the server's inbox
+            engine.step()
+        while gen.finish[0] is None or not writes[-1].endswith(b"[DONE]\n\n"):
+            nxt = asyncio.ensure_future(stream.__anext__())
+            await asyncio.sleep(0)  # let the drain and the stream run
+            if not nxt.done() and engine.active + list(engine._waiting):
+                engine.step()
+            writes.append(await nxt)
+        gen.close()
+        return writes
+
+    writes = asyncio.run(main())
+    events = [[json.loads(line[6:]) for line in w.decode().split("\n\n") if line.startswith("data: {")]
+              for w in writes]
+    n_reason = len(tok.encode(SCRIPT_REASONING))
+    assert len(events[1]) == 4  # the first four tokens: four events, one write
+    deltas = [e["choices"][0]["delta"] for w in events[1:] for e in w if e["choices"]]
+    kinds = ["r" if d.get("reasoning_content") else "c" if d.get("content") else "-" for d in deltas]
+    assert kinds == ["r"] * n_reason + ["c"] * kinds.count("c") + ["-"]  # </think> itself adds no text
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == SCRIPT_REASONING
+    assert "".join(d.get("content") or "" for d in deltas) == SCRIPT_ANSWER
+    last = [e for w in events for e in w][-2:]
+    assert last[0]["choices"][0]["finish_reason"] == "stop" and last[1]["choices"] == []
+    assert last[1]["usage"]["completion_tokens"] == n_reason + 1 + len(tok.encode(SCRIPT_ANSWER))
+    assert server.pending == 0 and not engine.active
+
 # --- nanoseek chat --------------------------------------------------------------------------------------------------
 class _FakeTTY(io.StringIO):
     def isatty(self) -> bool:
