@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.data import TokenDataset, default_corpus_files, prepare_data, read_documents
+from nanoseek.data import TokenDataset, default_corpus_files, read_documents
 from nanoseek.errors import NanoseekError
 from nanoseek.model import MLA, Transformer, apply_rope
 from nanoseek.pretrain import (
@@ -49,7 +49,7 @@ from nanoseek.pretrain import (
     add_training_arguments,
     check_training_args,
     load_config,
-    prepare_tokenizer,
+    prepare_corpus,
     pretrain_loss,
     resolve_device,
     train,
@@ -512,23 +512,9 @@ def prepare_shared_data(args: argparse.Namespace, config: ModelConfig, out: Path
     paths = [Path(p) for p in (args.data or default_corpus_files())]
     for p in paths:
         read_documents(p)  # raises NanoseekError naming a missing or unsupported file, before any work
-    vocab = args.vocab_size or config.vocab_size
-    if vocab > config.vocab_size:
-        raise NanoseekError(f"--vocab-size {vocab} exceeds the model's vocab_size ({config.vocab_size})")
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = prepare_tokenizer(paths, out, vocab)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise NanoseekError(f"{out / 'tokenizer'} has {tokenizer.vocab_size} tokens, more than the model's "
-                            f"vocab_size ({config.vocab_size}); delete it or use another --out")
     # the val split does not follow --seed: runs with other seeds (a noise estimate) are scored on the same documents
-    meta = prepare_data(paths, tokenizer, out / "data", seed=0)
-    train_ds = TokenDataset(out / "data" / "train.bin", meta["dtype"])
-    val_ds = TokenDataset(out / "data" / "val.bin", meta["dtype"])
-    for name, ds in (("train", train_ds), ("val", val_ds)):
-        if len(ds) < args.seq_len + 1:
-            raise NanoseekError(f"data: the {name} split has {len(ds)} tokens, fewer than --seq-len + 1 = "
-                                f"{args.seq_len + 1}; add data or lower --seq-len")
-    print(f"data: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens in {out / 'data'}")
+    _, train_ds, val_ds = prepare_corpus(paths, out, config, args.vocab_size, args.seq_len, seed=0)
     return train_ds, val_ds
 
 

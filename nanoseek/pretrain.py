@@ -591,6 +591,30 @@ def prepare_tokenizer(paths: list[Path], out_dir: Path, vocab_size: int) -> Toke
     return tok
 
 
+def prepare_corpus(paths: list[Path], out: Path, config: ModelConfig, vocab_size: int | None, seq_len: int,
+                   seed: int) -> tuple[Tokenizer, TokenDataset, TokenDataset]:
+    """out/tokenizer (trained or reused) and the train/val token shards in out/data, checked against the model's
+    vocabulary and the sequence length. Under torchrun rank 0 builds them and the other ranks reuse them."""
+    vocab = vocab_size or config.vocab_size
+    if vocab > config.vocab_size:
+        raise NanoseekError(f"--vocab-size {vocab} exceeds the model's vocab_size ({config.vocab_size})")
+    tokenizer = distributed.main_first(lambda: prepare_tokenizer(paths, out, vocab))
+    if tokenizer.vocab_size > config.vocab_size:
+        raise NanoseekError(f"{out / 'tokenizer'} has {tokenizer.vocab_size} tokens, more than the model's "
+                            f"vocab_size ({config.vocab_size}); delete it or use another --out")
+    t = time.time()
+    meta = distributed.main_first(lambda: prepare_data(paths, tokenizer, out / "data", seed=seed))
+    train_ds = TokenDataset(out / "data" / "train.bin", meta["dtype"])
+    val_ds = TokenDataset(out / "data" / "val.bin", meta["dtype"])
+    for name, ds in (("train", train_ds), ("val", val_ds)):
+        if len(ds) < seq_len + 1:
+            raise NanoseekError(f"data: the {name} split has {len(ds)} tokens, fewer than --seq-len + 1 = "
+                                f"{seq_len + 1}; add data or lower --seq-len")
+    print(f"data: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens in {out / 'data'} "
+          f"({time.time() - t:.1f}s)")
+    return tokenizer, train_ds, val_ds
+
+
 def run(args: argparse.Namespace) -> None:
     """One process, or one rank of `torchrun --nproc_per_node=N -m nanoseek pretrain ... [--parallel fsdp]`."""
     device = distributed.setup(resolve_device(args.device))  # joins torchrun's process group; no-op without it
@@ -629,23 +653,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> None:
         check_same_config(config, resume_from)  # fail before the tokenizer and data work, not after
     out.mkdir(parents=True, exist_ok=True)
 
-    vocab = args.vocab_size or config.vocab_size
-    if vocab > config.vocab_size:
-        raise NanoseekError(f"--vocab-size {vocab} exceeds the model's vocab_size ({config.vocab_size})")
-    tokenizer = distributed.main_first(lambda: prepare_tokenizer(paths, out, vocab))  # rank 0 trains, others reuse
-    if tokenizer.vocab_size > config.vocab_size:
-        raise NanoseekError(f"{out / 'tokenizer'} has {tokenizer.vocab_size} tokens, more than the model's "
-                            f"vocab_size ({config.vocab_size}); delete it or use another --out")
-    t = time.time()
-    meta = distributed.main_first(lambda: prepare_data(paths, tokenizer, out / "data", seed=args.seed))
-    train_ds = TokenDataset(out / "data" / "train.bin", meta["dtype"])
-    val_ds = TokenDataset(out / "data" / "val.bin", meta["dtype"])
-    for name, ds in (("train", train_ds), ("val", val_ds)):
-        if len(ds) < args.seq_len + 1:
-            raise NanoseekError(f"data: the {name} split has {len(ds)} tokens, fewer than --seq-len + 1 = "
-                                f"{args.seq_len + 1}; add data or lower --seq-len")
-    print(f"data: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens in {out / 'data'} "
-          f"({time.time() - t:.1f}s)")
+    tokenizer, train_ds, val_ds = prepare_corpus(paths, out, config, args.vocab_size, args.seq_len, args.seed)
 
     torch.manual_seed(args.seed)
     with torch.device(device):
