@@ -156,6 +156,13 @@ def _minutes(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
+def count_lines(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for _ in f)
+
+
 def run_summary(run_dir: Path) -> str:
     r = _json(run_dir / "run.json")
     if not r:
@@ -245,7 +252,6 @@ def build_stages(plan: Plan, out: Path, threads: int, price: float) -> list[Stag
             f.write(stage_table(out, price))
         print(f"report card: {path}")
 
-    n_traces = lambda: sum(1 for _ in open(smp / "traces.jsonl")) if (smp / "traces.jsonl").is_file() else 0  # noqa: E731
     return [
         Stage("tokenizer", f"byte-level BPE ({plan.vocab_size} tokens) on the corpus + {plan.corpus_traces:,} "
               f"worked problems", 0.02, tokenizer, lambda: f"{plan.vocab_size} tokens -> {pre / 'tokenizer'}"),
@@ -262,7 +268,7 @@ def build_stages(plan: Plan, out: Path, threads: int, price: float) -> list[Stag
         Stage("eval_rl", f"pass@1 on {plan.eval_n} held-out problems", 0.03, evaluate(rl / "final", "rl"),
               lambda: eval_summary(ev / "rl.json")),
         Stage("sample", f"rejection sampling: {plan.sample_n} problems x {plan.sample_k}, keep verified", 0.03,
-              sample, lambda: f"{n_traces()} verified traces"),
+              sample, lambda: f"{count_lines(smp / 'traces.jsonl')} verified traces"),
         Stage("distill", f"dense {plan.student_preset} student, {plan.distill_steps} steps", 0.12, distill,
               lambda: run_summary(dst), dst),
         Stage("eval_distill", f"pass@1 on {plan.eval_n} held-out problems", 0.03,
