@@ -1,6 +1,5 @@
 import argparse
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +17,7 @@ from nanoseek.ablate import (
 )
 from nanoseek.cli import main
 from nanoseek.config import get_preset
-from nanoseek.data import corpus_dir
 
-TEXT = (corpus_dir() / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:14000]
 STEPS = 4
 FAST = ["--preset", "test", "--vocab-size", "300", "--batch-size", "4", "--seq-len", "32", "--threads", "1",
         "--warmup-steps", "1", "--eval-every", "2", "--eval-iters", "2", "--steps", str(STEPS)]
@@ -40,13 +37,6 @@ def cli(*args) -> int:
 def no_peak_measurement(monkeypatch):
     """The Trainer measures the matmul peak (2 s per dtype) only for MFU, which these tests do not check."""
     monkeypatch.setattr(nanoseek.pretrain, "machine_peak_flops", lambda *a, **k: 1e9)
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
-    path.write_text(TEXT, encoding="utf-8")
-    return path
 
 
 @pytest.mark.parametrize("ablation", list(EXPECTED))

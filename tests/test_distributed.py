@@ -25,9 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from nanoseek.cli import main
-from nanoseek.data import corpus_dir
 
-TEXT = (corpus_dir() / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:14000]
 ARGS = ["--preset", "test", "--vocab-size", "300", "--batch-size", "4", "--seq-len", "32", "--threads", "1",
         "--warmup-steps", "2", "--eval-every", "3", "--eval-iters", "2", "--sample-every", "0", "--steps", "6",
         "--save-every", "3"]
@@ -108,13 +106,6 @@ def rewind(run: Path, copy: Path, step: int = 3) -> Path:
     shutil.rmtree(copy / "checkpoints" / "step_000006")
     (copy / "checkpoints" / "latest").write_text(f"step_{step:06d}\n")
     return copy
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
-    path.write_text(TEXT, encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")

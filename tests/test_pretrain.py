@@ -14,12 +14,11 @@ import nanoseek
 import nanoseek.checkpoint
 from nanoseek.cli import main
 from nanoseek.config import get_preset
-from nanoseek.data import TokenDataset, corpus_dir
+from nanoseek.data import TokenDataset
 from nanoseek.pretrain import lr_at, resolve_dtype, sample
 from nanoseek.tokenizer import Tokenizer
 
 # 4 documents of ~4 KB (data.py cuts .txt files at blank lines into ~4096-character documents): 3 train, 1 val
-TEXT = (corpus_dir() / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:14000]
 SMALL = ["--vocab-size", "300", "--batch-size", "4", "--seq-len", "32", "--threads", "1", "--warmup-steps", "2",
          "--eval-every", "4", "--eval-iters", "2", "--sample-every", "0"]
 FAST = ["--preset", "test", *SMALL]
@@ -36,13 +35,6 @@ def cli(*args) -> int:
 
 def state(ckpt: Path) -> dict:
     return json.loads((ckpt / "trainer_state.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
-    path.write_text(TEXT, encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")
