@@ -36,9 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", choices=["int8", "int4"], default=None,
                    help="weight-only quantisation for the CPU: int8 per output channel, int4 in groups of 32 "
                         "(default: none; see docs/engine.md)")
-    p.add_argument("--speculate", action="store_true",
-                   help="MTP speculative decoding: the checkpoint's MTP module drafts a token, the model verifies it "
-                        "in the same forward (same output; faster when drafts are accepted)")
+    p.add_argument("--speculate", type=int, nargs="?", const=1, default=0, metavar="K",
+                   help="MTP speculative decoding: the checkpoint's MTP module drafts K tokens (default 1; 2.. chain "
+                        "the module on its own output), the model verifies them in one forward (same output; faster "
+                        "when drafts are accepted; docs/engine.md)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core; 1 is often "
                                                             "faster for small models or on a busy machine)")
 
@@ -50,6 +51,8 @@ def run(args: argparse.Namespace) -> None:
         if args.threads < 1:
             raise NanoseekError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if not 0 <= args.speculate <= 8:
+        raise NanoseekError(f"--speculate takes 1 to 8 draft tokens, got {args.speculate}")
     if not args.model.is_dir():
         raise NanoseekError(f"checkpoint directory not found: {args.model}")
     tokenizer = Tokenizer.from_dir(args.model)
@@ -57,7 +60,8 @@ def run(args: argparse.Namespace) -> None:
                             top_k=args.top_k, seed=args.seed, stop_token_ids=[tokenizer.eos_id])
     params.validate()
     engine = Engine.from_pretrained(args.model, dtype=DTYPES[args.dtype], max_batch_size=1, quant=args.quant,
-                                    speculative=args.speculate)
+                                    speculative=args.speculate > 0,
+                                    num_speculative_tokens=max(args.speculate, 1))
     if tokenizer.vocab_size > engine.config.vocab_size:
         raise NanoseekError(f"{args.model}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                             f"vocab_size is {engine.config.vocab_size}")
@@ -81,6 +85,7 @@ def run(args: argparse.Namespace) -> None:
     t1 = time.perf_counter()
     decode_rate = (n - 1) / (t1 - first) if n > 1 else 0.0
     stats = engine.stats()
-    spec = f", draft acceptance {stats['acceptance_rate']:.0%}" if args.speculate else ""
+    spec = (f", draft acceptance {stats['acceptance_rate']:.0%}, {stats['tokens_per_verify_step']:.2f} tokens per "
+            f"verify step" if args.speculate else "")
     print(f"[{len(ids)} prompt tokens, {n} new tokens in {t1 - t0:.2f} s: first token after {(first or t1) - t0:.3f} "
           f"s, then {decode_rate:.1f} tok/s{spec}]", file=sys.stderr)

@@ -178,6 +178,13 @@ def test_cli_generate_quant_and_speculate(tmp_path, capsys):
                                                                                 stop_token_ids=[tok.eos_id])[0]
     assert out == tok.decode(expected) + "\n"
     assert "draft acceptance" in err
+    generate.run(parser.parse_args(argv + ["--speculate", "3"]))  # three chained drafts a step: the same text
+    out, err = capsys.readouterr()
+    plain = Engine(load_model(path), max_batch_size=1).generate([ids], 12, stop_token_ids=[tok.eos_id])[0]
+    assert out == tok.decode(plain) + "\n"
+    assert "tokens per verify step" in err
+    with pytest.raises(NanoseekError, match="--speculate"):
+        generate.run(parser.parse_args(argv + ["--speculate", "9"]))
     no_mtp = Transformer(get_preset("test", vocab_size=tok.vocab_size, num_nextn_predict_layers=0))
     no_mtp.save_pretrained(tmp_path / "n", tokenizer_dir=tmp_path / "tok")
     with pytest.raises(NanoseekError, match="MTP"):

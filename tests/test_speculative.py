@@ -1,6 +1,6 @@
-"""MTP speculative decoding: greedy output identical to plain decoding (batch 1, batch 4, requests joining and
-leaving), the MTP latent cache equal to a full recompute, acceptance statistics, speculative sampling's
-distribution, stop and length limits, errors."""
+"""MTP speculative decoding, with one draft per step and with k chained drafts: greedy output identical to plain
+decoding (batch 1, batch 4, requests joining and leaving), the MTP latent cache equal to a full recompute,
+acceptance statistics, speculative sampling's distribution, stop and length limits, errors."""
 
 import pytest
 import torch
@@ -59,22 +59,28 @@ def plain(model, prompts, n, **kw):
 
 
 # --- greedy: identical to plain decoding ----------------------------------------------------------------------------
-def test_greedy_identical_batch1_and_batch4(trained):
+@pytest.mark.parametrize("k", [1, 3])
+def test_greedy_identical_batch1_and_batch4(trained, k):
     model, prompts = trained
     for batch in ([prompts[2]], prompts[:4]):  # prompts[2] is off the pattern: drafts are often wrong
         expected = plain(model, batch, 40)
-        engine = engine_for(model, speculative=True)
+        engine = engine_for(model, speculative=True, num_speculative_tokens=k)
         assert engine.generate(batch, 40, stop_token_ids=[]) == expected
         s = engine.stats()
         assert s["speculative"] and s["generated_tokens"] == 40 * len(batch)
-        assert 0.5 < s["acceptance_rate"] < 1.0  # both the accept and the reject paths ran
+        assert s["num_speculative_tokens"] == k
+        assert 0.4 < s["acceptance_rate"] < 1.0  # both the accept and the reject paths ran
         assert s["accepted_draft_tokens"] == round(s["acceptance_rate"] * s["draft_tokens"])
-        assert s["decode_steps"] < 30  # vs 39 without speculation
+        if len(batch) == 1:
+            assert s["draft_tokens"] == k * s["decode_steps"]  # k drafts verified per step
+        assert s["tokens_per_verify_step"] == pytest.approx(1 + k * s["acceptance_rate"])
+        assert s["decode_steps"] < (30 if k == 1 else 22)  # vs 39 without speculation
 
 
-def test_greedy_identical_with_requests_joining_and_leaving(trained):
+@pytest.mark.parametrize("k", [1, 3])
+def test_greedy_identical_with_requests_joining_and_leaving(trained, k):
     model, prompts = trained
-    engine = engine_for(model, max_batch_size=3, speculative=True)
+    engine = engine_for(model, max_batch_size=3, speculative=True, num_speculative_tokens=k)
     plan = {0: [(prompts[0], 6)], 2: [(prompts[3], 25), (prompts[1], 9)], 5: [(prompts[5], 15), (prompts[2], 20)],
             6: [(prompts[4], 31)]}
     reqs = []
@@ -91,19 +97,20 @@ def test_greedy_identical_with_requests_joining_and_leaving(trained):
     assert engine.stats()["accepted_draft_tokens"] > 0
 
 
-def test_greedy_identical_on_an_untrained_model_and_with_wrong_drafts(random_model, trained, monkeypatch):
+@pytest.mark.parametrize("k", [1, 3])
+def test_greedy_identical_on_an_untrained_model_and_with_wrong_drafts(random_model, trained, monkeypatch, k):
     prompts = [[(17 * i + 5 * j) % 500 + 7 for j in range(n)] for i, n in enumerate([5, 12, 1, 30])]
-    engine = engine_for(random_model, speculative=True)
+    engine = engine_for(random_model, speculative=True, num_speculative_tokens=k)
     assert engine.generate(prompts, 30, stop_token_ids=[]) == plain(random_model, prompts, 30)
     # every draft wrong: each step still emits the main model's token, and rolls the caches back
     model, prompts = trained
-    engine = engine_for(model, speculative=True)
+    engine = engine_for(model, speculative=True, num_speculative_tokens=k)
     real = engine._draft
 
-    def wrong(logits, reqs):
-        real(logits, reqs)
+    def wrong(h, logits, lens, reqs, start=0):
+        real(h, logits, lens, reqs, start)
         for r in reqs:
-            r.draft = (r.draft + 1) % model.config.vocab_size
+            r.drafts = [(d + 1) % model.config.vocab_size for d in r.drafts]
 
     monkeypatch.setattr(engine, "_draft", wrong)
     assert engine.generate(prompts[:4], 30, stop_token_ids=[]) == plain(model, prompts[:4], 30)
@@ -124,13 +131,20 @@ def test_compiled_speculative_greedy_identical(trained, monkeypatch):
     eager = engine_for(model, speculative=True)
     eager.generate([prompts[2]], 40, stop_token_ids=[])
     assert eager.stats()["accepted_draft_tokens"] == s["accepted_draft_tokens"]
+    # k = 3 chained drafts at batch 1 and 4: one more graph per batch class (the MTP module on one position)
+    engine = engine_for(model, speculative=True, num_speculative_tokens=3, compile=True)
+    for batch in ([prompts[2]], prompts[:4]):
+        assert engine.generate(batch, 30, stop_token_ids=[]) == plain(model, batch, 30)
+    assert engine.stats()["compiled_graphs"] == 6
 
 
-def test_mtp_cache_equals_full_recompute(trained):
+@pytest.mark.parametrize("k", [1, 3])
+def test_mtp_cache_equals_full_recompute(trained, k):
     """After speculative steps (accepted and rejected drafts), the MTP module's latent cache holds, at every
-    position i the main model has read, the latent of eh_proj([enorm(emb(t_{i+1})) ; hnorm(h_i)])."""
+    position i the main model has read, the latent of eh_proj([enorm(emb(t_{i+1})) ; hnorm(h_i)]): the rows the
+    chained drafts wrote with guesses are overwritten once the main model has read those positions."""
     model, prompts = trained
-    engine = engine_for(model, speculative=True)
+    engine = engine_for(model, speculative=True, num_speculative_tokens=k)
     reqs = [engine.submit(p, SamplingParams(30, stop_token_ids=[])) for p in prompts[:3]]
     for _ in range(6):
         engine.step()
@@ -151,20 +165,25 @@ def test_mtp_cache_equals_full_recompute(trained):
         torch.testing.assert_close(engine.mtp_caches[0][r.slot, :n, cfg.kv_lora_rank:], k_pe[0], atol=2e-5, rtol=0)
 
 
-def test_stop_tokens_and_length_limits(trained):
+@pytest.mark.parametrize("k", [1, 3])
+def test_stop_tokens_and_length_limits(trained, k):
     model, prompts = trained
     full = plain(model, [prompts[1]], 30)[0]
-    for stop in (full[9], full[10]):  # a stop token in either half of an accepted pair
-        engine = engine_for(model, speculative=True)
+    for i in (9, 10, 11, 12):  # a stop token at any place of an accepted run of drafts
+        stop = full[i]
+        engine = engine_for(model, speculative=True, num_speculative_tokens=k)
         req = engine.submit(prompts[1], SamplingParams(30, stop_token_ids=[stop]))
         while not req.finished:
             engine.step()
         assert req.output_ids == full[:full.index(stop)] and req.finish_reason == "stop"
-    for n in (1, 2, 7):  # max_new_tokens reached in the middle of an accepted pair, or right after the prefill
-        assert engine_for(model, speculative=True).generate([prompts[1]], n, stop_token_ids=[])[0] == full[:n]
-    # prompt + output clamped at max_seq_len: the verify step never writes past the cache
-    engine = engine_for(model, max_seq_len=len(prompts[1]) + 9, speculative=True)
-    assert engine.generate([prompts[1]], 100, stop_token_ids=[])[0] == full[:9]
+    for n in (1, 2, 3, 7):  # max_new_tokens reached in the middle of an accepted run, or right after the prefill
+        engine = engine_for(model, speculative=True, num_speculative_tokens=k)
+        assert engine.generate([prompts[1]], n, stop_token_ids=[])[0] == full[:n]
+    # prompt + output clamped at max_seq_len: the drafts past it go to k - 1 spare cache rows, never beyond
+    for extra in (9, 10, 11):
+        engine = engine_for(model, max_seq_len=len(prompts[1]) + extra, speculative=True, num_speculative_tokens=k)
+        assert engine.generate([prompts[1]], 100, stop_token_ids=[])[0] == full[:extra]
+        assert engine.caches[0].shape[1] == len(prompts[1]) + extra + k - 1
 
 
 # --- sampling -------------------------------------------------------------------------------------------------------
@@ -178,35 +197,70 @@ def test_verify_keeps_the_target_distribution(random_model):
     reqs = [engine._request([1], SamplingParams(temperature=1.0, seed=i), None) for i in range(n)]
     drafts = torch.multinomial(q, n, replacement=True, generator=torch.Generator().manual_seed(0))
     for r in reqs:
-        r.draft_probs = q
+        r.draft_probs = [q]
     logits = p.clamp(min=1e-30).log().expand(n, 2, vocab)
-    out, accepted = engine._verify(logits, drafts, reqs)
+    out, accepted = engine._verify(logits, drafts[:, None], reqs)
+    accepted = accepted.bool()
     freq = torch.bincount(out[:, 0], minlength=vocab) / n
     assert (freq - p).abs().max() < 0.015 and freq[5] == 0
     assert abs(accepted.float().mean() - torch.minimum(p, q).sum()) < 0.015
     assert (out[accepted, 0] == drafts[accepted]).all()
 
 
-def test_speculative_sampling(trained):
+def test_verify_with_two_chained_drafts(random_model):
+    """Two drafts (from q1, q2) against p1, p2: the first emitted token is distributed as p1; given that d1 was
+    accepted, the second as p2; d2 is only tested after d1 is accepted, and each test passes with probability
+    sum_v min(p_v, q_v)."""
+    engine = engine_for(random_model)
+    n, vocab = 20000, 6
+    p1, q1 = torch.tensor([0.05, 0.4, 0.1, 0.3, 0.15, 0.0]), torch.tensor([0.3, 0.1, 0.1, 0.1, 0.2, 0.2])
+    p2, q2 = torch.tensor([0.5, 0.0, 0.2, 0.1, 0.1, 0.1]), torch.tensor([0.2, 0.2, 0.2, 0.2, 0.1, 0.1])
+    p3 = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.5, 0.5])  # the bonus position
+    reqs = [engine._request([1], SamplingParams(temperature=1.0, seed=i), None) for i in range(n)]
+    g = torch.Generator().manual_seed(0)
+    drafts = torch.stack([torch.multinomial(q, n, replacement=True, generator=g) for q in (q1, q2)], dim=1)
+    for r in reqs:
+        r.draft_probs = [q1, q2]
+    logits = torch.stack([p1, p2, p3]).clamp(min=1e-30).log().expand(n, 3, vocab)
+    out, accepted = engine._verify(logits, drafts, reqs)
+    assert (torch.bincount(out[:, 0], minlength=vocab) / n - p1).abs().max() < 0.015
+    first = accepted >= 1
+    assert abs(first.float().mean() - torch.minimum(p1, q1).sum()) < 0.015
+    assert (out[first, 0] == drafts[first, 0]).all()
+    second = torch.bincount(out[first, 1], minlength=vocab) / first.sum()
+    assert (second - p2).abs().max() < 0.03 and second[1] == 0
+    assert abs((accepted == 2).sum() / first.sum() - torch.minimum(p2, q2).sum()) < 0.03
+    both = accepted == 2
+    assert (out[both, :2] == drafts[both]).all() and set(out[both, 2].tolist()) <= {4, 5}  # the bonus draws from p3
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_speculative_sampling(trained, k):
     model, prompts = trained
     kw = dict(temperature=0.8, top_p=0.95, seed=7)
-    engine = engine_for(model, speculative=True)
+    engine = engine_for(model, speculative=True, num_speculative_tokens=k)
     alone = engine.generate([prompts[1]], 30, stop_token_ids=[], **kw)[0]
     assert engine.stats()["acceptance_rate"] > 0.3
     assert engine.generate([prompts[1]], 30, stop_token_ids=[], **kw)[0] == alone  # reproducible
-    batched = engine_for(model, speculative=True).generate(prompts[:4], 30, stop_token_ids=[], **dict(kw))
-    assert batched[1] == engine_for(model, speculative=True).generate([prompts[1]], 30, stop_token_ids=[],
-                                                                     **kw)[0] == alone
+    spec = dict(speculative=True, num_speculative_tokens=k)
+    batched = engine_for(model, **spec).generate(prompts[:4], 30, stop_token_ids=[], **kw)
+    assert batched[1] == engine_for(model, **spec).generate([prompts[1]], 30, stop_token_ids=[], **kw)[0] == alone
     # top_k=1 makes p and q one-hot: exactly greedy
     assert engine.generate([prompts[1]], 30, stop_token_ids=[], temperature=1.0, top_k=1, seed=0)[0] == \
         plain(model, [prompts[1]], 30)[0]
     # mixed batch: the greedy requests are still exact
-    engine = engine_for(model, speculative=True)
+    engine = engine_for(model, speculative=True, num_speculative_tokens=k)
     greedy = engine.submit(prompts[0], SamplingParams(25, stop_token_ids=[]))
     sampled = engine.submit(prompts[2], SamplingParams(25, stop_token_ids=[], **kw))
     while not (greedy.finished and sampled.finished):
         engine.step()
     assert greedy.output_ids == plain(model, [prompts[0]], 25)[0] and len(sampled.output_ids) == 25
+
+
+@pytest.mark.parametrize("k", [0, 9, 1.5, None])
+def test_bad_num_speculative_tokens(trained, k):
+    with pytest.raises(NanoseekError, match="num_speculative_tokens"):
+        engine_for(trained[0], speculative=True, num_speculative_tokens=k)
 
 
 def test_speculation_needs_an_mtp_module(tmp_path):
