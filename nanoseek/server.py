@@ -638,6 +638,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the engine's decode step: ~1.5-2x faster decoding after a one-off compile of "
                         "20-90 s on the first requests (docs/engine.md)")
+    p.add_argument("--speculate", type=int, nargs="?", const=1, default=0, metavar="K",
+                   help="MTP speculative decoding with K draft tokens a step (default 1): the same output, faster "
+                        "when the checkpoint's MTP module drafts well (docs/bench_speculative.md)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -653,8 +656,11 @@ def run(args: argparse.Namespace) -> None:
         if args.threads < 1:
             raise NanoseekError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if not 0 <= args.speculate <= 8:
+        raise NanoseekError(f"--speculate takes 1 to 8 draft tokens, got {args.speculate}")
     engine = Engine.from_pretrained(args.model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                                    compile=args.compile)
+                                    compile=args.compile, speculative=args.speculate > 0,
+                                    num_speculative_tokens=max(args.speculate, 1))
     tokenizer = Tokenizer.from_dir(args.model)
     app = create_app(engine, tokenizer, model_name=args.model.resolve().name, api_key=args.api_key,
                      max_queue=args.max_queue, price_per_hour=args.price_per_hour)

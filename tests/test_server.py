@@ -110,9 +110,10 @@ def scripted_dir(tmp_path_factory) -> Path:
 
 # --- a server on loopback -------------------------------------------------------------------------------------------
 @contextmanager
-def serving(model_dir: Path, max_batch_size: int = 4, max_seq_len: int | None = None, **kwargs):
+def serving(model_dir: Path, max_batch_size: int = 4, max_seq_len: int | None = None, engine_kw: dict | None = None,
+            **kwargs):
     """Start uvicorn in a thread on a free loopback port; yields (base_url, app)."""
-    engine = Engine(load_model(model_dir), max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+    engine = Engine(load_model(model_dir), max_batch_size=max_batch_size, max_seq_len=max_seq_len, **(engine_kw or {}))
     app = create_app(engine, Tokenizer.from_dir(model_dir), model_name="tiny", **kwargs)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
@@ -258,12 +259,15 @@ def test_stop_strings_seed_and_n(scripted, random_dir):
         assert a["usage"]["completion_tokens"] == 2 * 12
 
 
-def test_completions_match_engine(random_dir):
+@pytest.mark.parametrize("speculate", [0, 2])
+def test_completions_match_engine(random_dir, speculate):
+    """Also with MTP speculative decoding (serve --speculate 2): several tokens a step reach the stream in order."""
     tok = Tokenizer.from_dir(random_dir)
     engine = Engine(load_model(random_dir), max_batch_size=2)
     prompt = "To be, or not to be"
     direct = engine.generate([tok.encode(prompt)], max_new_tokens=16)[0]
-    with serving(random_dir) as (url, _):
+    spec = dict(speculative=True, num_speculative_tokens=speculate) if speculate else {}
+    with serving(random_dir, engine_kw=spec) as (url, _):
         r = http.post(f"{url}/v1/completions", json={"prompt": prompt, "temperature": 0}).json()
         assert r["object"] == "text_completion" and r["usage"]["completion_tokens"] == len(direct)
         splitter = TextSplitter(tok, reasoning=False)
