@@ -276,6 +276,10 @@ class AblationTrainer(Trainer):
         """Nothing to save: an unfinished variant is retrained from step 0 by the next run of the ablation."""
         return self.out_dir
 
+    def interrupted(self, path: Path) -> str:
+        return (f"interrupted: nothing saved for {self.stage} (variants keep no checkpoints); running the same "
+                f"command again keeps the finished variants and retrains this one from step 0")
+
     def run_record(self) -> RunRecord:
         cfg = self.model.config
         p = self.variant.params(cfg)

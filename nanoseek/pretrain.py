@@ -402,6 +402,10 @@ class Trainer:
                   f"uninterrupted one")
         print(f"resumed from {path} at step {self.step}")
 
+    def interrupted(self, path: Path) -> str:
+        """What Ctrl-C tells the user once save_checkpoint() has returned `path`."""
+        return f"interrupted: saved {path} (continue with the same command plus --resume)"
+
     def save_final(self) -> Path:
         """final/: the weights + tokenizer (no optimizer): what the next stage or a user loads."""
         if self._last_saved_step != self.step:
@@ -516,8 +520,7 @@ def train(trainer: Trainer, get_batch: Callable[[int, int], Batch], loss_fn: Los
                 if sample is not None and args.sample_every and done % args.sample_every == 0 and done < args.steps:
                     tqdm.write(f"step {done} sample: {sample()!r}")
                 if distributed.any_rank(ctrl_c.requested):  # under torchrun all ranks must stop at the same step
-                    path = trainer.save_checkpoint()
-                    tqdm.write(f"interrupted: saved {path} (continue with the same command plus --resume)")
+                    tqdm.write(trainer.interrupted(trainer.save_checkpoint()))
                     raise KeyboardInterrupt
                 if args.save_every and done % args.save_every == 0 and done < args.steps:
                     trainer.save_checkpoint()

@@ -112,6 +112,37 @@ def test_rerun_skips_finished_variants(tmp_path, data_file, one_thread, capsys):
     assert rows[2]["final_val_loss"] == first[2]["final_val_loss"]  # deterministic: the same run again
 
 
+def test_ctrl_c_says_what_was_kept(tmp_path, data_file, one_thread, monkeypatch, capsys):
+    """Ctrl-C in the second variant: exit 130, no claim of a saved checkpoint or of --resume (variants keep none);
+    the rerun skips the finished variant and trains the interrupted one from step 0."""
+    import os
+    import signal
+
+    from nanoseek.data import TokenDataset
+
+    out = tmp_path / "mtp"
+    args = ["mtp", *FAST, "--data", data_file, "--out", out, "--variants", "mtp", "no-mtp"]
+    original, calls = TokenDataset.get_batch, []
+
+    def get_batch(self, batch_size, seq_len, step, micro=0, **kw):
+        if self.path.name == "train.bin":
+            calls.append(step)
+            if len(calls) == STEPS + 2:  # the second variant's second step
+                os.kill(os.getpid(), signal.SIGINT)
+        return original(self, batch_size, seq_len, step, micro=micro, **kw)
+
+    monkeypatch.setattr(TokenDataset, "get_batch", get_batch)
+    assert cli(*args) == 130
+    printed = capsys.readouterr()
+    text = printed.out + printed.err
+    assert "nothing saved for mtp/no-mtp" in text and "--resume" not in text
+    assert (out / "mtp" / "run.json").is_file() and not (out / "no-mtp" / "run.json").exists()
+    monkeypatch.setattr(TokenDataset, "get_batch", original)
+    assert cli(*args) == 0
+    printed = capsys.readouterr().out
+    assert "[mtp] mtp: finished earlier, skipped" in printed and (out / "no-mtp" / "run.json").is_file()
+
+
 def test_bad_variant_name_is_one_line_error(tmp_path, data_file, capsys):
     assert cli("mla", *FAST, "--data", data_file, "--out", tmp_path, "--variants", "mqa") == 2
     assert "--variants: mqa is not a variant of mla" in capsys.readouterr().err
