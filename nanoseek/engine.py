@@ -934,6 +934,11 @@ class Engine:
             self._thread.start()
         return self
 
+    @property
+    def running(self) -> bool:
+        """True while the loop thread started by start() is alive (what a health check asks)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         if self._thread is not None:
             self._stop.set()

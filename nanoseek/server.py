@@ -601,8 +601,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str = "nanoseek
 
     @app.get("/health")
     async def health() -> Response:
-        thread = engine._thread
-        if thread is None or not thread.is_alive():
+        if not engine.running:
             return JSONResponse({"status": "engine not running"}, 503)
         return JSONResponse({"status": "ok"})
 

@@ -261,8 +261,10 @@ def test_stream_and_background_thread(model):
     engine.step()
     assert engine.stats()["active_slots"] == 0
 
+    assert not engine.running
     engine.start()
     try:
+        assert engine.running
         seen, done = [], threading.Event()
         req = engine.submit(PROMPTS[5], SamplingParams(20, stop_token_ids=[]),
                             on_event=lambda ev: (seen.append(ev.token_id), ev.finish_reason and done.set()))
@@ -272,6 +274,7 @@ def test_stream_and_background_thread(model):
         assert list(engine.stream(PROMPTS[5], SamplingParams(20, stop_token_ids=[]))) == expected
     finally:
         engine.stop()
+    assert not engine.running
 
 
 # --- errors -----------------------------------------------------------------------------------------------------------
