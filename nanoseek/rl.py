@@ -5,7 +5,9 @@ One step:
      top-k/top-p, so the samples follow pi_theta exactly)
   2. reward: task.score -> accuracy (1/0) + format (0.1/0), summed
   3. advantages per group of G: A_i = (r_i - mean(r)) / (std(r) + 1e-4)  (Dr. GRPO: r_i - mean(r)); groups whose
-     rewards are all equal carry no signal and are dropped from the batch (logged as frac_zero_std)
+     rewards are all equal carry no signal and are dropped from the batch (logged as frac_zero_std). With
+     --dynamic-sampling (DAPO's dynamic sampling) more fresh problems are sampled, up to --max-sampling-rounds
+     batches of B, until B groups with mixed rewards fill the batch; the surplus is dropped
   4. mu updates on the batch, each minimising, per completion token t of sample i (A_i on every token),
          l_it = -min(rho_it A_i, clip(rho_it, 1 - eps, 1 + eps_high) A_i) + beta * k3_it
          rho_it = pi_theta(o_it) / pi_old(o_it),   k3_it = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1  (>= 0)
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +60,8 @@ class GRPOConfig:
     mask_truncated: bool = False  # exclude completions cut by max_new_tokens from the loss (DAPO overlong filter)
     micro_batch: int = 32  # sequences per forward/backward (gradients accumulate; the result does not depend on it)
     max_grad_norm: float = 1.0
+    dynamic_sampling: bool = False  # DAPO: sample more problems until B groups have mixed rewards
+    max_sampling_rounds: int = 4  # dynamic sampling: at most this many batches of B problems a step
 
 
 # ----- the objective ------------------------------------------------------------------------------------------------
@@ -153,31 +158,54 @@ def make_engine(model: Transformer, rows: int, max_seq_len: int) -> Engine:
     return Engine(model, max_batch_size=rows, max_seq_len=min(max_seq_len, model.config.max_position_embeddings))
 
 
+def sample_groups(policy: Transformer, tokenizer: Tokenizer, task: Task, problems: list[Problem], cfg: GRPOConfig,
+                  seed: int) -> tuple[list[list[int]], list[list[Completion]], list[list[Any]]]:
+    """G completions of each problem from the current policy and their rewards: (prompts, completions, rewards)."""
+    prompts = [prompt_ids(tokenizer, p) for p in problems]
+    engine = make_engine(policy, len(prompts) * cfg.group_size, max(len(p) for p in prompts) + cfg.max_new_tokens)
+    completions = sample_completions(engine, tokenizer, prompts, cfg.group_size, cfg.max_new_tokens,
+                                     cfg.temperature, seed=seed)
+    return prompts, completions, score_all(task, problems, completions)
+
+
 def grpo_step(policy: Transformer, optimizer: torch.optim.Optimizer, tokenizer: Tokenizer, task: Task,
               problems: list[Problem], cfg: GRPOConfig, seed: int, ref_model: Transformer | None = None,
-              bias_update_speed: float = 0.0) -> dict[str, Any]:
-    """Sample, score, and update `policy` on one batch of problems; returns the step's metrics."""
+              bias_update_speed: float = 0.0,
+              more_problems: Callable[[int], list[Problem]] | None = None) -> dict[str, Any]:
+    """Sample, score, and update `policy` on one batch of problems; returns the step's metrics. With
+    cfg.dynamic_sampling, more_problems(round) supplies the fresh problems of sampling rounds 1, 2, ..."""
     g = cfg.group_size
     t0 = time.perf_counter()
-    prompts = [prompt_ids(tokenizer, p) for p in problems]
-    engine = make_engine(policy, len(prompts) * g, max(len(p) for p in prompts) + cfg.max_new_tokens)
-    completions: list[list[Completion]] = sample_completions(engine, tokenizer, prompts, g, cfg.max_new_tokens,
-                                                             cfg.temperature, seed=seed)
-    del engine
-    rewards = score_all(task, problems, completions)
+    prompts, completions, rewards = sample_groups(policy, tokenizer, task, problems, cfg, seed)
+    adv, keep = group_advantages(torch.tensor([[r.total for r in rs] for rs in rewards]), scale_std=not cfg.dr_grpo)
+    rounds = 1
+    if cfg.dynamic_sampling:
+        if more_problems is None:
+            raise ValueError("dynamic sampling needs more_problems")
+        while int(keep.sum()) < len(problems) and rounds < cfg.max_sampling_rounds:
+            p2, c2, r2 = sample_groups(policy, tokenizer, task, more_problems(rounds), cfg, seed + 7919 * rounds)
+            prompts, completions, rewards = prompts + p2, completions + c2, rewards + r2
+            adv, keep = group_advantages(torch.tensor([[r.total for r in rs] for rs in rewards]),
+                                         scale_std=not cfg.dr_grpo)
+            rounds += 1
     t_sample = time.perf_counter() - t0
 
     flat_c = [c for cs in completions for c in cs]
     flat_r = [r for rs in rewards for r in rs]
-    total = torch.tensor([[r.total for r in rs] for rs in rewards])  # [B,G]
-    adv, keep = group_advantages(total, scale_std=not cfg.dr_grpo)
+    total = torch.tensor([[r.total for r in rs] for rs in rewards])  # [B,G] (B x rounds with dynamic sampling)
+    zero_std = 1.0 - keep.float().mean().item()
+    if cfg.dynamic_sampling:  # train on the first B mixed groups: the batch size stays B
+        keep = keep & (keep.long().cumsum(0) <= len(problems))
     lengths = [len(c.ids) for c in flat_c]
     stats: dict[str, Any] = {
         "reward": total.mean().item(),
         "reward_accuracy": sum(r.accuracy for r in flat_r) / len(flat_r),
         "reward_format": sum(r.format for r in flat_r) / len(flat_r),
         "reward_std": total.std(1).mean().item(),
-        "frac_zero_std": 1.0 - keep.float().mean().item(),
+        "frac_zero_std": zero_std,
+        "rollouts": len(flat_c),
+        "sampling_rounds": rounds,
+        "trained_groups": int(keep.sum()),
         "response_len_mean": sum(lengths) / len(lengths),
         "response_len_max": max(lengths),
         "truncated_frac": sum(c.truncated for c in flat_c) / len(flat_c),
@@ -185,7 +213,7 @@ def grpo_step(policy: Transformer, optimizer: torch.optim.Optimizer, tokenizer: 
     stats["accuracy"] = stats["reward_accuracy"]
 
     t1 = time.perf_counter()
-    rows = [i * g + j for i in range(len(problems)) if keep[i] for j in range(g)]
+    rows = [i * g + j for i in range(len(prompts)) if keep[i] for j in range(g)]
     if rows:
         row_prompts = [prompts[i // g] for i in rows]
         input_ids, targets, mask = rollout_tensors(row_prompts, [flat_c[i].ids for i in rows], tokenizer.pad_id)
@@ -265,9 +293,10 @@ def plot_curves(rows: list[dict[str, Any]], heldout: list[dict[str, Any]], path:
 
 def format_step(r: dict[str, Any]) -> str:
     entropy = "-" if r["entropy"] is None else f"{r['entropy']:.3f}"  # None: every group was skipped
+    rounds = f" rounds {r['sampling_rounds']}" if r.get("sampling_rounds", 1) > 1 else ""  # dynamic sampling
     return (f"step {r['step']:4d} | reward {r['reward']:.3f} acc {r['accuracy']:.3f} fmt {r['reward_format']:.3f} "
             f"| len {r['response_len_mean']:.0f}/{r['response_len_max']} trunc {r['truncated_frac']:.2f} "
-            f"| zero-std {r['frac_zero_std']:.2f} kl {r['kl']:.4f} clip {r['clip_frac']:.3f} ent {entropy} "
+            f"| zero-std {r['frac_zero_std']:.2f}{rounds} kl {r['kl']:.4f} clip {r['clip_frac']:.3f} ent {entropy} "
             f"| sample {r['t_sample']:.1f}s train {r['t_train']:.1f}s")
 
 
@@ -294,6 +323,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beta", type=float, default=d.beta, help="k3 KL weight to the initial model (default 0)")
     g.add_argument("--dr-grpo", action="store_true", help="Dr. GRPO: advantage r - mean, loss / (N * max tokens)")
     g.add_argument("--mask-truncated", action="store_true", help="no loss on completions cut by --max-new-tokens")
+    g.add_argument("--dynamic-sampling", action="store_true",
+                   help="DAPO dynamic sampling: sample more fresh problems (up to --max-sampling-rounds batches of "
+                        "-B) until -B groups have mixed rewards; the sampling cost grows, every trained group "
+                        "carries signal")
+    g.add_argument("--max-sampling-rounds", type=int, default=d.max_sampling_rounds,
+                   help=f"dynamic sampling: batches of -B problems sampled at most per step (default "
+                        f"{d.max_sampling_rounds})")
     g.add_argument("--micro-batch", type=int, default=d.micro_batch,
                    help=f"sequences per forward/backward (default {d.micro_batch}; does not change the result)")
     g.add_argument("--eval-every", type=int, default=10,
@@ -316,7 +352,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> GRPOConfig:
-    for name in ("steps", "group_size", "prompts_per_step", "max_new_tokens", "mu", "micro_batch", "keep_last"):
+    for name in ("steps", "group_size", "prompts_per_step", "max_new_tokens", "mu", "micro_batch", "keep_last",
+                 "max_sampling_rounds"):
         if getattr(args, name) <= 0:
             raise NanoseekError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ("eval_every", "eval_n", "save_every", "warmup_steps"):
@@ -333,7 +370,8 @@ def config_from_args(args: argparse.Namespace) -> GRPOConfig:
     return GRPOConfig(group_size=args.group_size, prompts_per_step=args.prompts_per_step,
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, mu=args.mu,
                       epsilon=args.epsilon, epsilon_high=args.epsilon_high, beta=args.beta, dr_grpo=args.dr_grpo,
-                      mask_truncated=args.mask_truncated, micro_batch=args.micro_batch, max_grad_norm=args.grad_clip)
+                      mask_truncated=args.mask_truncated, micro_batch=args.micro_batch, max_grad_norm=args.grad_clip,
+                      dynamic_sampling=args.dynamic_sampling, max_sampling_rounds=args.max_sampling_rounds)
 
 
 def trainer_args(args: argparse.Namespace, seq_len: int) -> argparse.Namespace:
@@ -344,6 +382,13 @@ def trainer_args(args: argparse.Namespace, seq_len: int) -> argparse.Namespace:
                                  "decay_shape": "cosine", "mtp_lambda": 0.0, "balance_alpha": 0.0,
                                  "seq_len": seq_len, "batch_size": args.prompts_per_step * args.group_size,
                                  "grad_accum": 1})
+
+
+def extra_problems(task: Task, n: int, seed: int, step: int, round_: int) -> list[Problem]:
+    """Dynamic sampling's round `round_` (>= 1) of step `step`: n train problems, a pure function of the arguments
+    (so a resumed run samples the same ones), drawn with seeds the main schedule does not use (a synthetic task
+    makes fresh ones; a finite data set such as GSM8K may repeat problems)."""
+    return task.problems("train", n, seed=1_000_000 + seed * 100_003 + step * 17 + round_)
 
 
 def heldout_accuracy(policy: Transformer, tokenizer: Tokenizer, task: Task, problems: list[Problem],
@@ -403,7 +448,8 @@ def run(args: argparse.Namespace) -> None:
             group["lr"] = lr
         stats = grpo_step(policy, trainer.optimizer, tokenizer, task, train_problems[step * b:(step + 1) * b], cfg,
                           seed=args.seed * 1_000_003 + step, ref_model=ref_model,
-                          bias_update_speed=args.bias_update_speed)
+                          bias_update_speed=args.bias_update_speed,
+                          more_problems=lambda r, s=step: extra_problems(task, b, args.seed, s, r))
         trainer.step += 1
         trainer.tokens += stats["tokens"]
         trainer.train_seconds += stats["t_train"]

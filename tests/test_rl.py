@@ -211,6 +211,48 @@ def test_grpo_step_skips_zero_variance_groups(tok):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # no update at all
 
 
+class HalfConstantTask(ParityTask):
+    """Problems whose prompt says "same" always score 1.1 (zero-variance groups); the others score by parity."""
+
+    def problems(self, split, n, seed=0):
+        word = "same" if seed == 0 else "parity"
+        return [Problem(f"Say something {word} {seed}-{i}.", "", {}) for i in range(n)]
+
+    def score(self, problem, completion):
+        if "same" in problem.prompt:
+            return Reward(accuracy=1.0, format=0.1, parsed="")
+        return super().score(problem, completion)
+
+
+def test_dynamic_sampling_fills_the_batch_with_mixed_groups(tok):
+    torch.set_num_threads(1)
+    task = HalfConstantTask()
+    calls = []
+
+    def more(round_):
+        calls.append(round_)
+        return task.problems("train", 3, seed=round_)
+
+    model = tiny_model(tok.vocab_size, seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    cfg = GRPOConfig(group_size=4, prompts_per_step=3, max_new_tokens=6, dynamic_sampling=True, max_sampling_rounds=4)
+    stats = grpo_step(model, opt, tok, task, task.problems("train", 3), cfg, seed=0, more_problems=more)
+    # round 0: three all-equal groups; fresh parity problems follow until three mixed groups are found
+    assert stats["sampling_rounds"] >= 2 and calls == list(range(1, stats["sampling_rounds"]))
+    assert stats["rollouts"] == 4 * 3 * stats["sampling_rounds"]
+    assert stats["trained_groups"] == 3 and stats["trained_seqs"] == 12  # exactly B groups, the surplus dropped
+    assert stats["frac_zero_std"] >= 3 / (3 * stats["sampling_rounds"])  # over every group sampled
+    # the cap: problems that never vary stop after max_sampling_rounds batches, with nothing to train on
+    const = ConstantTask()
+    stats = grpo_step(model, opt, tok, const, const.problems("train", 2), cfg, seed=0,
+                      more_problems=lambda r: const.problems("train", 2, seed=r))
+    assert stats["sampling_rounds"] == 4 and stats["rollouts"] == 4 * 2 * 4 and stats["trained_seqs"] == 0
+    # off (the default): one batch, the zero-variance groups are only skipped
+    cfg = GRPOConfig(group_size=4, prompts_per_step=3, max_new_tokens=6)
+    stats = grpo_step(model, opt, tok, task, task.problems("train", 3), cfg, seed=0, more_problems=more)
+    assert stats["sampling_rounds"] == 1 and stats["trained_seqs"] == 0 and stats["rollouts"] == 12
+
+
 PARITY_PLUGIN = '''
 from nanoseek.tasks import Problem, Reward, Task
 
@@ -265,3 +307,9 @@ def test_rl_cli_logs_checkpoints_and_resume(tok, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     with pytest.raises(NanoseekError, match="group-size"):
         rl.run(args("-G", "1"))
+    out = tmp_path / "rl_dynamic"  # args() reads `out` when called
+    rl.run(args("--steps", "1", "--dynamic-sampling", "--max-sampling-rounds", "2"))
+    row = json.loads((out / "rl_log.jsonl").read_text().splitlines()[0])
+    assert row["sampling_rounds"] in (1, 2) and row["rollouts"] == 8 * row["sampling_rounds"]
+    with pytest.raises(NanoseekError, match="max-sampling-rounds"):
+        rl.run(args("--max-sampling-rounds", "0"))
