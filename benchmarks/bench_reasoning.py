@@ -2,14 +2,18 @@
 a control that spends the same compute on more SFT; optionally distillation of the RL model into a dense student.
 
     python benchmarks/bench_reasoning.py --quick                      # <= 10 min on 2 cores: SFT, eval, GRPO, eval
-    python benchmarks/bench_reasoning.py --task countdown             # + the compute-matched SFT control
+    python benchmarks/bench_reasoning.py [--seed S]                   # the full setting, + the SFT control
     python benchmarks/bench_reasoning.py --distill --workdir DIR      # + distillation vs GRPO for a dense student
+    python benchmarks/bench_reasoning.py --plot OUT.png DIR [DIR...]  # curves of finished runs' work directories
 
 The setting (docs/reasoning.md, "Demonstration"):
 
 - cold start: a tiny model (`test` preset) trained from scratch on a LIMITED set of verified traces (--cold-start,
-  default 1000 train problems), as R1's cold start is a small set of long-CoT examples;
-- GRPO: prompts only, drawn fresh from the train split (another seed), scored by the task's rules;
+  default 200 train problems), as R1's cold start is a small set of long-CoT examples, for --sft-steps (default
+  3000); checkpoints every --select-every steps are scored on validation problems (train split, none of the traces)
+  and the best one is the cold start, so the SFT is trained to its best point without looking at the test split;
+- GRPO: prompts only, drawn fresh from the train split (another seed), scored by the task's rules (default 800 steps
+  at lr 1e-4);
 - control: more SFT from the same checkpoint on the same cold-start traces (more epochs), for as much compute as GRPO
   used, matched in FLOPs (forward + backward tokens of training, forward tokens of sampling; the wall-clock match is
   recorded too);
@@ -17,6 +21,10 @@ The setting (docs/reasoning.md, "Demonstration"):
   dense student (`nanoseek distill`); against it, the same dense student trained by the cold-start SFT and then GRPO,
   with the distilled student given the same number of FLOPs as that SFT + GRPO (the teacher's cost is not counted, as
   in R1's comparison).
+
+--quick is a reduced version: 400 traces, 1500 SFT steps (the last one; no validation pass), 100 GRPO steps at 1e-4,
+200 test problems, no control. The earlier setting of the doc is `--cold-start 1000 --sft-steps 900 --select-every 0
+--rl-steps 100 --rl-lr 3e-5`.
 
 pass@1 is R1's: the mean correctness of k=4 samples at temperature 0.6, top-p 0.95, per held-out (test split)
 problem; greedy pass@1, pass@4 and maj@4 are reported too, each with its 95% interval.
@@ -40,11 +48,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from nanoseek.cli import main as nanoseek  # noqa: E402
 from nanoseek.config import get_preset  # noqa: E402
-from nanoseek.evaluate import prompt_ids  # noqa: E402
+from nanoseek.errors import NanoseekError  # noqa: E402
+from nanoseek.evaluate import evaluate as evaluate_engine  # noqa: E402
+from nanoseek.evaluate import load_engine, prompt_ids  # noqa: E402
 from nanoseek.sft import dense_student_config  # noqa: E402
-from nanoseek.tasks import format_completion, load_task  # noqa: E402
+from nanoseek.tasks import Problem, Task, format_completion, load_task  # noqa: E402
 from nanoseek.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
 TASKS = {"arithmetic": "arithmetic:min_digits=2,max_digits=2,ops=+-",  # 2-digit addition and subtraction
@@ -63,6 +75,51 @@ def metrics(path: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def validation_problems(task: Task, n: int, seed: int, exclude: list[Problem]) -> list[Problem]:
+    """n train-split problems that are not among `exclude` (the cold-start traces): the validation set that picks the
+    cold start's step count. Never the test split, which only reports."""
+    seen = {q.prompt for q in exclude}
+    out = []
+    for q in task.problems("train", 2 * n + len(seen), seed=seed):  # problems may repeat within a split
+        if q.prompt not in seen and len(out) < n:
+            out.append(q)
+            seen.add(q.prompt)
+    if len(out) < n:
+        raise NanoseekError(f"only {len(out)} validation problems outside the {len(seen)} cold-start traces")
+    return out
+
+
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of the saved training checkpoints of a run, by step."""
+    found = [(int(d.name.split("_")[1]), d) for d in (run_dir / "checkpoints").glob("step_*") if d.is_dir()]
+    return sorted(found)
+
+
+def select_checkpoint(work: Path, task: Task, n_val: int, cold_start: int, seed: int, threads: int,
+                      ) -> tuple[Path, dict]:
+    """The cold-start checkpoint with the best validation pass@1 (mean of K samples; ties go to the earlier step),
+    and the validation curve. Cached in work/val_curve.json so a continued run does not redo it."""
+    cache = work / "val_curve.json"
+    if cache.exists():
+        curve = json.loads(cache.read_text())
+    else:
+        torch.set_num_threads(threads)
+        val = validation_problems(task, n_val, seed + 10_000, task.problems("train", cold_start, seed=seed))
+        curve = []
+        for step, ckpt in checkpoints(work / "sft"):
+            r = evaluate_engine(load_engine(ckpt, 100), Tokenizer.from_dir(ckpt), task, val, k=K,
+                                max_new_tokens=MAX_NEW_TOKENS, seed=seed + 10_000, greedy=False)
+            curve.append({"step": step, "val_pass@1": r["metrics"][f"pass@1_sampled_mean@{K}"]["value"],
+                          "val_pass@k": r["metrics"][f"pass@{K}"]["value"]})
+            print(f"validation ({n_val} train problems): step {step}  pass@1 {curve[-1]['val_pass@1']:.3f}  "
+                  f"pass@{K} {curve[-1]['val_pass@k']:.3f}", flush=True)
+        cache.write_text(json.dumps(curve, indent=1) + "\n")
+    best = max(curve, key=lambda c: (c["val_pass@1"], -c["step"]))
+    print(f"cold start: step {best['step']} (validation pass@1 {best['val_pass@1']:.3f})", flush=True)
+    return work / "sft" / "checkpoints" / f"step_{best['step']:06d}", {"val_curve": curve, "val_n": n_val,
+                                                                       "selected_step": best["step"]}
+
+
 def sft_step_cost(run_dir: Path) -> tuple[float, float]:
     """(token-equivalents, seconds) per optimizer step of an SFT run, from its run.json. A token-equivalent is one
     token through forward + backward (~6 x active params FLOPs); both runs have the same model, so FLOPs are
@@ -77,8 +134,51 @@ def rl_cost(run_dir: Path, prompt_len: float, rollouts: int = 128) -> tuple[floa
     rollouts, forward only, so a third of a token-equivalent. Seconds: the run's wall time (sampling + training)."""
     r = json.loads((run_dir / "run.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "rl_log.jsonl").read_text().splitlines()]
-    sampled = sum(rollouts * (prompt_len + row["response_len_mean"]) for row in rows)
+    # rollouts a step: B x G, or more with --dynamic-sampling (logged per step)
+    sampled = sum(row.get("rollouts", rollouts) * (prompt_len + row["response_len_mean"]) for row in rows)
     return r["tokens"] + sampled / 3, r["wall_seconds"]
+
+
+def smooth(values: list[float], window: int = 10) -> list[float]:
+    """Trailing mean over `window` steps (the per-step values of 128 samples are noisy)."""
+    return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+
+
+def plot_runs(work_dirs: list[Path], path: Path) -> None:
+    """One figure for several bench work directories (e.g. seeds): the cold start's validation pass@1 against SFT
+    step (when --select-every was used), then over GRPO steps the training samples' accuracy reward, the fraction of
+    groups with all-equal rewards, and the mean response length."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(18, 4), tight_layout=True)
+    FigureCanvasAgg(fig)
+    ax_val, ax_acc, ax_zero, ax_len = fig.subplots(1, 4)
+    for i, work in enumerate(work_dirs):
+        color = f"C{i}"
+        if (work / "val_curve.json").exists():
+            curve = json.loads((work / "val_curve.json").read_text())
+            ax_val.plot([c["step"] for c in curve], [c["val_pass@1"] for c in curve], "o-", color=color,
+                        label=work.name)
+        rows = [json.loads(line) for line in (work / "rl" / "rl_log.jsonl").read_text().splitlines()]
+        steps = [r["step"] for r in rows]
+        for ax, key in ((ax_acc, "accuracy"), (ax_zero, "frac_zero_std"), (ax_len, "response_len_mean")):
+            ax.plot(steps, [r[key] for r in rows], color=color, alpha=0.25, linewidth=0.8)
+            ax.plot(steps, smooth([r[key] for r in rows]), color=color, label=work.name)
+    ax_val.set_title("cold start: validation pass@1 (train split)")
+    ax_val.set_xlabel("SFT step")
+    ax_acc.set_title("GRPO: accuracy of the training samples (T = 1)")
+    ax_zero.set_title("GRPO: groups with all-equal rewards")
+    ax_len.set_title("GRPO: mean response length (tokens)")
+    for ax in (ax_val, ax_acc, ax_zero, ax_len):
+        if ax is not ax_val:
+            ax.set_xlabel("GRPO step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in (ax_val, ax_acc, ax_zero):
+        ax.set_ylim(0, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
 
 
 def main() -> None:
@@ -89,10 +189,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per stage (default 1: the matrices are tiny, and on a shared 2-core machine a "
                         "second thread mostly adds contention)")
-    p.add_argument("--cold-start", type=int, default=1000, help="verified traces for the cold-start SFT (default 1000)")
-    p.add_argument("--sft-steps", type=int, default=900, help="cold-start SFT steps, batch 32 (default 900)")
-    p.add_argument("--rl-steps", type=int, help="GRPO steps, 16 prompts x 8 samples (default 80 quick, 100 full)")
-    p.add_argument("--rl-lr", type=float, default=3e-5)
+    p.add_argument("--cold-start", type=int,
+                   help="verified traces for the cold-start SFT (default 200; 400 with --quick)")
+    p.add_argument("--sft-steps", type=int, help="cold-start SFT steps, batch 32 (default 3000; 1500 with --quick)")
+    p.add_argument("--select-every", type=int,
+                   help="save the cold start every N steps and continue (GRPO, control) from the checkpoint with the "
+                        "best validation pass@1 (default 250; 0 = the last step, the default with --quick)")
+    p.add_argument("--val-n", type=int, default=200,
+                   help="validation problems for --select-every: train split, none of the cold-start traces")
+    p.add_argument("--rl-steps", type=int, help="GRPO steps, 16 prompts x 8 samples (default 800; 100 with --quick)")
+    p.add_argument("--rl-lr", type=float, default=1e-4, help="GRPO learning rate (default 1e-4)")
     p.add_argument("--control-lr", type=float, default=3e-4,
                    help="lr of the SFT control (default 3e-4: where the cold-start SFT's schedule ended)")
     p.add_argument("-n", type=int, help="held-out problems for each eval (default 200 quick, 500 full)")
@@ -101,10 +207,20 @@ def main() -> None:
                    help="train problems to sample the GRPO teacher on, 4 samples each (default 1000)")
     p.add_argument("--student-rl-steps", type=int, help="GRPO steps of the dense student (default: --rl-steps)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", type=Path, nargs="+", metavar=("PNG", "WORKDIR"),
+                   help="only plot: PNG, then the --workdir of finished runs (validation and GRPO curves)")
     args = p.parse_args()
+    if args.plot:
+        plot_runs(args.plot[1:], args.plot[0])
+        return
     spec = TASKS.get(args.task, args.task)
-    rl_steps = args.rl_steps or (80 if args.quick else 100)
-    n_eval = args.n or (200 if args.quick else 500)
+    # defaults: the setting of docs/reasoning.md, "Demonstration"; --quick is a reduced version of it that needs no
+    # validation pass (more traces, so the cold start learns the algorithm in half the steps)
+    for name, full, quick in (("cold_start", 200, 400), ("sft_steps", 3000, 1500), ("select_every", 250, 0),
+                              ("rl_steps", 800, 100), ("n", 500, 200)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    rl_steps, n_eval = args.rl_steps, args.n
     t_start = time.time()
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -146,10 +262,16 @@ def main() -> None:
     # 2. cold start: SFT from scratch on a limited set of verified traces
     cold = ["--task", spec, "--n", str(args.cold_start)]
     sft_common = ["--batch-size", "32", "--mtp-lambda", "0", "--save-every", "0", *seed, *threads]
+    keep = ["--save-every", str(args.select_every), "--keep-last", str(args.sft_steps // args.select_every + 1)] \
+        if args.select_every else []
     stage("sft", ["sft", "--preset", "test", "--tokenizer", str(tok_dir), *cold, "--steps", str(args.sft_steps),
-                  "--lr", "3e-3", "--warmup-steps", "20", *sft_common, "--out", str(work / "sft")],
+                  "--lr", "3e-3", "--warmup-steps", "20", *sft_common, *keep, "--out", str(work / "sft")],
           work / "sft" / "final")
     sft = work / "sft" / "final"
+    selection = None
+    if args.select_every:
+        # early stopping on validation: with few traces the cold start can overfit before its last step
+        sft, selection = select_checkpoint(work, task, args.val_n, args.cold_start, args.seed, args.threads)
     sft_m = evaluate("sft", sft)
 
     # 3. GRPO from the cold-start model, on fresh train prompts (another seed than the cold-start traces)
@@ -170,6 +292,10 @@ def main() -> None:
               "sft_metrics": sft_m, "rl_metrics": rl_m, "cold_start_traces": args.cold_start,
               "sft_steps": args.sft_steps, "rl_steps": rl_steps, "rl_lr": args.rl_lr, "seed": args.seed,
               "threads": args.threads}
+    if selection is not None:
+        result.update(selection)
+        if selection["selected_step"] != args.sft_steps:  # the last step too, to show what early stopping bought
+            result["sft_last_metrics"] = evaluate("sft_last", work / "sft" / "final")
 
     # 4. the control: more SFT on the same cold-start traces, for as much compute as GRPO used
     prompt_len = sum(len(prompt_ids(tok, q)) for q in task.problems("train", 200, args.seed + 100)) / 200
@@ -224,7 +350,8 @@ def main() -> None:
     result["seconds"] = round(time.time() - t_start, 1)
     result["stage_seconds"] = times
     name = args.task if args.task in TASKS else "custom"
-    suffix = "_quick" if args.quick else f"_{name}" + (f"_seed{args.seed}" if args.seed else "")
+    setting = f"cs{args.cold_start}_sft{args.sft_steps}_rl{rl_steps}_lr{args.rl_lr:g}_seed{args.seed}"
+    suffix = "_quick" if args.quick else f"_{name}_{setting}"
     out = ROOT / "benchmarks" / "results" / f"bench_reasoning{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
