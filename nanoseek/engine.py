@@ -52,10 +52,15 @@ COMPILE_BACKEND = "inductor"
 _matvec = False
 
 
+def _batch1_loops() -> bool:
+    """Inside the trace of a compiled batch-1 graph: write small products as multiply-and-sums (inductor loops)."""
+    return _matvec and torch.compiler.is_compiling()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor:
     """Every projection goes through here: a plain tensor, or a weight-only quantised one (quant.py)."""
     if isinstance(weight, torch.Tensor):
-        if _matvec and torch.compiler.is_compiling():
+        if _batch1_loops():
             # a compiled batch-1 graph (1 or 2 tokens): as a multiply-and-sum, inductor generates the matrix-vector
             # loop itself, fused with the norm or activation before it, instead of one MKL call per weight;
             # measured 2.4-2.6x eager decode against 1.5x with the MKL calls (docs/engine.md). For the 2-token
@@ -69,7 +74,7 @@ def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [G,M,K] @ b [G,K,N]. In a compiled batch-1 graph as a multiply-and-sum, so inductor writes the loop (fused
     with its neighbours) instead of calling the library: at batch 1 the attention's four bmm a layer are tiny, and
     as loops the decode step is 4.5% faster (median of 10 interleaved runs, docs/engine.md)."""
-    if _matvec and torch.compiler.is_compiling():
+    if _batch1_loops():
         return (a[:, :, :, None] * b[:, None, :, :]).sum(-2)
     return torch.bmm(a, b)
 
@@ -377,7 +382,7 @@ class Engine:
         keys = cache.narrow(0, b.start, bsz)[:, :b.t]  # [B,T,c+r] = [kv_cache ; pe_cache]
         if b.mask.numel() == 0:  # nothing to hide
             scores = torch.bmm(q_full, keys.transpose(1, 2)).mul_(cfg.softmax_scale)
-        elif _matvec and torch.compiler.is_compiling():  # batch 1: inductor's loop, as in bmm()
+        elif _batch1_loops():  # inductor's loop, as in bmm()
             scores = bmm(q_full, keys.transpose(1, 2)) * cfg.softmax_scale + b.mask
         else:
             scores = torch.baddbmm(b.mask, q_full, keys.transpose(1, 2), alpha=cfg.softmax_scale)  # [B, S*H, T]
@@ -644,11 +649,11 @@ class Engine:
         for r in reqs:
             r.draft_probs = []
         cols = [self._draft_one(logits, reqs)]
-        zero = torch.zeros(len(reqs), dtype=torch.long, device=self.device)
         for j in range(1, self.num_speculative_tokens):
             # a request that has just finished may sit past its limit: clamp its (discarded) position into the cache
             pos = [min(m + j - 1, self._rows - 1) for m in lens]
-            h, logits = self._mtp_step(h[:, None], cols[-1][:, None], zero, pos, start)
+            pick = torch.zeros(len(reqs), dtype=torch.long, device=self.device)  # one position per row
+            h, logits = self._mtp_step(h[:, None], cols[-1][:, None], pick, pos, start)
             cols.append(self._draft_one(logits, reqs))
         for r, ds in zip(reqs, torch.stack(cols, dim=1).tolist(), strict=True):
             r.drafts = ds

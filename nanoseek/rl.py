@@ -177,22 +177,20 @@ def grpo_step(policy: Transformer, optimizer: torch.optim.Optimizer, tokenizer: 
     g = cfg.group_size
     t0 = time.perf_counter()
     prompts, completions, rewards = sample_groups(policy, tokenizer, task, problems, cfg, seed)
-    adv, keep = group_advantages(torch.tensor([[r.total for r in rs] for rs in rewards]), scale_std=not cfg.dr_grpo)
     rounds = 1
-    if cfg.dynamic_sampling:
-        if more_problems is None:
-            raise ValueError("dynamic sampling needs more_problems")
-        while int(keep.sum()) < len(problems) and rounds < cfg.max_sampling_rounds:
-            p2, c2, r2 = sample_groups(policy, tokenizer, task, more_problems(rounds), cfg, seed + 7919 * rounds)
-            prompts, completions, rewards = prompts + p2, completions + c2, rewards + r2
-            adv, keep = group_advantages(torch.tensor([[r.total for r in rs] for rs in rewards]),
-                                         scale_std=not cfg.dr_grpo)
-            rounds += 1
+    if cfg.dynamic_sampling and more_problems is None:
+        raise ValueError("dynamic sampling needs more_problems")
+    while (cfg.dynamic_sampling and rounds < cfg.max_sampling_rounds
+           and sum(len({r.total for r in rs}) > 1 for rs in rewards) < len(problems)):  # groups with mixed rewards
+        p2, c2, r2 = sample_groups(policy, tokenizer, task, more_problems(rounds), cfg, seed + 7919 * rounds)
+        prompts, completions, rewards = prompts + p2, completions + c2, rewards + r2
+        rounds += 1
     t_sample = time.perf_counter() - t0
 
     flat_c = [c for cs in completions for c in cs]
     flat_r = [r for rs in rewards for r in rs]
     total = torch.tensor([[r.total for r in rs] for rs in rewards])  # [B,G] (B x rounds with dynamic sampling)
+    adv, keep = group_advantages(total, scale_std=not cfg.dr_grpo)
     zero_std = 1.0 - keep.float().mean().item()
     if cfg.dynamic_sampling:  # train on the first B mixed groups: the batch size stays B
         keep = keep & (keep.long().cumsum(0) <= len(problems))
