@@ -60,7 +60,8 @@ from nanoseek.tasks import Problem, Task, format_completion, load_task  # noqa: 
 from nanoseek.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
 TASKS = {"arithmetic": "arithmetic:min_digits=2,max_digits=2,ops=+-",  # 2-digit addition and subtraction
-         "countdown": "countdown:min_numbers=3,max_numbers=3,max_number=9,max_target=30"}  # 3 one-digit numbers
+         # 3-4 one-digit numbers, targets up to 30: ~1,180 distinct test problems (3 numbers alone have only 148)
+         "countdown": "countdown:min_numbers=3,max_numbers=4,max_number=9,max_target=30"}
 K = 4  # samples per test problem for pass@1 (R1: pass@1 averaged over k samples)
 MAX_NEW_TOKENS = 160  # the reference traces are <= 131 tokens for both tasks
 
@@ -286,7 +287,8 @@ def main() -> None:
     rl_m = evaluate("rl", work / "rl" / "final")
 
     sampled = f"pass@1_sampled_mean@{K}"
-    result = {"task": spec, "n": n_eval, "before": sft_m[sampled]["value"], "after": rl_m[sampled]["value"],
+    n_distinct = json.loads((work / "eval_sft.json").read_text())["n"]  # fewer than -n if the test split is smaller
+    result = {"task": spec, "n": n_distinct, "before": sft_m[sampled]["value"], "after": rl_m[sampled]["value"],
               "metric": f"pass@1 = mean correctness of {K} samples (temperature 0.6, top-p 0.95) per test problem",
               "before_greedy": sft_m["pass@1_greedy"]["value"], "after_greedy": rl_m["pass@1_greedy"]["value"],
               "sft_metrics": sft_m, "rl_metrics": rl_m, "cold_start_traces": args.cold_start,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -31,7 +32,7 @@ import torch
 
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.errors import NanoseekError
-from nanoseek.tasks import Problem, Reward, Task, load_task
+from nanoseek.tasks import Problem, Reward, Task, distinct_problems, load_task
 from nanoseek.tokenizer import Tokenizer
 
 EVAL_TEMPERATURE = 0.6  # R1's evaluation sampling settings
@@ -229,8 +230,11 @@ def run(args: argparse.Namespace) -> None:
     task = load_task(args.task)
     engine = load_engine(args.model, args.batch_size)
     tokenizer = Tokenizer.from_dir(args.model)
-    problems = task.problems("test", args.n, seed=args.seed)
-    result = {"task": args.task, "model": str(args.model), "split": "test"}
+    problems = distinct_problems(task, "test", args.n, seed=args.seed)
+    if len(problems) < args.n:
+        print(f"note: the test split of {args.task} has only {len(problems)} different problems; evaluating "
+              f"those instead of {args.n}", file=sys.stderr)
+    result = {"task": args.task, "model": str(args.model), "split": "test", "n_requested": args.n}
     result.update(evaluate(engine, tokenizer, task, problems, k=args.k, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_p=args.top_p, seed=args.seed))
     print(format_report(result))

@@ -40,7 +40,7 @@ from nanoseek.errors import NanoseekError
 from nanoseek.evaluate import Completion, greedy_accuracy, prompt_ids, sample_completions, score_all
 from nanoseek.model import Transformer
 from nanoseek.pretrain import Trainer, lr_at, resume_point
-from nanoseek.tasks import Problem, Task, load_task
+from nanoseek.tasks import Problem, Task, distinct_problems, load_task
 from nanoseek.tokenizer import Tokenizer
 
 IGNORE = -1
@@ -422,7 +422,8 @@ def run(args: argparse.Namespace) -> None:
         ref_model = load_model(args.model).requires_grad_(False)  # the frozen initial policy
     b = cfg.prompts_per_step
     train_problems = task.problems("train", args.steps * b, seed=args.seed)  # step s uses [s*B, (s+1)*B)
-    eval_problems = task.problems("test", args.eval_n, seed=args.seed) if args.eval_every and args.eval_n else []
+    eval_problems = distinct_problems(task, "test", args.eval_n, seed=args.seed) if args.eval_every and args.eval_n \
+        else []
     seq_len = max(len(prompt_ids(tokenizer, p)) for p in train_problems[:64]) + cfg.max_new_tokens
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(policy, trainer_args(args, seq_len), out, tokenizer_dir=args.model, stage="rl")

@@ -76,12 +76,12 @@ PLANS: dict[str, Plan] = {
                     sample_n=3000, sample_k=1, distill_steps=600, distill_lr=3e-3, eval_n=500, eval_k=4,
                     max_new_tokens=160),
     # toy size: one-digit additions, which the test preset learns within a minute, so that every stage (rejection
-    # sampling included) has something to work with
+    # sampling included) has something to work with; their whole test split is 8 problems (a+b = b+a)
     "quick": Plan(preset="test", student_preset="test", vocab_size=512,
                   task="arithmetic:min_digits=1,max_digits=1,ops=+", corpus_traces=1000,
                   pretrain_steps=60, pretrain_batch=8, pretrain_seq_len=128, pretrain_lr=3e-3,
                   sft_n=1000, sft_steps=150, sft_lr=3e-3, rl_steps=3, rl_prompts=4, rl_group=4, rl_lr=3e-5,
-                  sample_n=32, sample_k=2, distill_steps=30, distill_lr=3e-3, eval_n=50, eval_k=0,
+                  sample_n=32, sample_k=2, distill_steps=30, distill_lr=3e-3, eval_n=8, eval_k=0,
                   max_new_tokens=100),
 }
 

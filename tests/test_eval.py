@@ -17,7 +17,7 @@ from nanoseek.evaluate import (
     wilson_interval,
 )
 from nanoseek.model import Transformer
-from nanoseek.tasks import Reward, format_completion, load_task
+from nanoseek.tasks import Reward, distinct_problems, format_completion, load_task
 from nanoseek.tokenizer import train_tokenizer
 
 TASK = "arithmetic:min_digits=1,max_digits=2,ops=+-"
@@ -136,3 +136,20 @@ def test_evaluate_and_cli_json(tiny, tmp_path):
     assert data["split"] == "test" and data["n"] == 5 and data["task"] == TASK
     m = data["metrics"]["pass@1_greedy"]
     assert m["value"] == 0.0 and m["ci95"][0] == 0.0 and 0 < m["ci95"][1] < 0.6
+
+
+def test_cli_evaluates_each_problem_once(tiny, tmp_path, capsys):
+    _, _, _, model_dir = tiny
+    from nanoseek import evaluate as ev
+
+    # 1-digit additions: 55 problems up to order, about 1 in 10 of them in the test split
+    spec = "arithmetic:min_digits=1,max_digits=1,ops=+"
+    n_test = len(distinct_problems(load_task(spec), "test", 1000))
+    assert 0 < n_test < 20
+    out = tmp_path / "eval.json"
+    args = Namespace(model=model_dir, task=spec, n=50, k=0, max_new_tokens=4, temperature=0.6, top_p=0.95,
+                     batch_size=8, seed=0, threads=1, json=out)
+    ev.run(args)
+    data = json.loads(out.read_text())
+    assert data["n"] == n_test and data["n_requested"] == 50
+    assert f"only {n_test} different problems" in capsys.readouterr().err

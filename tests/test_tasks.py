@@ -13,6 +13,7 @@ from nanoseek.tasks import (
     GSM8KTask,
     Problem,
     Task,
+    distinct_problems,
     extract_boxed,
     format_completion,
     load_task,
@@ -209,6 +210,26 @@ def test_countdown_splits_disjoint():
     train = {key(p) for p in task.problems("train", 2000, seed=0)}
     test = {key(p) for p in task.problems("test", 300, seed=0)}
     assert len(test) > 50 and train.isdisjoint(test)
+
+
+def test_distinct_problems_for_evaluation(gsm8k: GSM8KTask):
+    # 3 one-digit numbers and targets up to 30: the whole test split is 148 problems, so 500 draws must repeat
+    task = CountdownTask(min_numbers=3, max_numbers=3, max_number=9, max_target=30)
+    drawn = task.problems("test", 500, seed=0)
+    assert len({p.key for p in drawn}) < 150
+    assert drawn[0].key == f"{sorted(drawn[0].meta['numbers'])}->{drawn[0].meta['target']}"
+    everything = distinct_problems(task, "test", 500, seed=0)
+    assert len(everything) == len({p.identity for p in everything}) == 148  # all of the split, each once
+    first = distinct_problems(task, "test", 20, seed=0)
+    assert [p.identity for p in first] == [p.identity for p in everything[:20]]  # draw order: a prefix of the above
+    assert first[0].prompt == drawn[0].prompt
+    # 2-digit arithmetic has ~1,600 test problems: 500 different ones, where plain draws repeat some
+    arith = load_task("arithmetic:min_digits=2,max_digits=2,ops=+-")
+    assert len({p.identity for p in arith.problems("test", 500, seed=0)}) < 500
+    assert len({p.identity for p in distinct_problems(arith, "test", 500, seed=0)}) == 500
+    # a dataset task's problems have no key: the prompt is their identity
+    rows = distinct_problems(gsm8k, "test", 30, seed=3)
+    assert len({p.prompt for p in rows}) == 30 and all(p.key == "" for p in rows)
 
 
 # ---------------------------------------------------------------- gsm8k

@@ -39,6 +39,11 @@ class Problem:
     prompt: str  # the user message
     answer: str  # one gold answer as a canonical string (countdown: a reference expression; judge with Task.score)
     meta: dict = field(default_factory=dict)
+    key: str = ""  # what makes two problems the same (countdown: sorted numbers and target); "" means the prompt
+
+    @property
+    def identity(self) -> str:
+        return self.key or self.prompt
 
 
 @dataclass
@@ -130,8 +135,27 @@ def draw_problems(
             raise NanoseekError(f"task {name}: could not draw {n} {split} problems; the problem space is too small")
         key, problem = make(rng)
         if hash_split(f"{name}:{key}") == split:
+            problem.key = key
             out.append(problem)
     return out
+
+
+def distinct_problems(task: "Task", split: str, n: int, seed: int = 0) -> list[Problem]:
+    """The first n different problems (by Problem.identity) that task.problems(split, ...) draws with seed; all of them
+    if the split has fewer.
+
+    An evaluation needs this: a synthetic split of a small space repeats problems (3 one-digit countdown numbers have
+    148 test problems), and a repeat would narrow the confidence interval without adding evidence. Draws grow 4x at a
+    time and stop when a draw of 64n problems still has fewer than n different ones.
+    """
+    drawn = n
+    while True:
+        unique: dict[str, Problem] = {}
+        for problem in task.problems(split, drawn, seed=seed):
+            unique.setdefault(problem.identity, problem)
+        if len(unique) >= n or drawn >= 64 * n:
+            return list(unique.values())[:n]
+        drawn *= 4
 
 
 class Task:
