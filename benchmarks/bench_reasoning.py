@@ -4,6 +4,7 @@ a control that spends the same compute on more SFT; optionally distillation of t
     python benchmarks/bench_reasoning.py --quick                      # <= 10 min on 2 cores: SFT, eval, GRPO, eval
     python benchmarks/bench_reasoning.py [--seed S]                   # the full setting, + the SFT control
     python benchmarks/bench_reasoning.py --distill --workdir DIR      # + distillation vs GRPO for a dense student
+    python benchmarks/bench_reasoning.py --dynamic-sampling 4         # GRPO with DAPO dynamic sampling (4 rounds)
     python benchmarks/bench_reasoning.py --plot OUT.png DIR [DIR...]  # curves of finished runs' work directories
 
 The setting (docs/reasoning.md, "Demonstration"):
@@ -200,6 +201,9 @@ def main() -> None:
                    help="validation problems for --select-every: train split, none of the cold-start traces")
     p.add_argument("--rl-steps", type=int, help="GRPO steps, 16 prompts x 8 samples (default 800; 100 with --quick)")
     p.add_argument("--rl-lr", type=float, default=1e-4, help="GRPO learning rate (default 1e-4)")
+    p.add_argument("--dynamic-sampling", type=int, metavar="ROUNDS", default=0,
+                   help="GRPO with DAPO dynamic sampling, up to ROUNDS batches of fresh prompts a step (default 0: "
+                        "off); the control is FLOP-matched to every sampled rollout")
     p.add_argument("--control-lr", type=float, default=3e-4,
                    help="lr of the SFT control (default 3e-4: where the cold-start SFT's schedule ended)")
     p.add_argument("-n", type=int, help="held-out problems for each eval (default 200 quick, 500 full)")
@@ -277,11 +281,13 @@ def main() -> None:
 
     # 3. GRPO from the cold-start model, on fresh train prompts (another seed than the cold-start traces)
     rl_seed = str(args.seed + 100)
+    dynamic = ["--dynamic-sampling", "--max-sampling-rounds", str(args.dynamic_sampling)] if args.dynamic_sampling \
+        else []
 
     def rl_args(steps: int) -> list[str]:
         return ["--task", spec, "--steps", str(steps), "-B", "16", "-G", "8", "--max-new-tokens", str(MAX_NEW_TOKENS),
                 "--lr", str(args.rl_lr), "--warmup-steps", "3", "--eval-every", "0", "--save-every", "0",
-                "--seed", rl_seed, *threads]
+                "--seed", rl_seed, *threads, *dynamic]
 
     stage("rl", ["rl", "--model", str(sft), *rl_args(rl_steps), "--out", str(work / "rl")], work / "rl" / "final")
     rl_m = evaluate("rl", work / "rl" / "final")
@@ -292,7 +298,8 @@ def main() -> None:
               "metric": f"pass@1 = mean correctness of {K} samples (temperature 0.6, top-p 0.95) per test problem",
               "before_greedy": sft_m["pass@1_greedy"]["value"], "after_greedy": rl_m["pass@1_greedy"]["value"],
               "sft_metrics": sft_m, "rl_metrics": rl_m, "cold_start_traces": args.cold_start,
-              "sft_steps": args.sft_steps, "rl_steps": rl_steps, "rl_lr": args.rl_lr, "seed": args.seed,
+              "sft_steps": args.sft_steps, "rl_steps": rl_steps, "rl_lr": args.rl_lr,
+              "dynamic_sampling_rounds": args.dynamic_sampling, "seed": args.seed,
               "threads": args.threads}
     if selection is not None:
         result.update(selection)
@@ -352,7 +359,8 @@ def main() -> None:
     result["seconds"] = round(time.time() - t_start, 1)
     result["stage_seconds"] = times
     name = args.task if args.task in TASKS else "custom"
-    setting = f"cs{args.cold_start}_sft{args.sft_steps}_rl{rl_steps}_lr{args.rl_lr:g}_seed{args.seed}"
+    ds = f"_ds{args.dynamic_sampling}" if args.dynamic_sampling else ""
+    setting = f"cs{args.cold_start}_sft{args.sft_steps}_rl{rl_steps}_lr{args.rl_lr:g}{ds}_seed{args.seed}"
     suffix = "_quick" if args.quick else f"_{name}_{setting}"
     out = ROOT / "benchmarks" / "results" / f"bench_reasoning{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
