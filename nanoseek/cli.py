@@ -54,8 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         importlib.import_module(args._module).run(args)
     except NanoseekError as e:
-        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+        # one write, not print's two (text, then newline): under torchrun every rank shares stderr, and two ranks'
+        # halves would interleave into one garbled line
+        sys.stderr.write(f"nanoseek {args.command}: error: {e}\n")
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"\nnanoseek {args.command}: interrupted", file=sys.stderr)
+        sys.stderr.write(f"\nnanoseek {args.command}: interrupted\n")
         sys.exit(130)
