@@ -31,8 +31,10 @@ pass@1 is R1's: the mean correctness of k=4 samples at temperature 0.6, top-p 0.
 problem; greedy pass@1, pass@4 and maj@4 are reported too, each with its 95% interval.
 
 Every stage runs through the `nanoseek` CLI in a work directory (default: a temporary one). A stage whose output
-already exists in --workdir is skipped, so an interrupted run can be continued. The LAST line printed is a JSON
-object: {"task", "n", "before", "after", ...} with pass@1 fractions; the same object goes to benchmarks/results/.
+already exists in --workdir is skipped, so an interrupted run can be continued; a finished run given more
+--rl-steps continues its GRPO and its control from their last step (constant lr: the same as the longer run). The
+LAST line printed is a JSON object: {"task", "n", "before", "after", ...} with pass@1 fractions; the same object goes
+to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -238,12 +240,24 @@ def main() -> None:
     threads = ["--threads", str(args.threads)]
     seed = ["--seed", str(args.seed)]
     times: dict[str, float] = {}
+    continued: dict[str, int] = {}  # stage -> the step a finished shorter run of it was continued from
 
-    def stage(name: str, argv: list[str], output: Path) -> None:
-        """Run `nanoseek argv` unless `output` already exists (a finished stage of an earlier run)."""
+    def stage(name: str, argv: list[str], output: Path, steps: int | None = None) -> None:
+        """Run `nanoseek argv` unless `output` already exists (a finished stage of an earlier run). A finished
+        training run (output = <run>/final) of fewer than `steps` steps is continued with --resume instead: GRPO and
+        the control run at a constant lr on step-indexed data, so that is the run `steps` would have been from the
+        start."""
         if output.exists():
-            print(f"\n[{name}: {output} exists, skipped]", flush=True)
-            return
+            done = json.loads((output.parent / "run.json").read_text())["steps"] if steps else None
+            if done is None or done == steps:
+                print(f"\n[{name}: {output} exists, skipped]", flush=True)
+                return
+            if done > steps:
+                raise NanoseekError(f"{output.parent} holds a {done}-step {name} run, longer than the {steps} steps "
+                                    f"asked for: pick another --workdir")
+            print(f"\n[{name}: continuing the {done}-step run in {output.parent} to {steps} steps]", flush=True)
+            continued[name] = done
+            argv = [*argv, "--resume"]
         print(f"\n$ nanoseek {' '.join(argv)}", flush=True)
         t0 = time.time()
         nanoseek(argv)
@@ -251,6 +265,8 @@ def main() -> None:
 
     def evaluate(name: str, model: Path) -> dict[str, dict[str, float]]:
         out = work / f"eval_{name}.json"
+        if out.exists() and out.stat().st_mtime < (model / "model.safetensors").stat().st_mtime:
+            out.unlink()  # the model was trained further since (a continued run): evaluate it again
         stage(f"eval_{name}", ["eval", "--model", str(model), "--task", spec, "-n", str(n_eval), "--k", str(K),
                                "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-size", "100", *seed, *threads,
                                "--json", str(out)], out)
@@ -289,7 +305,8 @@ def main() -> None:
                 "--lr", str(args.rl_lr), "--warmup-steps", "3", "--eval-every", "0", "--save-every", "0",
                 "--seed", rl_seed, *threads, *dynamic]
 
-    stage("rl", ["rl", "--model", str(sft), *rl_args(rl_steps), "--out", str(work / "rl")], work / "rl" / "final")
+    stage("rl", ["rl", "--model", str(sft), *rl_args(rl_steps), "--out", str(work / "rl")], work / "rl" / "final",
+          rl_steps)
     rl_m = evaluate("rl", work / "rl" / "final")
 
     sampled = f"pass@1_sampled_mean@{K}"
@@ -319,7 +336,7 @@ def main() -> None:
                       control_lr=args.control_lr)
         stage("control", ["sft", "--model", str(sft), *cold, "--steps", str(control_steps), "--lr",
                           str(args.control_lr), "--warmup-steps", "0", "--decay-frac", "0", *sft_common,
-                          "--out", str(work / "control")], work / "control" / "final")
+                          "--out", str(work / "control")], work / "control" / "final", control_steps)
         result["control_metrics"] = evaluate("control", work / "control" / "final")
         result["control"] = result["control_metrics"][sampled]["value"]
 
@@ -358,6 +375,8 @@ def main() -> None:
 
     result["seconds"] = round(time.time() - t_start, 1)
     result["stage_seconds"] = times
+    if continued:
+        result["continued_from_step"] = continued
     name = args.task if args.task in TASKS else "custom"
     ds = f"_ds{args.dynamic_sampling}" if args.dynamic_sampling else ""
     setting = f"cs{args.cold_start}_sft{args.sft_steps}_rl{rl_steps}_lr{args.rl_lr:g}{ds}_seed{args.seed}"

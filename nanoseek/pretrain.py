@@ -396,7 +396,10 @@ class Trainer:
         self.train_seconds, self.previous_wall_seconds = state["train_seconds"], state["wall_seconds"]
         self._last_saved_step = self.step
         old, new = state.get("args", {}), _jsonable(self.args)
-        changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in RESUME_SENSITIVE if k in old and old[k] != new.get(k)]
+        # more --steps at a constant lr (no decay phase) only makes the run longer: the steps it shares are the same
+        constant_lr = old.get("decay_frac") == new.get("decay_frac") == 0
+        changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in RESUME_SENSITIVE if k in old and old[k] != new.get(k)
+                   and not (k == "steps" and constant_lr and new[k] > old[k])]
         if changed:
             print(f"note: resuming with changed settings ({'; '.join(changed)}): not the same run as an "
                   f"uninterrupted one")

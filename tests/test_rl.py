@@ -269,7 +269,7 @@ class ParityTask(Task):
 '''
 
 
-def test_rl_cli_logs_checkpoints_and_resume(tok, tmp_path):
+def test_rl_cli_logs_checkpoints_and_resume(tok, tmp_path, capsys):
     import argparse
     import json
 
@@ -302,9 +302,17 @@ def test_rl_cli_logs_checkpoints_and_resume(tok, tmp_path):
     assert load_model(out / "final").config == load_model(tok_dir).config
     with pytest.raises(NanoseekError, match="already holds a run"):
         rl.run(args("--steps", "3"))
-    rl.run(args("--steps", "3", "--resume"))
+    capsys.readouterr()
+    rl.run(args("--steps", "3", "--resume"))  # a finished 2-step run, made longer
+    assert "changed settings" not in capsys.readouterr().out  # constant lr: nothing the shared steps saw changed
     rows = [json.loads(line) for line in (out / "rl_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
+    # ... and it is the 3-step run: the same weights as one run of 3 steps from the start
+    longer = load_model(out / "final").state_dict()
+    out = tmp_path / "rl_3"  # args() reads `out` when called
+    rl.run(args("--steps", "3"))
+    for name, value in load_model(out / "final").state_dict().items():
+        torch.testing.assert_close(longer[name], value, rtol=0, atol=0, msg=name)
     with pytest.raises(NanoseekError, match="group-size"):
         rl.run(args("-G", "1"))
     out = tmp_path / "rl_dynamic"  # args() reads `out` when called
