@@ -396,11 +396,16 @@ def heldout_accuracy(policy: Transformer, tokenizer: Tokenizer, task: Task, prob
     return greedy_accuracy(engine, tokenizer, task, problems, max_new_tokens)
 
 
-def write_logs(out: Path, rows: list[dict[str, Any]], heldout: list[dict[str, Any]]) -> None:
-    """rl_log.jsonl (one line per step) and rl_curves.png in the run directory (each replaced atomically)."""
+def write_log(out: Path, rows: list[dict[str, Any]]) -> None:
+    """rl_log.jsonl (one line per step) in the run directory, replaced atomically."""
     tmp = out / f".rl_log.jsonl.tmp-{os.getpid()}"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, out / "rl_log.jsonl")
+
+
+def write_logs(out: Path, rows: list[dict[str, Any]], heldout: list[dict[str, Any]]) -> None:
+    """rl_log.jsonl and rl_curves.png in the run directory (each replaced atomically)."""
+    write_log(out, rows)
     tmp_png = out / f".rl_curves.tmp-{os.getpid()}.png"
     plot_curves(rows, heldout, tmp_png)
     os.replace(tmp_png, out / "rl_curves.png")
@@ -439,6 +444,9 @@ def run(args: argparse.Namespace) -> None:
         acc = heldout_accuracy(policy, tokenizer, task, eval_problems, cfg.max_new_tokens)
         heldout.append({"step": trainer.step, "accuracy": acc})
         print(f"step {trainer.step:4d} | held-out greedy accuracy {acc:.3f} ({len(eval_problems)} test problems)")
+    # the log gets a line every step, so a run killed between checkpoints (or run with --save-every 0) keeps the
+    # steps it did; it starts from the rows of the checkpoint resumed from, dropping a killed run's later lines
+    write_log(out, rows)
     bar = tqdm(total=args.steps, initial=trainer.step, desc="rl", unit="step", dynamic_ncols=True)
     while trainer.step < args.steps:
         step = trainer.step
@@ -454,6 +462,8 @@ def run(args: argparse.Namespace) -> None:
         trainer.train_seconds += stats["t_train"]
         row = {"step": trainer.step, "lr": lr, **stats}
         rows.append(row)
+        with open(out / "rl_log.jsonl", "a") as log:
+            log.write(json.dumps(row) + "\n")
         bar.update(1)
         bar.set_postfix_str(f"reward {row['reward']:.3f} | acc {row['accuracy']:.3f} | "
                             f"len {row['response_len_mean']:.0f}")

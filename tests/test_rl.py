@@ -321,3 +321,40 @@ def test_rl_cli_logs_checkpoints_and_resume(tok, tmp_path, capsys):
     assert row["sampling_rounds"] in (1, 2) and row["rollouts"] == 8 * row["sampling_rounds"]
     with pytest.raises(NanoseekError, match="max-sampling-rounds"):
         rl.run(args("--max-sampling-rounds", "0"))
+
+
+def test_rl_log_keeps_the_steps_of_a_killed_run(tok, tmp_path, monkeypatch):
+    """With --save-every 0 nothing is checkpointed before the end, but the log has a line for every step done."""
+    import argparse
+    import json
+
+    from nanoseek import rl
+
+    plugin = tmp_path / "parity.py"
+    plugin.write_text(PARITY_PLUGIN)
+    tok_dir = tmp_path / "init"
+    tok.save(tok_dir)
+    tiny_model(tok.vocab_size).save_pretrained(tok_dir, tokenizer_dir=tok_dir)
+    out = tmp_path / "rl"
+    p = argparse.ArgumentParser()
+    rl.add_arguments(p)
+    args = p.parse_args(["--model", str(tok_dir), "--task", f"{plugin}:ParityTask", "--out", str(out), "-G", "4",
+                         "-B", "2", "--max-new-tokens", "6", "--eval-every", "0", "--save-every", "0", "--threads",
+                         "1", "--steps", "5"])
+    real_step, calls = rl.grpo_step, []
+
+    def dies_at_step_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the user's second Ctrl-C, or a killed job
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(rl, "grpo_step", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        rl.run(args)
+    rows = [json.loads(line) for line in (out / "rl_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert not (out / "checkpoints" / "latest").exists()
+    monkeypatch.setattr(rl, "grpo_step", real_step)
+    rl.run(args)  # a fresh run in the same directory (nothing to resume) starts a fresh log
+    assert [json.loads(line)["step"] for line in (out / "rl_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
