@@ -168,7 +168,7 @@ def plot_runs(work_dirs: list[Path], path: Path) -> None:
         steps = [r["step"] for r in rows]
         for ax, key in ((ax_acc, "accuracy"), (ax_zero, "frac_zero_std"), (ax_len, "response_len_mean")):
             ax.plot(steps, [r[key] for r in rows], color=color, alpha=0.25, linewidth=0.8)
-            ax.plot(steps, smooth([r[key] for r in rows]), color=color, label=work.name)
+            ax.plot(steps, smooth([r[key] for r in rows], max(10, len(rows) // 40)), color=color, label=work.name)
     ax_val.set_title("cold start: validation pass@1 (train split)")
     ax_val.set_xlabel("SFT step")
     ax_acc.set_title("GRPO: accuracy of the training samples (T = 1)")
