@@ -269,26 +269,39 @@ class ParityTask(Task):
 '''
 
 
-def test_rl_cli_logs_checkpoints_and_resume(tok, tmp_path, capsys):
+def parity_rl_args(tok, tmp_path):
+    """A tiny model with tok saved in tmp_path/init, and a function (out, *flags) -> the parsed `nanoseek rl` args of a
+    run on the parity plug-in task."""
     import argparse
-    import json
 
     from nanoseek import rl
-    from nanoseek.checkpoint import load_model
 
     plugin = tmp_path / "parity.py"
     plugin.write_text(PARITY_PLUGIN)
     tok_dir = tmp_path / "init"
     tok.save(tok_dir)
     tiny_model(tok.vocab_size).save_pretrained(tok_dir, tokenizer_dir=tok_dir)
+
+    def args(out, *extra):
+        p = argparse.ArgumentParser()
+        rl.add_arguments(p)
+        return p.parse_args(["--model", str(tok_dir), "--task", f"{plugin}:ParityTask", "--out", str(out), "-G", "4",
+                             "-B", "2", "--max-new-tokens", "6", "--threads", "1", *extra])
+    return args
+
+
+def test_rl_cli_logs_checkpoints_and_resume(tok, tmp_path, capsys):
+    import json
+
+    from nanoseek import rl
+    from nanoseek.checkpoint import load_model
+
+    rl_args = parity_rl_args(tok, tmp_path)
+    tok_dir = tmp_path / "init"
     out = tmp_path / "rl"
 
     def args(*extra):
-        p = argparse.ArgumentParser()
-        rl.add_arguments(p)
-        return p.parse_args(["--model", str(tok_dir), "--task", f"{plugin}:ParityTask", "--out", str(out),
-                             "-G", "4", "-B", "2", "--max-new-tokens", "6", "--eval-every", "2", "--eval-n", "3",
-                             "--save-every", "1", "--threads", "1", "--lr", "1e-3", *extra])
+        return rl_args(out, "--eval-every", "2", "--eval-n", "3", "--save-every", "1", "--lr", "1e-3", *extra)
 
     rl.run(args("--steps", "2"))
     rows = [json.loads(line) for line in (out / "rl_log.jsonl").read_text().splitlines()]
@@ -325,22 +338,12 @@ def test_rl_cli_logs_checkpoints_and_resume(tok, tmp_path, capsys):
 
 def test_rl_log_keeps_the_steps_of_a_killed_run(tok, tmp_path, monkeypatch):
     """With --save-every 0 nothing is checkpointed before the end, but the log has a line for every step done."""
-    import argparse
     import json
 
     from nanoseek import rl
 
-    plugin = tmp_path / "parity.py"
-    plugin.write_text(PARITY_PLUGIN)
-    tok_dir = tmp_path / "init"
-    tok.save(tok_dir)
-    tiny_model(tok.vocab_size).save_pretrained(tok_dir, tokenizer_dir=tok_dir)
     out = tmp_path / "rl"
-    p = argparse.ArgumentParser()
-    rl.add_arguments(p)
-    args = p.parse_args(["--model", str(tok_dir), "--task", f"{plugin}:ParityTask", "--out", str(out), "-G", "4",
-                         "-B", "2", "--max-new-tokens", "6", "--eval-every", "0", "--save-every", "0", "--threads",
-                         "1", "--steps", "5"])
+    args = parity_rl_args(tok, tmp_path)(out, "--eval-every", "0", "--save-every", "0", "--steps", "5")
     real_step, calls = rl.grpo_step, []
 
     def dies_at_step_3(*a, **k):
