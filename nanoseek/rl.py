@@ -397,15 +397,14 @@ def heldout_accuracy(policy: Transformer, tokenizer: Tokenizer, task: Task, prob
 
 
 def write_log(out: Path, rows: list[dict[str, Any]]) -> None:
-    """rl_log.jsonl (one line per step) in the run directory, replaced atomically."""
+    """rl_log.jsonl (one line per step) in the run directory, replaced atomically; run() then appends each step."""
     tmp = out / f".rl_log.jsonl.tmp-{os.getpid()}"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, out / "rl_log.jsonl")
 
 
-def write_logs(out: Path, rows: list[dict[str, Any]], heldout: list[dict[str, Any]]) -> None:
-    """rl_log.jsonl and rl_curves.png in the run directory (each replaced atomically)."""
-    write_log(out, rows)
+def write_curves(out: Path, rows: list[dict[str, Any]], heldout: list[dict[str, Any]]) -> None:
+    """rl_curves.png in the run directory, replaced atomically."""
     tmp_png = out / f".rl_curves.tmp-{os.getpid()}.png"
     plot_curves(rows, heldout, tmp_png)
     os.replace(tmp_png, out / "rl_curves.png")
@@ -475,10 +474,10 @@ def run(args: argparse.Namespace) -> None:
             tqdm.write(f"step {done:4d} | held-out greedy accuracy {acc:.3f}")
         if args.save_every and done % args.save_every == 0 and done < args.steps:
             trainer.save_checkpoint()
-            write_logs(out, rows, heldout)
+            write_curves(out, rows, heldout)
     bar.close()
     final = trainer.save_final()
-    write_logs(out, rows, heldout)
+    write_curves(out, rows, heldout)
     record = trainer.write_report()
     first, last = (heldout[0]["accuracy"], heldout[-1]["accuracy"]) if heldout else (None, None)
     summary = f"; held-out greedy accuracy {first:.3f} -> {last:.3f}" if heldout else ""
