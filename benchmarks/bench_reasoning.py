@@ -203,6 +203,11 @@ def main() -> None:
                    help="validation problems for --select-every: train split, none of the cold-start traces")
     p.add_argument("--rl-steps", type=int, help="GRPO steps, 16 prompts x 8 samples (default 800; 100 with --quick)")
     p.add_argument("--rl-lr", type=float, default=1e-4, help="GRPO learning rate (default 1e-4)")
+    p.add_argument("-G", "--group-size", type=int, default=8, help="GRPO samples per prompt (default 8)")
+    p.add_argument("-B", "--prompts-per-step", type=int, default=16, help="GRPO prompts per step (default 16)")
+    p.add_argument("--mu", type=int, default=1, help="GRPO policy updates per batch of samples (default 1)")
+    p.add_argument("--epsilon-high", type=float,
+                   help="GRPO clip-higher: rho <= 1 + EPSILON_HIGH (default: 0.2 both sides; only acts with --mu > 1)")
     p.add_argument("--dynamic-sampling", type=int, metavar="ROUNDS", default=0,
                    help="GRPO with DAPO dynamic sampling, up to ROUNDS batches of fresh prompts a step (default 0: "
                         "off); the control is FLOP-matched to every sampled rollout")
@@ -247,7 +252,13 @@ def main() -> None:
         training run (output = <run>/final) of fewer than `steps` steps is continued with --resume instead: GRPO and
         the control run at a constant lr on step-indexed data, so that is the run `steps` would have been from the
         start."""
+        # a training run records the arguments it was started with: reusing it for other settings would be wrong
+        recorded = output.parent / "bench_argv.json" if output.name == "final" else None
+        settings = [a for i, a in enumerate(argv) if a not in ("--steps", "--resume") and argv[i - 1] != "--steps"]
         if output.exists():
+            if recorded is not None and recorded.exists() and json.loads(recorded.read_text()) != settings:
+                raise NanoseekError(f"{output.parent} holds a {name} run with other settings "
+                                    f"({recorded}): pick another --workdir")
             done = json.loads((output.parent / "run.json").read_text())["steps"] if steps else None
             if done is None or done == steps:
                 print(f"\n[{name}: {output} exists, skipped]", flush=True)
@@ -260,6 +271,9 @@ def main() -> None:
             argv = [*argv, "--resume"]
         print(f"\n$ nanoseek {' '.join(argv)}", flush=True)
         t0 = time.time()
+        if recorded is not None:
+            recorded.parent.mkdir(parents=True, exist_ok=True)
+            recorded.write_text(json.dumps(settings) + "\n")
         nanoseek(argv)
         times[name] = round(time.time() - t0, 1)
 
@@ -299,11 +313,13 @@ def main() -> None:
     rl_seed = str(args.seed + 100)
     dynamic = ["--dynamic-sampling", "--max-sampling-rounds", str(args.dynamic_sampling)] if args.dynamic_sampling \
         else []
+    clip_high = ["--epsilon-high", str(args.epsilon_high)] if args.epsilon_high is not None else []
 
     def rl_args(steps: int) -> list[str]:
-        return ["--task", spec, "--steps", str(steps), "-B", "16", "-G", "8", "--max-new-tokens", str(MAX_NEW_TOKENS),
-                "--lr", str(args.rl_lr), "--warmup-steps", "3", "--eval-every", "0", "--save-every", "0",
-                "--seed", rl_seed, *threads, *dynamic]
+        return ["--task", spec, "--steps", str(steps), "-B", str(args.prompts_per_step), "-G", str(args.group_size),
+                "--mu", str(args.mu), *clip_high, "--max-new-tokens", str(MAX_NEW_TOKENS), "--lr", str(args.rl_lr),
+                "--warmup-steps", "3", "--eval-every", "0", "--save-every", "0", "--seed", rl_seed, *threads,
+                *dynamic]
 
     stage("rl", ["rl", "--model", str(sft), *rl_args(rl_steps), "--out", str(work / "rl")], work / "rl" / "final",
           rl_steps)
@@ -316,7 +332,9 @@ def main() -> None:
               "before_greedy": sft_m["pass@1_greedy"]["value"], "after_greedy": rl_m["pass@1_greedy"]["value"],
               "sft_metrics": sft_m, "rl_metrics": rl_m, "cold_start_traces": args.cold_start,
               "sft_steps": args.sft_steps, "rl_steps": rl_steps, "rl_lr": args.rl_lr,
-              "dynamic_sampling_rounds": args.dynamic_sampling, "seed": args.seed,
+              "dynamic_sampling_rounds": args.dynamic_sampling, "group_size": args.group_size,
+              "prompts_per_step": args.prompts_per_step, "mu": args.mu, "epsilon_high": args.epsilon_high,
+              "seed": args.seed,
               "threads": args.threads}
     if selection is not None:
         result.update(selection)
@@ -325,7 +343,7 @@ def main() -> None:
 
     # 4. the control: more SFT on the same cold-start traces, for as much compute as GRPO used
     prompt_len = sum(len(prompt_ids(tok, q)) for q in task.problems("train", 200, args.seed + 100)) / 200
-    rl_tokens, rl_seconds = rl_cost(work / "rl", prompt_len)
+    rl_tokens, rl_seconds = rl_cost(work / "rl", prompt_len, args.group_size * args.prompts_per_step)
     step_tokens, step_seconds = sft_step_cost(work / "sft")
     result.update(rl_token_equivalents=rl_tokens, rl_seconds=rl_seconds, sft_step_token_equivalents=step_tokens,
                   sft_step_seconds=step_seconds)
@@ -365,7 +383,7 @@ def main() -> None:
                               "--out", str(work / "student_sft")], work / "student_sft" / "final")
         stage("student_rl", ["rl", "--model", str(work / "student_sft" / "final"), *rl_args(s_rl_steps),
                              "--out", str(work / "student_rl")], work / "student_rl" / "final")
-        s_rl_cost, _ = rl_cost(work / "student_rl", prompt_len)
+        s_rl_cost, _ = rl_cost(work / "student_rl", prompt_len, args.group_size * args.prompts_per_step)
         result.update(teacher_traces=sum(1 for _ in traces.open()), distill_steps=distill_steps,
                       student_rl_steps=s_rl_steps,
                       student_rl_sft_step_equivalents=round(s_rl_cost / sft_step_cost(work / "student_sft")[0], 1),
@@ -379,7 +397,10 @@ def main() -> None:
         result["continued_from_step"] = continued
     name = args.task if args.task in TASKS else "custom"
     ds = f"_ds{args.dynamic_sampling}" if args.dynamic_sampling else ""
-    setting = f"cs{args.cold_start}_sft{args.sft_steps}_rl{rl_steps}_lr{args.rl_lr:g}{ds}_seed{args.seed}"
+    grpo = "" if (args.group_size, args.prompts_per_step) == (8, 16) else f"_G{args.group_size}B{args.prompts_per_step}"
+    grpo += f"_mu{args.mu}" if args.mu != 1 else ""
+    grpo += f"_eh{args.epsilon_high:g}" if args.epsilon_high is not None else ""
+    setting = f"cs{args.cold_start}_sft{args.sft_steps}_rl{rl_steps}_lr{args.rl_lr:g}{ds}{grpo}_seed{args.seed}"
     suffix = "_quick" if args.quick else f"_{name}_{setting}"
     out = ROOT / "benchmarks" / "results" / f"bench_reasoning{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
