@@ -411,4 +411,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except NanoseekError as e:  # the bench's own checks (a --workdir that holds other runs): one line, no traceback
+        sys.stderr.write(f"bench_reasoning: error: {e}\n")
+        sys.exit(2)
