@@ -201,7 +201,7 @@ def main() -> None:
                         "best validation pass@1 (default 250; 0 = the last step, the default with --quick)")
     p.add_argument("--val-n", type=int, default=200,
                    help="validation problems for --select-every: train split, none of the cold-start traces")
-    p.add_argument("--rl-steps", type=int, help="GRPO steps, 16 prompts x 8 samples (default 800; 100 with --quick)")
+    p.add_argument("--rl-steps", type=int, help="GRPO steps of -B prompts x -G samples (default 800; 100 with --quick)")
     p.add_argument("--rl-lr", type=float, default=1e-4, help="GRPO learning rate (default 1e-4)")
     p.add_argument("-G", "--group-size", type=int, default=8, help="GRPO samples per prompt (default 8)")
     p.add_argument("-B", "--prompts-per-step", type=int, default=16, help="GRPO prompts per step (default 16)")
