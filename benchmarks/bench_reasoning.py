@@ -9,10 +9,11 @@ a control that spends the same compute on more SFT; optionally distillation of t
 
 The setting (docs/reasoning.md, "Demonstration"):
 
-- cold start: a tiny model (`test` preset) trained from scratch on a LIMITED set of verified traces (--cold-start,
-  default 200 train problems), as R1's cold start is a small set of long-CoT examples, for --sft-steps (default
-  3000); checkpoints every --select-every steps are scored on validation problems (train split, none of the traces)
-  and the best one is the cold start, so the SFT is trained to its best point without looking at the test split;
+- cold start: a tiny model (the `test` preset, or --model-config) trained from scratch on a LIMITED set of verified
+  traces (--cold-start, default 200 train problems), as R1's cold start is a small set of long-CoT examples, for
+  --sft-steps (default 3000); checkpoints every --select-every steps are scored on validation problems (train
+  split, none of the traces) and the best one is the cold start, so the SFT is trained to its best point without
+  looking at the test split;
 - GRPO: prompts only, drawn fresh from the train split (another seed), scored by the task's rules (default 800 steps
   at lr 1e-4);
 - control: more SFT from the same checkpoint on the same cold-start traces (more epochs), for as much compute as GRPO
@@ -54,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from nanoseek.cli import main as nanoseek  # noqa: E402
-from nanoseek.config import get_preset  # noqa: E402
+from nanoseek.config import ModelConfig  # noqa: E402
 from nanoseek.errors import NanoseekError  # noqa: E402
 from nanoseek.evaluate import evaluate as evaluate_engine  # noqa: E402
 from nanoseek.evaluate import load_engine, prompt_ids  # noqa: E402
@@ -201,6 +202,9 @@ def main() -> None:
                         "best validation pass@1 (default 250; 0 = the last step, the default with --quick)")
     p.add_argument("--val-n", type=int, default=200,
                    help="validation problems for --select-every: train split, none of the cold-start traces")
+    p.add_argument("--model-config", type=Path, metavar="JSON",
+                   help="config.json of the cold-start model (default: the `test` preset), e.g. "
+                        "benchmarks/configs/test_h128.json; its file name goes into the result's name")
     p.add_argument("--rl-steps", type=int, help="GRPO steps of -B prompts x -G samples (default 800; 100 with --quick)")
     p.add_argument("--rl-lr", type=float, default=1e-4, help="GRPO learning rate (default 1e-4)")
     p.add_argument("-G", "--group-size", type=int, default=8, help="GRPO samples per prompt (default 8)")
@@ -299,7 +303,8 @@ def main() -> None:
     sft_common = ["--batch-size", "32", "--mtp-lambda", "0", "--save-every", "0", *seed, *threads]
     keep = ["--save-every", str(args.select_every), "--keep-last", str(args.sft_steps // args.select_every + 1)] \
         if args.select_every else []
-    stage("sft", ["sft", "--preset", "test", "--tokenizer", str(tok_dir), *cold, "--steps", str(args.sft_steps),
+    shape = ["--config", str(args.model_config)] if args.model_config else ["--preset", "test"]
+    stage("sft", ["sft", *shape, "--tokenizer", str(tok_dir), *cold, "--steps", str(args.sft_steps),
                   "--lr", "3e-3", "--warmup-steps", "20", *sft_common, *keep, "--out", str(work / "sft")],
           work / "sft" / "final")
     sft = work / "sft" / "final"
@@ -334,7 +339,7 @@ def main() -> None:
               "sft_steps": args.sft_steps, "rl_steps": rl_steps, "rl_lr": args.rl_lr,
               "dynamic_sampling_rounds": args.dynamic_sampling, "group_size": args.group_size,
               "prompts_per_step": args.prompts_per_step, "mu": args.mu, "epsilon_high": args.epsilon_high,
-              "seed": args.seed,
+              "model_config": str(args.model_config or "test preset"), "seed": args.seed,
               "threads": args.threads}
     if selection is not None:
         result.update(selection)
@@ -360,8 +365,7 @@ def main() -> None:
 
     # 5. distillation into a dense student vs the same student trained by cold-start SFT + GRPO
     if args.distill:
-        cfg = dense_student_config(get_preset("test", vocab_size=json.loads((sft / "config.json").read_text())[
-            "vocab_size"]))
+        cfg = dense_student_config(ModelConfig.load(sft))  # the teacher's shape, every block dense
         cfg_path = work / "student_config.json"
         cfg.save(cfg_path)
         traces = work / "teacher_traces.jsonl"
@@ -397,10 +401,12 @@ def main() -> None:
         result["continued_from_step"] = continued
     name = args.task if args.task in TASKS else "custom"
     ds = f"_ds{args.dynamic_sampling}" if args.dynamic_sampling else ""
-    grpo = "" if (args.group_size, args.prompts_per_step) == (8, 16) else f"_G{args.group_size}B{args.prompts_per_step}"
-    grpo += f"_mu{args.mu}" if args.mu != 1 else ""
-    grpo += f"_eh{args.epsilon_high:g}" if args.epsilon_high is not None else ""
-    setting = f"cs{args.cold_start}_sft{args.sft_steps}_rl{rl_steps}_lr{args.rl_lr:g}{ds}{grpo}_seed{args.seed}"
+    variant = "" if (args.group_size, args.prompts_per_step) == (8, 16) \
+        else f"_G{args.group_size}B{args.prompts_per_step}"
+    variant += f"_mu{args.mu}" if args.mu != 1 else ""
+    variant += f"_eh{args.epsilon_high:g}" if args.epsilon_high is not None else ""
+    variant += f"_{args.model_config.stem}" if args.model_config else ""
+    setting = f"cs{args.cold_start}_sft{args.sft_steps}_rl{rl_steps}_lr{args.rl_lr:g}{ds}{variant}_seed{args.seed}"
     suffix = "_quick" if args.quick else f"_{name}_{setting}"
     out = ROOT / "benchmarks" / "results" / f"bench_reasoning{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from nanoseek.config import PRESETS, ModelConfig
 from nanoseek.errors import NanoseekError
-from nanoseek.sft import add_data_arguments, encode_for_training, fit, init_model, read_conversations, setup_threads
+from nanoseek.sft import add_data_arguments, encode_for_training, fit, init_model, read_chat_jsonl, setup_threads
 from nanoseek.tokenizer import Tokenizer
 
 
@@ -37,7 +37,10 @@ def run(args: argparse.Namespace) -> None:
     vocab_size = tokenizer.vocab_size
     if (args.teacher / "config.json").is_file():  # keep the teacher's (possibly padded) embedding size
         vocab_size = max(vocab_size, ModelConfig.load(args.teacher).vocab_size)
-    convs = read_conversations(args.teacher_data, None, None, args.seed)
+    convs = [c for path in args.teacher_data for c in read_chat_jsonl(path)]
+    if not convs:  # e.g. a teacher that got no sample right: say so, not sft's generic "no training data"
+        raise NanoseekError(f"distill: no traces in {', '.join(map(str, args.teacher_data))}; did `nanoseek sample "
+                            f"--keep-correct` keep none (0 verified-correct samples)?")
     student = init_model(args.student_preset, args.student_config, vocab_size, dense=True, seed=args.seed)
     if student.config.n_routed_experts or student.config.num_nextn_predict_layers:
         raise NanoseekError("distill: the student must be dense without MTP")  # dense_student_config guarantees it

@@ -188,6 +188,11 @@ def test_distill_dense_student(tok_dir, tmp_path):
     assert cfg.vocab_size == load_model(teacher).config.vocab_size
     assert (out / "final" / "tokenizer.json").read_bytes() == (teacher / "tokenizer.json").read_bytes()
     assert json.loads((out / "run.json").read_text())["stage"] == "distill"
+    empty = tmp_path / "none.jsonl"
+    empty.write_text("")  # what `sample --keep-correct` writes when no sample was right
+    with pytest.raises(NanoseekError, match="no traces in .*none.jsonl.*keep none"):
+        distill.run(parse(distill, ["--teacher-data", str(empty), "--teacher", str(teacher), "--student-preset",
+                                    "test", "--out", str(tmp_path / "s2")]))
 
 
 class ScriptedEngine:
