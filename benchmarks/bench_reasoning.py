@@ -82,13 +82,14 @@ def metrics(path: Path) -> dict[str, dict[str, float]]:
 
 def validation_problems(task: Task, n: int, seed: int, exclude: list[Problem]) -> list[Problem]:
     """n train-split problems that are not among `exclude` (the cold-start traces): the validation set that picks the
-    cold start's step count. Never the test split, which only reports."""
-    seen = {q.prompt for q in exclude}
+    cold start's step count. Never the test split, which only reports. Problems are compared by identity (countdown:
+    the sorted numbers and target), so a trace's problem with its numbers in another order is excluded too."""
+    seen = {q.identity for q in exclude}
     out = []
     for q in task.problems("train", 2 * n + len(seen), seed=seed):  # problems may repeat within a split
-        if q.prompt not in seen and len(out) < n:
+        if q.identity not in seen and len(out) < n:
             out.append(q)
-            seen.add(q.prompt)
+            seen.add(q.identity)
     if len(out) < n:
         raise NanoseekError(f"only {len(out)} validation problems outside the {len(seen)} cold-start traces")
     return out

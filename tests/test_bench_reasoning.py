@@ -44,3 +44,14 @@ def test_checkpoints_sorted_by_step(tmp_path):
         (tmp_path / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
     (tmp_path / "checkpoints" / "latest").write_text("step_000300\n")
     assert [s for s, _ in bench.checkpoints(tmp_path)] == [100, 200, 300]
+
+
+def test_validation_problems_exclude_reordered_trace_problems():
+    # countdown problems with the same numbers in another order are the same problem (the same key)
+    bench = load_bench()
+    task = load_task(bench.TASKS["countdown"])
+    traces = task.problems("train", 4000, seed=0)
+    val = bench.validation_problems(task, 200, 10_000, traces)
+    keys = [q.identity for q in val]
+    assert len(set(keys)) == 200
+    assert not set(keys) & {q.identity for q in traces}  # 104 of the 200 overlapped when compared by prompt
