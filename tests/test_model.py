@@ -1,5 +1,6 @@
 """The V3 model: parity with transformers, routing rules, MTP and balance losses, parameter accounting."""
 
+import json
 import math
 
 import pytest
@@ -220,3 +221,33 @@ def test_config_json_roundtrip(tmp_path):
     assert ModelConfig.load(tmp_path) == cfg
     hf = transformers.AutoConfig.from_pretrained(tmp_path)
     assert hf.num_key_value_heads == cfg.num_attention_heads and hf.q_lora_rank is None
+
+
+def test_transformers_checkpoint_declaring_mtp_without_weights_loads_without_mtp(tmp_path, capsys):
+    """transformers' save_pretrained keeps num_nextn_predict_layers = 1 in config.json but writes no MTP weights."""
+    from nanoseek.cli import main
+    from nanoseek.engine import Engine
+
+    torch.manual_seed(2)
+    cfg = get_preset("test")
+    hf_cfg = transformers.DeepseekV3Config(**cfg.to_hf_dict())
+    hf = transformers.DeepseekV3ForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    capsys.readouterr()
+    model = load_model(tmp_path)
+    load_model(tmp_path)  # warned once per checkpoint
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "holds no MTP weights" in err and "warning" in err
+    assert model.config.num_nextn_predict_layers == 0 and len(model.mtp) == 0
+    ids = torch.randint(0, cfg.vocab_size, (2, 32))
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() < 1e-4
+    with pytest.raises(NanoseekError, match="MTP module"):
+        Engine(model, max_batch_size=1, max_seq_len=64, speculative=True)
+    (tmp_path / "tokenizer.json").write_text("{}")  # never read: the MTP check comes first
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(tmp_path), "--prompt", "hi", "--speculate"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "--speculate needs the checkpoint's MTP module" in err and "holds no MTP weights" in err
