@@ -209,10 +209,40 @@ def test_deepseek_v3_shape_accounting():
     (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
     (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
     (dict(first_k_dense_replace=9), "first_k_dense_replace"),
+    # wrong types from a config.json: one line naming the field, not a TypeError deep in the model
+    (dict(rope_theta="10000"), "rope_theta must be a finite number, got '10000'"),
+    (dict(initializer_range="0.02"), "initializer_range must be a finite number"),
+    (dict(rope_theta=float("nan")), "rope_theta must be a finite number, got nan"),
+    (dict(rms_norm_eps=float("inf")), "rms_norm_eps must be a finite number"),
+    (dict(rope_theta=-1.0), "rope_theta must be > 0"),
+    (dict(num_hidden_layers=True), "num_hidden_layers must be an integer, got True"),
+    (dict(n_group=4.0), "n_group must be an integer, got 4.0"),
+    (dict(vocab_size="512"), "vocab_size must be an integer"),
+    (dict(tie_word_embeddings="false"), "tie_word_embeddings must be true or false"),
+    (dict(scoring_func=1), "scoring_func must be a string"),
+    (dict(eos_token_id=-2), "eos_token_id must be >= 0"),
+    (dict(q_lora_rank="32"), "q_lora_rank must be an integer"),
+    (dict(rope_scaling={**YARN, "mscale": "1"}), "rope_scaling.mscale must be a finite number"),
+    (dict(rope_scaling={**YARN, "factor": float("nan")}), "rope_scaling.factor must be a number >= 1"),
+    (dict(rope_scaling={**YARN, "original_max_position_embeddings": 0}), "original_max_position_embeddings"),
 ])
 def test_invalid_config_values(bad, message):
     with pytest.raises(NanoseekError, match=message):
         get_preset("test", **bad)
+
+
+def test_config_json_with_wrong_types_is_one_line(tmp_path):
+    from nanoseek.cli import main
+
+    (tmp_path / "config.json").write_text('{"model_type": "deepseek_v3", "rope_theta": NaN, "eos_token_id": []}')
+    with pytest.raises(NanoseekError, match="rope_theta must be a finite number, got nan"):
+        ModelConfig.load(tmp_path)
+    (tmp_path / "config.json").write_text('{"eos_token_id": []}')  # an empty list of stop tokens: the default eos
+    assert ModelConfig.load(tmp_path).eos_token_id == ModelConfig().eos_token_id
+    (tmp_path / "config.json").write_text('{"initializer_range": "0.02"}')
+    with pytest.raises(SystemExit) as e:
+        main(["info", "--config", str(tmp_path)])
+    assert e.value.code == 2
 
 
 def test_config_json_roundtrip(tmp_path):
