@@ -26,12 +26,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
 from nanoseek.model import Transformer
+from nanoseek.osutil import write_failed
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _EXPERT_3D = re.compile(r"^layers\.(\d+)\.mlp\.(gate_up_proj|down_proj)$")
@@ -299,12 +300,13 @@ def _check_size(config: ModelConfig, source: _TensorSource, origin: str) -> None
 
 def checkpoint_config(path: str | Path, warn: bool = True) -> ModelConfig:
     """The config a checkpoint directory loads with (config.json, without MTP when it holds no MTP weights)."""
-    path = _checkpoint_dir(path)
+    path = check_checkpoint_dir(path)
     config = ModelConfig.load(path / "config.json")
     return resolve_mtp(config, _TensorSource(path), str(path), warn=warn)
 
 
-def _checkpoint_dir(path: str | Path) -> Path:
+def check_checkpoint_dir(path: str | Path) -> Path:
+    """`path` as a Path if it is a directory with a config.json; else one line saying what it is instead."""
     path = Path(path)
     if not path.exists():
         raise NanoseekError(f"checkpoint not found: {path}")
@@ -321,7 +323,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
 
     Every tensor's name, shape and dtype is checked against the config from the safetensors headers (on a `meta`
     model) before the real model is allocated, so a damaged or mismatched checkpoint costs no memory."""
-    path = _checkpoint_dir(path)
+    path = check_checkpoint_dir(path)
     config = ModelConfig.load(path / "config.json")
     source = _TensorSource(path)
     config = resolve_mtp(config, source, str(path))
@@ -351,27 +353,39 @@ def _fsync_dir(path: Path) -> None:
 
 def write_dir_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     """Call write(tmp_dir) then move tmp_dir to `path`; an existing `path` is replaced only after the new one is
-    complete, so a crash at any point leaves either the old or the new directory (plus a stray temporary)."""
+    complete, so a crash at any point leaves either the old or the new directory (plus a stray temporary, which
+    the next checkpoint write prunes). A failed write (full disk, read-only directory) removes the temporary, keeps
+    the old directory and raises one line naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    write(tmp)
-    for f in tmp.iterdir():
-        f.chmod(0o644)  # safetensors creates its files 0600; a checkpoint is meant to be shared
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        write(tmp)
+        for f in tmp.iterdir():
+            f.chmod(0o644)  # safetensors creates its files 0600; a checkpoint is meant to be shared
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)  # the previous directory goes back where it was
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except (OSError, SafetensorError) as e:  # save_file reports a full disk as a SafetensorError
+        raise write_failed(path, e) from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
