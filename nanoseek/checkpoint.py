@@ -190,12 +190,18 @@ def resolve_mtp(config: ModelConfig, source: _TensorSource, origin: str, warn: b
         first = config.num_hidden_layers + next(k for k in range(n) if k not in held)
         raise NanoseekError(f"{origin}: config.json declares {n} MTP layers (num_nextn_predict_layers) but the "
                             f"checkpoint has no tensors for model.layers.{first}.*: the MTP weights are incomplete")
-    if warn and origin not in _warned_no_mtp:  # once per checkpoint and process (rl loads its model twice)
-        _warned_no_mtp.add(origin)
-        sys.stderr.write(f"nanoseek: warning: {origin}: config.json declares {n} MTP layer{'s' * (n > 1)} "
-                         f"(num_nextn_predict_layers) but the checkpoint holds no MTP weights (transformers' "
-                         f"save_pretrained does not write them): loaded without MTP, so --speculate is unavailable\n")
+    if warn:
+        _warn_no_mtp(origin, n)
     return dataclasses.replace(config, num_nextn_predict_layers=0)
+
+
+def _warn_no_mtp(origin: str, n: int) -> None:
+    if origin in _warned_no_mtp:  # once per checkpoint and process (rl loads its model twice)
+        return
+    _warned_no_mtp.add(origin)
+    sys.stderr.write(f"nanoseek: warning: {origin}: config.json declares {n} MTP layer{'s' * (n > 1)} "
+                     f"(num_nextn_predict_layers) but the checkpoint holds no MTP weights (transformers' "
+                     f"save_pretrained does not write them): loaded without MTP, so --speculate is unavailable\n")
 
 
 def _plan(model: Transformer, source: _TensorSource, origin: str) -> dict[str, tuple[str, list[str]]]:
@@ -324,12 +330,14 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     Every tensor's name, shape and dtype is checked against the config from the safetensors headers (on a `meta`
     model) before the real model is allocated, so a damaged or mismatched checkpoint costs no memory."""
     path = check_checkpoint_dir(path)
-    config = ModelConfig.load(path / "config.json")
+    declared = ModelConfig.load(path / "config.json")
     source = _TensorSource(path)
-    config = resolve_mtp(config, source, str(path))
+    config = resolve_mtp(declared, source, str(path), warn=False)
     _check_size(config, source, str(path))
     with torch.device("meta"):
         plan = _plan(Transformer(config), source, str(path))
+    if config.num_nextn_predict_layers != declared.num_nextn_predict_layers:  # warned only for a model that loads
+        _warn_no_mtp(str(path), declared.num_nextn_predict_layers)
     with torch.device(device):
         model = Transformer(config)
     _fill(model, source, plan)

@@ -261,7 +261,8 @@ class ModelConfig:
             if rp.get("rope_type", rp.get("type", "default")) != "default" and "rope_scaling" not in d:
                 kw["rope_scaling"] = {k: v for k, v in rp.items() if k not in ("rope_theta", "rope_type")}
                 kw["rope_scaling"]["type"] = rp.get("rope_type", rp.get("type"))
-        if kw.get("rope_scaling") and "type" not in kw["rope_scaling"] and "rope_type" in kw["rope_scaling"]:
+        rs = kw.get("rope_scaling")
+        if isinstance(rs, dict) and "type" not in rs and "rope_type" in rs:
             kw["rope_scaling"] = {**kw["rope_scaling"], "type": kw["rope_scaling"]["rope_type"]}
         nkv = d.get("num_key_value_heads")
         if nkv is not None and nkv != d.get("num_attention_heads", nkv):
@@ -275,6 +276,10 @@ class ModelConfig:
             return cls(**kw)
         except TypeError as e:
             raise NanoseekError(f"{source}: {e}") from None
+        except NanoseekError as e:  # validate()'s "config: ..." names the file it came from
+            if source == "config":
+                raise
+            raise NanoseekError(f"{source}: {str(e).removeprefix('config: ')}") from None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
@@ -287,9 +292,11 @@ class ModelConfig:
         if not path.is_file():
             raise NanoseekError(f"config file not found: {path}")
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise NanoseekError(f"{path}: invalid JSON (line {e.lineno}: {e.msg})") from None
+        except UnicodeDecodeError:
+            raise NanoseekError(f"{path}: not a text file (invalid UTF-8)") from None
         if not isinstance(d, dict):
             raise NanoseekError(f"{path}: expected a JSON object")
         return cls.from_hf_dict(d, source=str(path))

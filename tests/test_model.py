@@ -235,8 +235,9 @@ def test_config_json_with_wrong_types_is_one_line(tmp_path):
     from nanoseek.cli import main
 
     (tmp_path / "config.json").write_text('{"model_type": "deepseek_v3", "rope_theta": NaN, "eos_token_id": []}')
-    with pytest.raises(NanoseekError, match="rope_theta must be a finite number, got nan"):
+    with pytest.raises(NanoseekError, match="rope_theta must be a finite number, got nan") as e:
         ModelConfig.load(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / 'config.json'}: rope_theta")  # names the file
     (tmp_path / "config.json").write_text('{"eos_token_id": []}')  # an empty list of stop tokens: the default eos
     assert ModelConfig.load(tmp_path).eos_token_id == ModelConfig().eos_token_id
     (tmp_path / "config.json").write_text('{"initializer_range": "0.02"}')
