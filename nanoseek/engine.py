@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,9 @@ from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
 from nanoseek.model import MoE, Transformer, apply_rope, select_experts
 from nanoseek.quant import QuantizedWeight, check_mode, quantize, weight_bytes
+
+if TYPE_CHECKING:
+    from nanoseek.grammar import Constraint, GrammarState
 
 # torch.compile backend of compile=True: inductor generates fused C++ for the CPU. Tests swap in "aot_eager" (the same
 # graph capture, no code generation) to check the static-shape path in seconds instead of a minute a graph.
@@ -190,6 +193,9 @@ class SamplingParams:
     # None: no log-probabilities; k in 0..20: every emitted token's Event carries its log-probability and the k most
     # likely tokens of the distribution it was drawn from (docs/engine.md, "Sampling parameters")
     logprobs: int | None = None
+    # constrained decoding (nanoseek.grammar): every token is drawn from the tokens the grammar allows (its
+    # start_after token first, if it has one); a complete grammar ends the request with "stop"
+    constraint: Constraint | None = None
 
     @property
     def greedy(self) -> bool:
@@ -214,6 +220,11 @@ class SamplingParams:
                    "None or a dict of token id -> number in [-100, 100]"),
                   ("logprobs", self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                    f"None or an integer in [0, {MAX_LOGPROBS}]")]
+        if self.constraint is not None:
+            from nanoseek.grammar import Constraint
+
+            checks.append(("constraint", isinstance(self.constraint, Constraint), "None or a nanoseek.grammar "
+                                                                                  "Constraint"))
         for name, ok, want in checks:
             if not ok:
                 raise NanoseekError(f"sampling: {name} must be {want}, got {getattr(self, name)!r}")
@@ -224,7 +235,8 @@ class SamplingParams:
         return [name for name, on in (("presence_penalty", self.presence_penalty != 0),
                                       ("frequency_penalty", self.frequency_penalty != 0),
                                       ("logit_bias", bool(self.logit_bias)),
-                                      ("logprobs", self.logprobs is not None)) if on]
+                                      ("logprobs", self.logprobs is not None),
+                                      ("constraint", self.constraint is not None)) if on]
 
 
 def _top(ids: torch.Tensor, logp: torch.Tensor) -> list[tuple[int, float]]:
@@ -272,7 +284,10 @@ class Request:
     # (token ids [b], values [b] fp32)
     counts: torch.Tensor | None = None
     bias: tuple[torch.Tensor, torch.Tensor] | None = None
+    grammar: GrammarState | None = None  # params.constraint's state
+    stop_tensor: torch.Tensor | None = None  # stop_ids as a tensor (constrained requests)
     finish_reason: str | None = None
+    error: str | None = None  # why a request ended with "error" for a reason of its own (its grammar's dead end)
     slot: int | None = None
     done: threading.Event = field(default_factory=threading.Event)
     _cancel: bool = False
@@ -285,7 +300,7 @@ class Request:
     @property
     def processed(self) -> bool:
         """True when the logits need this request's processors before sampling."""
-        return self.counts is not None or self.bias is not None
+        return self.counts is not None or self.bias is not None or self.grammar is not None
 
     def cancel(self) -> None:
         """Thread-safe: the request ends with reason "cancelled" and frees its slot at the engine's next step."""
@@ -818,6 +833,11 @@ class Engine:
         if bad is not None:
             raise NanoseekError(f"sampling: logit_bias token id {bad} is not in the vocabulary [0, {vocab})")
         stop = [self.config.eos_token_id] if params.stop_token_ids is None else params.stop_token_ids
+        if params.constraint is not None:
+            if params.constraint.vocab_size > vocab:
+                raise NanoseekError(f"request: the constraint was built for a tokenizer of "
+                                    f"{params.constraint.vocab_size} tokens; the model has {vocab}")
+            stop = [*stop, self.config.eos_token_id]  # where the grammar is complete, EOS ends a constrained request
         gen = None
         if not params.greedy:
             gen = torch.Generator()
@@ -830,6 +850,9 @@ class Engine:
         if params.logit_bias:
             req.bias = (torch.tensor(list(params.logit_bias), dtype=torch.long, device=self.device),
                         torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=self.device))
+        if params.constraint is not None:
+            req.grammar = params.constraint.new_state()
+            req.stop_tensor = torch.tensor(sorted(req.stop_ids), dtype=torch.long, device=self.device)
         return req
 
     def _emit(self, events: list[Event], req: Request, token: int | None, reason: str | None,
@@ -850,12 +873,21 @@ class Engine:
 
     def _accept(self, events: list[Event], req: Request, token: int,
                 logprob: tuple[float, list[tuple[int, float]]] | None = None) -> None:
-        """Record a sampled token: a stop token ends the request (and is not emitted), so does the length limit."""
-        if token in req.stop_ids:
+        """Record a sampled token: a stop token ends the request (and is not emitted), so does the length limit, and
+        so does a complete grammar (after its last token)."""
+        g = req.grammar
+        if g is not None and g.dead is not None:  # no token was allowed (_grammar_mask)
+            req.error = f"grammar: {g.dead}"
+            self._emit(events, req, None, "error")
+        elif token in req.stop_ids:
             self._emit(events, req, None, "stop")
         else:
-            self._emit(events, req, token, "length" if len(req.output_ids) + 1 >= req.max_new_tokens else None,
-                       logprob)
+            reason = "length" if len(req.output_ids) + 1 >= req.max_new_tokens else None
+            if g is not None:
+                g.advance(token)
+                if reason is None and g.done:
+                    reason = "stop"
+            self._emit(events, req, token, reason, logprob)
 
     def _release(self, finished: list[Request]) -> None:
         """Free the slots of finished requests, moving the last active slot into each hole (slots stay 0..n-1)."""
@@ -962,6 +994,23 @@ class Engine:
                 row.sub_(r.counts * p.frequency_penalty + (r.counts > 0) * p.presence_penalty)
             if r.bias is not None:
                 row.index_add_(0, *r.bias)
+            if r.grammar is not None:
+                self._grammar_mask(row, r)
+
+    def _grammar_mask(self, row: torch.Tensor, r: Request) -> None:
+        """-inf on every token the request's grammar forbids. Stop tokens are allowed only where the grammar is
+        complete (before its start_after token: never, so the free part cannot end the request)."""
+        g = r.grammar
+        if not g.active:
+            row.index_fill_(0, r.stop_tensor, float("-inf"))
+            return
+        allow = torch.zeros(row.shape[0], dtype=torch.bool, device=row.device)  # ids past the tokenizer: forbidden
+        allow[:g.constraint.vocab_size] = g.allowed()
+        allow[r.stop_tensor] = g.accepting
+        if not allow.any():  # a dead end (the grammar's own error, e.g. a parser limit): _accept ends the request
+            g.dead = g.error or "no token is allowed"
+            return
+        row.masked_fill_(~allow, float("-inf"))
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]
                 ) -> tuple[list[int], list[tuple[float, list[tuple[int, float]]] | None]]:
