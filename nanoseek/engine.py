@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -285,7 +286,7 @@ class Request:
     counts: torch.Tensor | None = None
     bias: tuple[torch.Tensor, torch.Tensor] | None = None
     grammar: GrammarState | None = None  # params.constraint's state
-    stop_tensor: torch.Tensor | None = None  # stop_ids as a tensor (constrained requests)
+    stop_array: np.ndarray | None = None  # stop_ids as an array (constrained requests)
     finish_reason: str | None = None
     error: str | None = None  # why a request ended with "error" for a reason of its own (its grammar's dead end)
     slot: int | None = None
@@ -852,7 +853,7 @@ class Engine:
                         torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=self.device))
         if params.constraint is not None:
             req.grammar = params.constraint.new_state()
-            req.stop_tensor = torch.tensor(sorted(req.stop_ids), dtype=torch.long, device=self.device)
+            req.stop_array = np.array(sorted(req.stop_ids), dtype=np.int64)
         return req
 
     def _emit(self, events: list[Event], req: Request, token: int | None, reason: str | None,
@@ -1002,15 +1003,14 @@ class Engine:
         complete (before its start_after token: never, so the free part cannot end the request)."""
         g = r.grammar
         if not g.active:
-            row.index_fill_(0, r.stop_tensor, float("-inf"))
+            row[torch.from_numpy(r.stop_array).to(row.device)] = float("-inf")
             return
-        allow = torch.zeros(row.shape[0], dtype=torch.bool, device=row.device)  # ids past the tokenizer: forbidden
-        allow[:g.constraint.vocab_size] = g.allowed()
-        allow[r.stop_tensor] = g.accepting
+        allow = g.allowed(row.shape[0]).numpy()  # numpy: a few us for what takes tens in small torch ops
+        allow[r.stop_array] = g.accepting
         if not allow.any():  # a dead end (the grammar's own error, e.g. a parser limit): _accept ends the request
             g.dead = g.error or "no token is allowed"
             return
-        row.masked_fill_(~allow, float("-inf"))
+        row.masked_fill_(torch.from_numpy(~allow).to(row.device), float("-inf"))
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]
                 ) -> tuple[list[int], list[tuple[float, list[tuple[int, float]]] | None]]:

@@ -35,6 +35,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from nanoseek.errors import NanoseekError
@@ -166,15 +167,18 @@ class GrammarState:
         self.matcher = constraint.prepared.compile(constraint.lark, constraint.kind).deep_copy()
         self.active = constraint.start_after is None  # False while the output is still free (e.g. reasoning)
         self.dead: str | None = None  # set by the engine when no token is allowed: why
-        self._words = torch.zeros((constraint.vocab_size + 31) // 32, dtype=torch.int32)
-        self._shifts = torch.arange(32, dtype=torch.int32)
+        self._words = np.zeros((constraint.vocab_size + 31) // 32, dtype=np.int32)  # llguidance's bitmask
 
-    def allowed(self) -> torch.Tensor:
-        """[tokenizer vocab] bool: the tokens that keep the output inside the grammar (the tokenizer's EOS where
-        the grammar is complete). Only while active."""
-        self.matcher.unsafe_compute_mask_ptr(self._words.data_ptr(), self._words.numel() * 4)
-        bits = (self._words[:, None] >> self._shifts) & 1  # [V/32, 32], bit j of word w is token 32 w + j
-        return bits.view(-1)[:self.constraint.vocab_size].bool()
+    def allowed(self, size: int | None = None) -> torch.Tensor:
+        """[size] bool (default: the tokenizer's vocabulary): the tokens that keep the output inside the grammar (the
+        tokenizer's EOS where the grammar is complete); ids past the tokenizer's vocabulary (a model's padded rows)
+        are False. Only while active. A new CPU tensor each call."""
+        self.matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
+        n = self.constraint.vocab_size
+        out = np.zeros(max(size or n, n), dtype=bool)
+        # bit j of int32 word w is token 32 w + j: little-endian words, so the bytes' bits in little order
+        out[:n] = np.unpackbits(self._words.view(np.uint8), bitorder="little")[:n]
+        return torch.from_numpy(out[:size or n])
 
     def advance(self, token: int) -> None:
         if not self.active:

@@ -98,6 +98,8 @@ def test_mask_forbids_what_it_should(toks):
     texts = {i: tok.decode([i]) for i in allowed.nonzero().flatten().tolist()}
     assert texts and all(t.lstrip(" \t\r\n").startswith("{") or t.strip(" \t\r\n") == "" for t in texts.values())
     assert tok.encode("{")[0] in texts and tok.encode("[")[0] not in texts and tok.eos_id not in texts
+    padded = state.allowed(512)  # a model's vocabulary may be larger than the tokenizer's: those ids are forbidden
+    assert padded.shape == (512,) and torch.equal(padded[:400], allowed) and not padded[400:].any()
     for t in tok.encode('{"a": [1, "x"]}'):
         state.advance(t)
     assert state.done and state.accepting and state.error is None
@@ -297,7 +299,7 @@ def test_a_dead_end_ends_the_request_cleanly(model, toks, monkeypatch):
     tok = toks["text"]
     engine = engine_for(model)
     ok = engine.submit(PROMPTS[1], SamplingParams(10, stop_token_ids=[]))
-    monkeypatch.setattr(G.GrammarState, "allowed", lambda self: torch.zeros(self.constraint.vocab_size, dtype=bool))
+    monkeypatch.setattr(G.GrammarState, "allowed", lambda self, size=None: torch.zeros(size, dtype=torch.bool))
     dead = engine.submit(PROMPTS[0], SamplingParams(50, constraint=G.json_object(tok)))
     while not (ok.finished and dead.finished):
         engine.step()
