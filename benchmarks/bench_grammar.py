@@ -394,7 +394,7 @@ def main() -> None:
     texts = documents(args.instances)
     corpus = [(corpus_dir() / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8"), *texts]
     res = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-           "command": "python benchmarks/bench_grammar.py " + " ".join(sys.argv[1:]), "cpu": cpu_name(),
+           "command": " ".join(["python benchmarks/bench_grammar.py", *sys.argv[1:]]), "cpu": cpu_name(),
            "python": platform.python_version(), "torch": torch.__version__, "instances": args.instances,
            "repeats": args.repeats, "engine_repeats": args.engine_repeats, "schema": SCHEMA, "vocabularies": [],
            "install": {}}

@@ -998,19 +998,27 @@ class Engine:
             if r.grammar is not None:
                 self._grammar_mask(row, r)
 
+    def _forbidden(self, r: Request, size: int) -> torch.Tensor | None:
+        """[size] bool, True where the request's active grammar forbids the token. Stop tokens are allowed only
+        where the grammar is complete. None (and the grammar marked dead) when nothing at all is allowed."""
+        g = r.grammar
+        allow = g.allowed(size).numpy()  # numpy: a few us for what takes tens in small torch ops
+        allow[r.stop_array] = g.accepting
+        if not allow.any():  # a dead end (the grammar's own error, e.g. a parser limit): _accept ends the request
+            g.dead = g.error or "no token is allowed"
+            return None
+        return torch.from_numpy(~allow)
+
     def _grammar_mask(self, row: torch.Tensor, r: Request) -> None:
-        """-inf on every token the request's grammar forbids. Stop tokens are allowed only where the grammar is
-        complete (before its start_after token: never, so the free part cannot end the request)."""
+        """-inf on every token the request's grammar forbids (before its start_after token: on its stop tokens, so
+        the free part cannot end the request)."""
         g = r.grammar
         if not g.active:
             row[torch.from_numpy(r.stop_array).to(row.device)] = float("-inf")
             return
-        allow = g.allowed(row.shape[0]).numpy()  # numpy: a few us for what takes tens in small torch ops
-        allow[r.stop_array] = g.accepting
-        if not allow.any():  # a dead end (the grammar's own error, e.g. a parser limit): _accept ends the request
-            g.dead = g.error or "no token is allowed"
-            return
-        row.masked_fill_(torch.from_numpy(~allow).to(row.device), float("-inf"))
+        forbid = self._forbidden(r, row.shape[0])
+        if forbid is not None:
+            row.masked_fill_(forbid.to(row.device), float("-inf"))
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]
                 ) -> tuple[list[int], list[tuple[float, list[tuple[int, float]]] | None]]:
