@@ -45,9 +45,10 @@ THINK_START = "<think>"
 THINK_END = "</think>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, THINK_START, THINK_END]  # ids 0..6 in this order
 # DeepSeek-V3's tool-call markers: special tokens at ids 7..15 (in this order) of tokenizers trained since they were
-# added; plain text in older ones. Calls are written as V3 / R1 write them (nanoseek.grammar's style "v3"):
-# <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\nARGUMENTS\n```<｜tool▁call▁end｜>
-# ("\n" between two calls) <｜tool▁calls▁end｜>, and tool results come back as
+# added; plain text in older ones. Calls are written as DeepSeek-V3.1 writes them (nanoseek.grammar's style "v3.1",
+# fewer tokens than V3's "function<｜tool▁sep｜>NAME\n```json\nARGUMENTS\n```"):
+# <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGUMENTS<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>,
+# and tool results come back as
 # <｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>RESULT<｜tool▁output▁end｜>...<｜tool▁outputs▁end｜>.
 TOOL_CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
 TOOL_CALLS_END = "<｜tool▁calls▁end｜>"
@@ -60,7 +61,7 @@ TOOL_OUTPUT_BEGIN = "<｜tool▁output▁begin｜>"
 TOOL_OUTPUT_END = "<｜tool▁output▁end｜>"
 TOOL_TOKENS = [TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP, TOOL_OUTPUTS_BEGIN,
                TOOL_OUTPUTS_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END]  # ids 7..15 in new tokenizers
-TOOL_CALL_STYLE = "v3"  # the call layout above, in nanoseek.grammar's terms (its tool_calls / parse_tool_calls)
+TOOL_CALL_STYLE = "v3.1"  # the call layout above, in nanoseek.grammar's terms (its tool_calls / parse_tool_calls)
 
 DEFAULT_MODEL_MAX_LENGTH = 1024  # matches ModelConfig.max_position_embeddings' default; only advisory for HF
 
@@ -100,9 +101,8 @@ CHAT_TEMPLATE = r"""{%- set ns = namespace(system='', has_system=false, outputs=
 {%- set tool_ns.text = tool_ns.text + '\nParameters: ' + (tool['function']['parameters'] | default({}) | tojson) %}
 {%- endfor %}
 {%- set tool_ns.text = tool_ns.text + '\n\nTo call functions, end your answer with\n'
-    + '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\nARGUMENTS\n```'
-    + '<｜tool▁call▁end｜><｜tool▁calls▁end｜>\nwhere ARGUMENTS is one JSON object, one '
-    + '<｜tool▁call▁begin｜>...<｜tool▁call▁end｜> per call, separated by a newline. '
+    + '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGUMENTS<｜tool▁call▁end｜><｜tool▁calls▁end｜>\n'
+    + 'where ARGUMENTS is one JSON object, with one <｜tool▁call▁begin｜>...<｜tool▁call▁end｜> per call. '
     + 'The results come back in the next turn.' %}
 {%- if ns.has_system %}{% set ns.system = ns.system + '\n\n' + tool_ns.text %}
 {%- else %}{% set ns.system = tool_ns.text %}{% set ns.has_system = true %}{% endif %}
@@ -131,9 +131,8 @@ CHAT_TEMPLATE = r"""{%- set ns = namespace(system='', has_system=false, outputs=
 {{- '<｜tool▁calls▁begin｜>' }}
 {%- for call in message['tool_calls'] %}
 {%- set arguments = call['function']['arguments'] %}
-{%- if not loop.first %}{{ '\n' }}{% endif %}
-{{- '<｜tool▁call▁begin｜>function<｜tool▁sep｜>' + call['function']['name'] + '\n```json\n'
-    + (arguments if arguments is string else arguments | tojson) + '\n```<｜tool▁call▁end｜>' }}
+{{- '<｜tool▁call▁begin｜>' + call['function']['name'] + '<｜tool▁sep｜>'
+    + (arguments if arguments is string else arguments | tojson) + '<｜tool▁call▁end｜>' }}
 {%- endfor %}
 {{- '<｜tool▁calls▁end｜>' }}
 {%- endif %}
@@ -305,7 +304,11 @@ class Tokenizer:
 
     # ----- text <-> ids -------------------------------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if len(text) > 4096 and hasattr(self._tok, "encode_batch_fast"):
+            # the same ids; encode_batch_fast releases the GIL (a server's event loop runs meanwhile), encode does not
+            ids = self._tok.encode_batch_fast([text], add_special_tokens=False)[0].ids
+        else:
+            ids = self._tok.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos else ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:

@@ -286,9 +286,9 @@ def test_tool_template_format(tok):
     assert system.startswith(BOS + "You are nanoseek.\n\n## Tools\n\n")
     assert '### get_weather\nThe weather in a city, now.\nParameters: {"type": "object", "properties": ' in system
     assert "### no_args\nParameters: {}" in system
-    call = "<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{}\n```<｜tool▁call▁end｜>"
+    call = "<｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{}<｜tool▁call▁end｜>"
     assert rest == (
-        "Weather in Paris and Rome?" + ASSISTANT + TOOL_CALLS_BEGIN + call.format('{"city": "Paris"}') + "\n"
+        "Weather in Paris and Rome?" + ASSISTANT + TOOL_CALLS_BEGIN + call.format('{"city": "Paris"}')
         + call.format('{"city": "Rome"}') + "<｜tool▁calls▁end｜>" + EOS + "<｜tool▁outputs▁begin｜>"
         + "<｜tool▁output▁begin｜>sunny, 21 C<｜tool▁output▁end｜><｜tool▁output▁begin｜>rain<｜tool▁output▁end｜>"
         + "<｜tool▁outputs▁end｜>" + ASSISTANT + "Sunny in Paris, rain in Rome." + EOS + USER + "Thanks!"
