@@ -513,6 +513,13 @@ def test_compiled_seeded_sampling_matches_eager(model, aot_eager):
     assert engine_for(model, compile=True).generate(PROMPTS[:2], **kw) == engine_for(model).generate(PROMPTS[:2], **kw)
 
 
+def test_compiled_processors_match_eager(model, aot_eager):
+    """Penalties and logit_bias modify the compiled graph's logits in place: the same tokens as eager."""
+    kw = dict(max_new_tokens=20, temperature=0.9, seed=3, stop_token_ids=[], frequency_penalty=1.0,
+              presence_penalty=0.5, logit_bias={5: 3.0}, logprobs=2)
+    assert engine_for(model, compile=True).generate(PROMPTS[:2], **kw) == engine_for(model).generate(PROMPTS[:2], **kw)
+
+
 def test_compiled_decode_inductor(model, hf_greedy):
     """The real backend (inductor's generated C++): one graph, batch 1."""
     engine = engine_for(model, compile=True)
