@@ -817,8 +817,15 @@ def test_logprobs_chat_and_completions(scripted):
     assert "".join(lp["tokens"]) == c["text"] == SCRIPT_REASONING and len(lp["token_logprobs"]) == n
     assert lp["text_offset"] == [sum(map(len, lp["tokens"][:k])) for k in range(n)]
     assert all(len(t) == 2 and max(t, key=t.get) == s for t, s in zip(lp["top_logprobs"], lp["tokens"], strict=True))
+    body = {"prompt": ids, "max_tokens": n, "logprobs": 2, "temperature": 0, "stream": True}
+    chunks = [e["choices"][0]["logprobs"] for e in sse(http.post(f"{url}/v1/completions", json=body))]
+    assert [t for c in chunks if c for t in c["tokens"]] == lp["tokens"]
+    assert [o for c in chunks if c for o in c["text_offset"]] == lp["text_offset"]
     echo = post(url, {"prompt": "The sky", "max_tokens": 2, "echo": True, "temperature": 0}, "/v1/completions")
     assert echo["choices"][0]["text"].startswith("The sky")
+    body = {"prompt": "The sky", "max_tokens": 2, "echo": True, "temperature": 0, "stream": True}
+    streamed = "".join(e["choices"][0]["text"] for e in sse(http.post(f"{url}/v1/completions", json=body)))
+    assert streamed == echo["choices"][0]["text"]
     refused(url, {"prompt": "x", "echo": True, "logprobs": 1}, "echo", "/v1/completions")
 
 
