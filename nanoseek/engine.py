@@ -37,9 +37,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nanoseek import moe
 from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
-from nanoseek.model import MoE, Transformer, apply_rope, select_experts
+from nanoseek.model import MoE, Transformer, apply_rope
 from nanoseek.quant import QuantizedWeight, check_mode, quantize, weight_bytes
 
 if TYPE_CHECKING:
@@ -125,12 +126,9 @@ class LayerWeights:
             self.experts_down = list(mlp.down_proj.unbind(0))  # E x [D, I]
             # the 3-D expert tensors themselves, for the compiled decode step (which gathers the selected experts)
             self.experts_gate_up_3d, self.experts_down_3d = mlp.gate_up_proj, mlp.down_proj  # [E, 2I, D], [E, D, I]
-            # the same weights for F.grouped_mm ([E, D, 2I], [E, I, D] views), whose CPU kernel needs 16-byte aligned
-            # rows; a quantised mode sets `grouped` False and swaps the per-expert lists above
-            w = (mlp.gate_up_proj, mlp.down_proj)
-            self.experts_gate_up_t, self.experts_down_t = (t.transpose(1, 2) for t in w)
-            self.grouped = hasattr(F, "grouped_mm") and w[0].device.type == "cpu" and all(
-                d * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0 for t in w for d in t.shape[1:])
+            # one F.grouped_mm per projection where its kernel takes these stacks; a quantised mode sets `grouped`
+            # False and swaps the per-expert lists above
+            self.grouped = moe.grouped_mm_ok(mlp.gate_up_proj, mlp.down_proj)
             shared = mlp.shared_experts
         else:
             shared = mlp
@@ -150,7 +148,7 @@ class LayerWeights:
             self.experts_gate_up = [q(w) for w in self.experts_gate_up]
             self.experts_down = [q(w) for w in self.experts_down]
             # F.grouped_mm reads full-precision 3-D weights: the quantised experts take the loop through linear()
-            self.grouped, self.experts_gate_up_t, self.experts_down_t = False, None, None
+            self.grouped = False
             self.experts_gate_up_3d = self.experts_down_3d = None
 
 
@@ -466,7 +464,7 @@ class Engine:
     def _route(self, x: torch.Tensor, lw: LayerWeights) -> tuple[torch.Tensor, torch.Tensor]:
         """model.Gate: x [N,D] -> weights [N,K] fp32, expert indices [N,K]."""
         scores = F.linear(x.float(), lw.gate_w).sigmoid()
-        return select_experts(scores, lw.gate_bias, self.config)
+        return moe.select_experts(scores, lw.gate_bias, self.config)
 
     def _moe(self, x: torch.Tensor, lw: LayerWeights, static: bool = False) -> torch.Tensor:
         """Shared experts + the routed experts the N tokens selected (one matmul pair per busy expert only)."""
@@ -490,23 +488,13 @@ class Engine:
             outs = torch.cat([swiglu(x[i:i + 1], lw.experts_gate_up[e], lw.experts_down[e])
                               for i, row in enumerate(indices.tolist()) for e in row])  # [N*K, D]
             return y + (weights.to(x.dtype).view(n, k, 1) * outs.view(n, k, -1)).sum(1)
-        flat = indices.flatten()
-        order = flat.argsort(stable=True)
-        token_of = order // k  # source token of each (token, expert) pair, grouped by expert
-        xs = x[token_of]
-        counts = torch.bincount(flat, minlength=self.config.n_routed_experts)  # [E] rows per expert
         if lw.grouped:  # one grouped matmul per projection: ~1.5x faster than the loop from 4 tokens up
-            offs = counts.cumsum(0).to(torch.int32)
-            gate, up = F.grouped_mm(xs, lw.experts_gate_up_t, offs=offs).chunk(2, dim=-1)
-            ys = F.grouped_mm(F.silu(gate) * up, lw.experts_down_t, offs=offs)
+            def experts(xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+                return moe.grouped_swiglu(xs, counts, lw.experts_gate_up_3d, lw.experts_down_3d)
         else:
-            outs, start = [], 0
-            for e, n in enumerate(counts.tolist()):
-                if n:
-                    outs.append(swiglu(xs[start:start + n], lw.experts_gate_up[e], lw.experts_down[e]))
-                    start += n
-            ys = torch.cat(outs)
-        return y.index_add_(0, token_of, ys * weights.flatten()[order, None].to(x.dtype))
+            def experts(xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+                return moe.looped_swiglu(xs, counts, lw.experts_gate_up, lw.experts_down, linear)
+        return moe.dispatch(x, weights, indices, self.config.n_routed_experts, experts, out=y)
 
     def _block(self, x: torch.Tensor, lw: LayerWeights, cache: torch.Tensor, b: Batch,
                static: bool = False) -> torch.Tensor:
@@ -1129,15 +1117,14 @@ class Engine:
     def stats(self) -> dict[str, float | int]:
         cfg = self.config
         nbytes = self.caches[0].element_size()
-        latent = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * nbytes
         with self._lock:
             waiting = len(self._waiting)
         c = self.counters
         return {
-            "kv_cache_bytes_per_token": latent * cfg.num_hidden_layers,
+            "kv_cache_bytes_per_token": cfg.kv_cache_bytes_per_token(nbytes),
             "mha_equivalent_bytes_per_token": cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
             * cfg.num_hidden_layers * nbytes,
-            "mtp_kv_cache_bytes_per_token": latent * len(self.mtp_layers),
+            "mtp_kv_cache_bytes_per_token": cfg.kv_cache_bytes_per_token(nbytes, layers=len(self.mtp_layers)),
             "kv_cache_bytes_allocated": sum(t.numel() * t.element_size() for t in self.caches + self.mtp_caches),
             "max_batch_size": self.max_batch_size,
             "max_seq_len": self.max_seq_len,
