@@ -139,12 +139,11 @@ def kv_cache_bytes_per_token(config: ModelConfig, attention: str = "mla", n_kv_h
     MLA: (kv_lora_rank + qk_rope_head_dim) * layers * bytes  (the latent c_kv and the shared rope key, V2 Table 1)
     MHA/GQA: 2 * n_kv_heads * head_dim * layers * bytes      (k and v of every KV head)
     """
-    layers = config.num_hidden_layers
     if attention == "mla":
-        return (config.kv_lora_rank + config.qk_rope_head_dim) * layers * bytes_per_element
+        return config.kv_cache_bytes_per_token(bytes_per_element)
     if n_kv_heads is None or head_dim is None:
         raise NanoseekError(f"kv_cache_bytes_per_token: {attention} needs n_kv_heads and head_dim")
-    return 2 * n_kv_heads * head_dim * layers * bytes_per_element
+    return 2 * n_kv_heads * head_dim * config.num_hidden_layers * bytes_per_element
 
 
 # --- variants -------------------------------------------------------------------------------------------------------
@@ -206,7 +205,7 @@ class Variant:
                 model.reset_parameters()  # normal(0, std); o_proj scaled by 1/sqrt(2 * layers), as for MLA
         if self.fp8:
             try:
-                from nanoseek.fp8 import enable_fp8
+                from nanoseek.model import enable_fp8
             except ImportError:
                 raise NanoseekError("ablate fp8: nanoseek.fp8.enable_fp8 is not available in this version") from None
             enable_fp8(model)

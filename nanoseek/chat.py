@@ -29,17 +29,19 @@ class TextSplitter:
 
     - reasoning: everything before `</think>` (only when `reasoning=True`); its trailing newlines are held back and
       dropped at `</think>` (R1 writes "reasoning\\n</think>\\n\\nanswer").
-    - content: the rest, with its leading whitespace dropped in reasoning mode.
+    - content: the rest, with its leading whitespace dropped in reasoning mode (or when `strip_content` says so:
+      a chat answer after a closed, empty reasoning block).
     - stop strings end the content: the text from the first match on is never returned and `stopped` is set. A tail
       that could be the start of a stop string is held back until the next token settles it.
     Special tokens (ids 0..6) produce no text.
     """
 
-    def __init__(self, tokenizer: Tokenizer, reasoning: bool = True, stop: list[str] | None = None):
+    def __init__(self, tokenizer: Tokenizer, reasoning: bool = True, stop: list[str] | None = None,
+                 strip_content: bool | None = None):
         self.decoder = IncrementalDecoder(tokenizer, skip_special_tokens=True)
         self.think_end_id = tokenizer.think_end_id
         self.in_reasoning = reasoning
-        self.strip_content = reasoning
+        self.strip_content = reasoning if strip_content is None else strip_content
         self.stop = [s for s in (stop or []) if s]
         self.held = ""  # text decoded but not yet returned
         self.reasoning_tokens = 0  # tokens up to and including </think>

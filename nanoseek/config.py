@@ -75,6 +75,13 @@ class ModelConfig:
             scale *= m * m
         return scale
 
+    def kv_cache_bytes_per_token(self, bytes_per_element: int = 2, layers: int | None = None) -> int:
+        """MLA's cache per token: the latent c_kv (kv_lora_rank) and the shared RoPE key (qk_rope_head_dim), per
+        layer (default: the main model's num_hidden_layers; the MTP module caches its own when it decodes).
+        V3 in bf16: (512 + 64) * 61 * 2 = 70,272 bytes (V2 paper, Table 1, counts the elements)."""
+        n = self.num_hidden_layers if layers is None else layers
+        return (self.kv_lora_rank + self.qk_rope_head_dim) * n * bytes_per_element
+
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Blocks at index >= first_k_dense_replace (MTP blocks included) use DeepSeekMoE."""
         return layer_idx >= self.first_k_dense_replace and self.n_routed_experts > 0

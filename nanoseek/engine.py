@@ -31,15 +31,20 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nanoseek import moe
 from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
-from nanoseek.model import MoE, Transformer, apply_rope, select_experts
+from nanoseek.model import MoE, Transformer, apply_rope
 from nanoseek.quant import QuantizedWeight, check_mode, quantize, weight_bytes
+
+if TYPE_CHECKING:
+    from nanoseek.grammar import Constraint, GrammarState
 
 # torch.compile backend of compile=True: inductor generates fused C++ for the CPU. Tests swap in "aot_eager" (the same
 # graph capture, no code generation) to check the static-shape path in seconds instead of a minute a graph.
@@ -121,12 +126,9 @@ class LayerWeights:
             self.experts_down = list(mlp.down_proj.unbind(0))  # E x [D, I]
             # the 3-D expert tensors themselves, for the compiled decode step (which gathers the selected experts)
             self.experts_gate_up_3d, self.experts_down_3d = mlp.gate_up_proj, mlp.down_proj  # [E, 2I, D], [E, D, I]
-            # the same weights for F.grouped_mm ([E, D, 2I], [E, I, D] views), whose CPU kernel needs 16-byte aligned
-            # rows; a quantised mode sets `grouped` False and swaps the per-expert lists above
-            w = (mlp.gate_up_proj, mlp.down_proj)
-            self.experts_gate_up_t, self.experts_down_t = (t.transpose(1, 2) for t in w)
-            self.grouped = hasattr(F, "grouped_mm") and w[0].device.type == "cpu" and all(
-                d * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0 for t in w for d in t.shape[1:])
+            # one F.grouped_mm per projection where its kernel takes these stacks; a quantised mode sets `grouped`
+            # False and swaps the per-expert lists above
+            self.grouped = moe.grouped_mm_ok(mlp.gate_up_proj, mlp.down_proj)
             shared = mlp.shared_experts
         else:
             shared = mlp
@@ -146,7 +148,7 @@ class LayerWeights:
             self.experts_gate_up = [q(w) for w in self.experts_gate_up]
             self.experts_down = [q(w) for w in self.experts_down]
             # F.grouped_mm reads full-precision 3-D weights: the quantised experts take the loop through linear()
-            self.grouped, self.experts_gate_up_t, self.experts_down_t = False, None, None
+            self.grouped = False
             self.experts_gate_up_3d = self.experts_down_3d = None
 
 
@@ -168,14 +170,35 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 # --- requests -------------------------------------------------------------------------------------------------------
+# temperatures below this sample greedily: logits / 1e-50 overflow fp32 to inf, the softmax turns inf - inf into NaN,
+# and the inverse CDF then picks one fixed token. 1e-5 keeps logits / T finite for any |logit| < 3e33.
+GREEDY_TEMPERATURE = 1e-5
+MAX_LOGPROBS = 20  # as OpenAI's top_logprobs
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy argmax
+    temperature: float = 0.0  # 0 (or anything < GREEDY_TEMPERATURE) = greedy argmax
     top_p: float = 1.0  # nucleus: the smallest set of tokens whose probability sums to >= top_p
     top_k: int = 0  # 0 = no top-k cut
     stop_token_ids: list[int] | None = None  # None = [config.eos_token_id]; [] = run to max_new_tokens
     seed: int | None = None  # None = a fresh random seed
+    # OpenAI's penalties over this request's generated tokens so far (count_j = times token j was emitted):
+    # logit_j -= frequency_penalty * count_j + presence_penalty * (count_j > 0)
+    presence_penalty: float = 0.0  # in [-2, 2]
+    frequency_penalty: float = 0.0  # in [-2, 2]
+    logit_bias: dict[int, float] | None = None  # token id -> value in [-100, 100], added to that token's logit
+    # None: no log-probabilities; k in 0..20: every emitted token's Event carries its log-probability and the k most
+    # likely tokens of the distribution it was drawn from (docs/engine.md, "Sampling parameters")
+    logprobs: int | None = None
+    # constrained decoding (nanoseek.grammar): every token is drawn from the tokens the grammar allows (its
+    # start_after token first, if it has one); a complete grammar ends the request with "stop"
+    constraint: Constraint | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE
 
     def validate(self) -> None:
         checks = [("max_new_tokens", _is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "an integer >= 1"),
@@ -185,10 +208,39 @@ class SamplingParams:
                   ("seed", self.seed is None or _is_int(self.seed), "an integer or None"),
                   ("stop_token_ids", self.stop_token_ids is None or (isinstance(self.stop_token_ids, (list, tuple))
                                                                      and all(map(_is_int, self.stop_token_ids))),
-                   "a list of integers or None")]
+                   "a list of integers or None"),
+                  ("presence_penalty", _is_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+                   "a number in [-2, 2]"),
+                  ("frequency_penalty", _is_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+                   "a number in [-2, 2]"),
+                  ("logit_bias", self.logit_bias is None or (
+                      isinstance(self.logit_bias, dict) and all(_is_int(k) and k >= 0 for k in self.logit_bias)
+                      and all(_is_num(v) and -100 <= v <= 100 for v in self.logit_bias.values())),
+                   "None or a dict of token id -> number in [-100, 100]"),
+                  ("logprobs", self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+                   f"None or an integer in [0, {MAX_LOGPROBS}]")]
+        if self.constraint is not None:
+            from nanoseek.grammar import Constraint
+
+            checks.append(("constraint", isinstance(self.constraint, Constraint), "None or a nanoseek.grammar "
+                                                                                  "Constraint"))
         for name, ok, want in checks:
             if not ok:
                 raise NanoseekError(f"sampling: {name} must be {want}, got {getattr(self, name)!r}")
+
+    def features(self) -> list[str]:
+        """The names of the set parameters that need a logits processor or log-probabilities (empty: plain sampling,
+        which costs nothing extra in the decode step)."""
+        return [name for name, on in (("presence_penalty", self.presence_penalty != 0),
+                                      ("frequency_penalty", self.frequency_penalty != 0),
+                                      ("logit_bias", bool(self.logit_bias)),
+                                      ("logprobs", self.logprobs is not None),
+                                      ("constraint", self.constraint is not None)) if on]
+
+
+def _top(ids: torch.Tensor, logp: torch.Tensor) -> list[tuple[int, float]]:
+    """(token id, log-probability) pairs, most likely first, without the impossible tokens (log-probability -inf)."""
+    return [(t, v) for t, v in zip(ids.tolist(), logp.tolist(), strict=True) if v != float("-inf")]
 
 
 def _is_int(v: object) -> bool:
@@ -206,6 +258,11 @@ class Event:
     request: Request
     token_id: int | None  # None for an end without a token (a stop token, which is not emitted; a cancel)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"; None while running
+    # with SamplingParams.logprobs = k (and a token): the token's natural-log probability under the distribution it
+    # was drawn from, and that distribution's k most likely (token id, log-probability), most likely first (fewer
+    # than k when fewer tokens have a non-zero probability, e.g. after top-k / top-p)
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 @dataclass(eq=False)
@@ -222,7 +279,14 @@ class Request:
     # request the distributions q they were drawn from (k tensors [V])
     drafts: list[int] = field(default_factory=list)
     draft_probs: list[torch.Tensor] = field(default_factory=list)
+    # logits processors (None when unused): times each token was emitted [V] fp32 (penalties), logit_bias as
+    # (token ids [b], values [b] fp32)
+    counts: torch.Tensor | None = None
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None
+    grammar: GrammarState | None = None  # params.constraint's state
+    stop_array: np.ndarray | None = None  # stop_ids as an array (constrained requests)
     finish_reason: str | None = None
+    error: str | None = None  # why a request ended with "error" for a reason of its own (its grammar's dead end)
     slot: int | None = None
     done: threading.Event = field(default_factory=threading.Event)
     _cancel: bool = False
@@ -231,6 +295,11 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def processed(self) -> bool:
+        """True when the logits need this request's processors before sampling."""
+        return self.counts is not None or self.bias is not None or self.grammar is not None
 
     def cancel(self) -> None:
         """Thread-safe: the request ends with reason "cancelled" and frees its slot at the engine's next step."""
@@ -395,7 +464,7 @@ class Engine:
     def _route(self, x: torch.Tensor, lw: LayerWeights) -> tuple[torch.Tensor, torch.Tensor]:
         """model.Gate: x [N,D] -> weights [N,K] fp32, expert indices [N,K]."""
         scores = F.linear(x.float(), lw.gate_w).sigmoid()
-        return select_experts(scores, lw.gate_bias, self.config)
+        return moe.select_experts(scores, lw.gate_bias, self.config)
 
     def _moe(self, x: torch.Tensor, lw: LayerWeights, static: bool = False) -> torch.Tensor:
         """Shared experts + the routed experts the N tokens selected (one matmul pair per busy expert only)."""
@@ -419,23 +488,13 @@ class Engine:
             outs = torch.cat([swiglu(x[i:i + 1], lw.experts_gate_up[e], lw.experts_down[e])
                               for i, row in enumerate(indices.tolist()) for e in row])  # [N*K, D]
             return y + (weights.to(x.dtype).view(n, k, 1) * outs.view(n, k, -1)).sum(1)
-        flat = indices.flatten()
-        order = flat.argsort(stable=True)
-        token_of = order // k  # source token of each (token, expert) pair, grouped by expert
-        xs = x[token_of]
-        counts = torch.bincount(flat, minlength=self.config.n_routed_experts)  # [E] rows per expert
         if lw.grouped:  # one grouped matmul per projection: ~1.5x faster than the loop from 4 tokens up
-            offs = counts.cumsum(0).to(torch.int32)
-            gate, up = F.grouped_mm(xs, lw.experts_gate_up_t, offs=offs).chunk(2, dim=-1)
-            ys = F.grouped_mm(F.silu(gate) * up, lw.experts_down_t, offs=offs)
+            def experts(xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+                return moe.grouped_swiglu(xs, counts, lw.experts_gate_up_3d, lw.experts_down_3d)
         else:
-            outs, start = [], 0
-            for e, n in enumerate(counts.tolist()):
-                if n:
-                    outs.append(swiglu(xs[start:start + n], lw.experts_gate_up[e], lw.experts_down[e]))
-                    start += n
-            ys = torch.cat(outs)
-        return y.index_add_(0, token_of, ys * weights.flatten()[order, None].to(x.dtype))
+            def experts(xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+                return moe.looped_swiglu(xs, counts, lw.experts_gate_up, lw.experts_down, linear)
+        return moe.dispatch(x, weights, indices, self.config.n_routed_experts, experts, out=y)
 
     def _block(self, x: torch.Tensor, lw: LayerWeights, cache: torch.Tensor, b: Batch,
                static: bool = False) -> torch.Tensor:
@@ -755,34 +814,69 @@ class Engine:
         if len(prompt_ids) >= self.max_seq_len:
             raise NanoseekError(f"request: the prompt has {len(prompt_ids)} tokens; max_seq_len is "
                                 f"{self.max_seq_len} (room for at least one new token is needed)")
+        features = params.features()
+        if self.speculative and features:
+            raise NanoseekError(f"request: {features[0]} is not supported with speculative decoding (an engine "
+                                f"with speculative=True)")
+        bad = next((t for t in params.logit_bias or {} if t >= vocab), None)
+        if bad is not None:
+            raise NanoseekError(f"sampling: logit_bias token id {bad} is not in the vocabulary [0, {vocab})")
         stop = [self.config.eos_token_id] if params.stop_token_ids is None else params.stop_token_ids
+        if params.constraint is not None:
+            if params.constraint.vocab_size > vocab:
+                raise NanoseekError(f"request: the constraint was built for a tokenizer of "
+                                    f"{params.constraint.vocab_size} tokens; the model has {vocab}")
+            stop = [*stop, self.config.eos_token_id]  # where the grammar is complete, EOS ends a constrained request
         gen = None
-        if params.temperature > 0:
+        if not params.greedy:
             gen = torch.Generator()
             gen.manual_seed(params.seed) if params.seed is not None else gen.seed()
-        return Request(next(self._ids), list(prompt_ids), params,
-                       min(params.max_new_tokens, self.max_seq_len - len(prompt_ids)), frozenset(stop), gen,
-                       on_event, _engine=self)
+        req = Request(next(self._ids), list(prompt_ids), params,
+                      min(params.max_new_tokens, self.max_seq_len - len(prompt_ids)), frozenset(stop), gen,
+                      on_event, _engine=self)
+        if params.presence_penalty or params.frequency_penalty:
+            req.counts = torch.zeros(vocab, device=self.device)
+        if params.logit_bias:
+            req.bias = (torch.tensor(list(params.logit_bias), dtype=torch.long, device=self.device),
+                        torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=self.device))
+        if params.constraint is not None:
+            req.grammar = params.constraint.new_state()
+            req.stop_array = np.array(sorted(req.stop_ids), dtype=np.int64)
+        return req
 
-    def _emit(self, events: list[Event], req: Request, token: int | None, reason: str | None) -> None:
+    def _emit(self, events: list[Event], req: Request, token: int | None, reason: str | None,
+              logprob: tuple[float, list[tuple[int, float]]] | None = None) -> None:
         if token is not None:
             req.output_ids.append(token)
             self.counters["generated_tokens"] += 1
+            if req.counts is not None:
+                req.counts[token] += 1
         if reason is not None:
             req.finish_reason = reason
-        ev = Event(req, token, reason)
+        ev = Event(req, token, reason) if logprob is None or token is None else Event(req, token, reason, *logprob)
         events.append(ev)
         if req.on_event is not None:
             req.on_event(ev)
         if reason is not None:
             req.done.set()
 
-    def _accept(self, events: list[Event], req: Request, token: int) -> None:
-        """Record a sampled token: a stop token ends the request (and is not emitted), so does the length limit."""
-        if token in req.stop_ids:
+    def _accept(self, events: list[Event], req: Request, token: int,
+                logprob: tuple[float, list[tuple[int, float]]] | None = None) -> None:
+        """Record a sampled token: a stop token ends the request (and is not emitted), so does the length limit, and
+        so does a complete grammar (after its last token)."""
+        g = req.grammar
+        if g is not None and g.dead is not None:  # no token was allowed (_grammar_mask)
+            req.error = f"grammar: {g.dead}"
+            self._emit(events, req, None, "error")
+        elif token in req.stop_ids:
             self._emit(events, req, None, "stop")
         else:
-            self._emit(events, req, token, "length" if len(req.output_ids) + 1 >= req.max_new_tokens else None)
+            reason = "length" if len(req.output_ids) + 1 >= req.max_new_tokens else None
+            if g is not None:
+                g.advance(token)
+                if reason is None and g.done:
+                    reason = "stop"
+            self._emit(events, req, token, reason, logprob)
 
     def _release(self, finished: list[Request]) -> None:
         """Free the slots of finished requests, moving the last active slot into each hole (slots stay 0..n-1)."""
@@ -836,11 +930,12 @@ class Engine:
                 r.slot = start + i
             self.active.extend(new)
             hidden, tokens, b, lens = self._prefill([r.prompt_ids for r in new], start)
-            first = self._sample(self.logits(hidden[torch.arange(len(new), device=self.device), lens - 1]), new)
+            first, logprobs = self._sample(self.logits(hidden[torch.arange(len(new), device=self.device), lens - 1]),
+                                           new)
             if self.speculative:
                 self._prefill_mtp(hidden, tokens, b, lens, first, new)
-            for r, tok in zip(new, first, strict=True):
-                self._accept(events, r, tok)
+            for r, tok, lp in zip(new, first, logprobs, strict=True):
+                self._accept(events, r, tok, lp)
             self.counters["requests"] += len(new)
             self.counters["prompt_tokens"] += sum(len(r.prompt_ids) for r in new)
             self.counters["prefill_seconds"] += time.perf_counter() - t0
@@ -852,8 +947,8 @@ class Engine:
             else:
                 tokens = torch.tensor([r.output_ids[-1] for r in self.active], device=self.device)
                 logits = self.decode(tokens)
-                for r, tok in zip(self.active, self._sample(logits, self.active), strict=True):
-                    self._accept(events, r, tok)
+                for r, tok, lp in zip(self.active, *self._sample(logits, self.active), strict=True):
+                    self._accept(events, r, tok, lp)
             self.counters["decode_steps"] += 1
             self.counters["decode_seconds"] += time.perf_counter() - t0
             self._release([r for r in self.active if r.finished])
@@ -877,23 +972,79 @@ class Engine:
         kept, order = self._filter(logits, ps)
         return torch.zeros_like(kept).scatter_(1, order, kept / kept.sum(-1, keepdim=True))
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
+    def _process(self, logits: torch.Tensor, reqs: list[Request]) -> None:
+        """Apply each request's logits processors to its row of logits [n,V], in place: penalties, then logit_bias.
+        Only the rows that have processors are touched."""
+        for i, r in enumerate(reqs):
+            if not r.processed:
+                continue
+            row, p = logits[i], r.params
+            if r.counts is not None:
+                row.sub_(r.counts * p.frequency_penalty + (r.counts > 0) * p.presence_penalty)
+            if r.bias is not None:
+                row.index_add_(0, *r.bias)
+            if r.grammar is not None:
+                self._grammar_mask(row, r)
+
+    def _forbidden(self, r: Request, size: int) -> torch.Tensor | None:
+        """[size] bool, True where the request's active grammar forbids the token. Stop tokens are allowed only
+        where the grammar is complete. None (and the grammar marked dead) when nothing at all is allowed."""
+        g = r.grammar
+        allow = g.allowed(size).numpy()  # numpy: a few us for what takes tens in small torch ops
+        allow[r.stop_array] = g.accepting
+        if not allow.any():  # a dead end (the grammar's own error, e.g. a parser limit): _accept ends the request
+            g.dead = g.error or "no token is allowed"
+            return None
+        return torch.from_numpy(~allow)
+
+    def _grammar_mask(self, row: torch.Tensor, r: Request) -> None:
+        """-inf on every token the request's grammar forbids (before its start_after token: on its stop tokens, so
+        the free part cannot end the request)."""
+        g = r.grammar
+        if not g.active:
+            row[torch.from_numpy(r.stop_array).to(row.device)] = float("-inf")
+            return
+        forbid = self._forbidden(r, row.shape[0])
+        if forbid is not None:
+            row.masked_fill_(forbid.to(row.device), float("-inf"))
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]
+                ) -> tuple[list[int], list[tuple[float, list[tuple[int, float]]] | None]]:
         """logits [n,V] fp32 -> one token per request: argmax, or temperature / top-k / top-p sampling with the
-        request's own generator (one uniform draw per token: reproducible whatever else is in the batch)."""
+        request's own generator (one uniform draw per token: reproducible whatever else is in the batch), after the
+        request's logits processors. Also (log-probability, top alternatives) per request that asked for them,
+        else None: from the distribution the token was drawn from (sampled), or the softmax of the processed logits
+        at temperature 1 (greedy)."""
+        if any(r.processed for r in reqs):
+            self._process(logits, reqs)
         tokens = logits.argmax(-1)
         rows = [i for i, r in enumerate(reqs) if r.generator is not None]
+        logprobs: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(reqs)
         if rows:
             kept, order = self._filter(logits[rows], [reqs[i].params for i in rows])
             u = torch.cat([torch.rand(1, generator=reqs[i].generator) for i in rows]).to(logits.device)
-            tokens[rows] = order.gather(1, _inverse_cdf(kept, u)[:, None]).squeeze(1)
-        return tokens.tolist()
+            rank = _inverse_cdf(kept, u)  # [m] position of each drawn token in its row's sorted order
+            tokens[rows] = order.gather(1, rank[:, None]).squeeze(1)
+            for j, i in enumerate(rows):
+                k = reqs[i].params.logprobs
+                if k is not None:  # kept is sorted descending: the top k are its first k non-zero entries
+                    logp = (kept[j] / kept[j].sum()).log()
+                    logprobs[i] = (logp[rank[j]].item(), _top(order[j, :k], logp[:k]))
+        for i, r in enumerate(reqs):
+            if r.generator is None and r.params.logprobs is not None:
+                logp = F.log_softmax(logits[i], dim=-1)
+                best = logp.topk(r.params.logprobs)
+                logprobs[i] = (logp[tokens[i]].item(), _top(best.indices, best.values))
+        return tokens.tolist(), logprobs
 
     # --- convenience front ends -----------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, stop_token_ids: list[int] | None = None, seed: int | None = None) -> list[list[int]]:
+                 top_k: int = 0, stop_token_ids: list[int] | None = None, seed: int | None = None,
+                 **sampling: object) -> list[list[int]]:
         """New tokens for each prompt (a stop token ends a sequence and is not included). Every request gets the
-        same `seed`, so a prompt gives the same tokens here as alone."""
-        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, stop_token_ids, seed)
+        same `seed`, so a prompt gives the same tokens here as alone. `sampling`: further SamplingParams fields
+        (presence_penalty=..., logit_bias=...)."""
+        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, stop_token_ids, seed, **sampling)
         reqs = self._enqueue([self._request(p, params, None) for p in prompts])  # all valid, or none queued
         while not all(r.finished for r in reqs):
             if self._thread is not None:
@@ -966,15 +1117,14 @@ class Engine:
     def stats(self) -> dict[str, float | int]:
         cfg = self.config
         nbytes = self.caches[0].element_size()
-        latent = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * nbytes
         with self._lock:
             waiting = len(self._waiting)
         c = self.counters
         return {
-            "kv_cache_bytes_per_token": latent * cfg.num_hidden_layers,
+            "kv_cache_bytes_per_token": cfg.kv_cache_bytes_per_token(nbytes),
             "mha_equivalent_bytes_per_token": cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
             * cfg.num_hidden_layers * nbytes,
-            "mtp_kv_cache_bytes_per_token": latent * len(self.mtp_layers),
+            "mtp_kv_cache_bytes_per_token": cfg.kv_cache_bytes_per_token(nbytes, layers=len(self.mtp_layers)),
             "kv_cache_bytes_allocated": sum(t.numel() * t.element_size() for t in self.caches + self.mtp_caches),
             "max_batch_size": self.max_batch_size,
             "max_seq_len": self.max_seq_len,

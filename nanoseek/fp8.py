@@ -13,20 +13,16 @@ core are not quantised (the model only routes its `model.Linear` projections and
 On CPU this is quantise -> dequantise emulation of those numerics (the matmul itself then runs in fp32); on a GPU
 with FP8 tensor cores the same tiling feeds `torch._scaled_mm`, which is not needed to reproduce the numerics.
 
-`enable_fp8(model)` switches a Transformer's projections and experts to these numerics (`nanoseek pretrain --fp8`).
+`model.enable_fp8(model)` switches a Transformer's projections and experts to these numerics (`nanoseek pretrain
+--fp8`); this module holds only the numerics, so it imports nothing of the model.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
-from nanoseek.errors import NanoseekError
-
-if TYPE_CHECKING:
-    from nanoseek.model import Transformer
+from nanoseek.moe import grouped_mm_ok
 
 E4M3_MAX = 448.0
 BLOCK = 128
@@ -113,9 +109,7 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
     """F.grouped_mm(a, b, offs=offs) in fp32: a [R, K] @ b [G, K, M] -> [R, M] (rows grouped), or a [M, R] @
     b [R, K] -> [G, M, K] (inner dim grouped). F.grouped_mm's CPU kernel wants 16-byte aligned rows; elsewhere
     (or unaligned) a loop over the groups computes the same products."""
-    aligned = all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride() if s != 1)
-                  for t in (a, b))
-    if a.device.type == "cpu" and hasattr(F, "grouped_mm") and aligned:
+    if grouped_mm_ok(a, b):
         return F.grouped_mm(a, b, offs=offs)
     ends = offs.tolist()
     spans = zip([0] + ends[:-1], ends, strict=True)
@@ -171,26 +165,3 @@ def fp8_grouped_linear(xs: torch.Tensor, weight: torch.Tensor, offs: torch.Tenso
     with torch.autocast(xs.device.type, enabled=False):
         y = _FP8GroupedLinear.apply(xs.float(), weight, offs, n_split)
     return y.to(xs.dtype)
-
-
-def enable_fp8(model: Transformer, enabled: bool = True) -> int:
-    """Switch `model` to V3 FP8 GEMMs (or back, enabled=False). Returns the number of weight tensors switched.
-
-    Switched: every `model.Linear` (MLA q_proj / q_a / q_b / kv_a / kv_b / o_proj, dense MLPs, shared experts, the
-    MTP modules' eh_proj and blocks) and every MoE's routed-expert stacks (gate_up_proj and down_proj: 2 per MoE).
-    Untouched (high precision, V3 paper 3.3): embedding, lm_head, MoE gate, norms, attention core. Only the
-    computation changes: parameters, gradients and optimizer state stay fp32, checkpoints are unaffected.
-    """
-    from nanoseek.model import Linear, MoE
-
-    n = 0
-    for name, m in model.named_modules():
-        if isinstance(m, Linear):
-            if m.bias is not None:
-                raise NanoseekError(f"enable_fp8: {name} has a bias, which fp8_linear does not support")
-            m.fp8 = enabled
-            n += 1
-        elif isinstance(m, MoE):
-            m.fp8 = enabled
-            n += 2
-    return n

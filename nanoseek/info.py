@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def describe(cfg: ModelConfig, seq_len: int) -> str:
     n = cfg.num_params()
     layers = cfg.num_hidden_layers
-    mla_cache = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * layers
+    mla_cache = cfg.kv_cache_bytes_per_token(bytes_per_element=1)  # elements
     mha_cache = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * layers
     rows = [
         ("parameters (total, main model)", f"{n['total']:,}"),

@@ -10,7 +10,7 @@ the `model.` prefix, experts stored as 3-D tensors here, and MTP blocks stored a
 
 This file is the training / full-sequence path (expanded keys and values, causal SDPA). The inference engine
 (engine.py) reuses these weights with the absorbed-MLA latent cache. Block projections are `Linear`s: with the
-routed experts, fp8.enable_fp8 switches them to DeepSeek-V3 FP8 GEMMs (off by default).
+routed experts, enable_fp8 (below) switches them to DeepSeek-V3 FP8 GEMMs (off by default).
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek import moe
 from nanoseek.config import ModelConfig, yarn_mscale
+from nanoseek.errors import NanoseekError
 from nanoseek.fp8 import fp8_grouped_linear, fp8_linear
 
 
@@ -42,7 +44,7 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose three GEMMs switch to DeepSeek-V3 FP8 numerics when `fp8` is set (fp8.enable_fp8).
+    """nn.Linear whose three GEMMs switch to DeepSeek-V3 FP8 numerics when `fp8` is set (enable_fp8).
 
     Every projection of the blocks is one; the output head (nn.Linear), the MoE gate and the embedding are not,
     so they stay high precision (V3 paper 3.3). With fp8 off (the default) this is exactly nn.Linear.
@@ -208,28 +210,6 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def select_experts(scores: torch.Tensor, bias: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """scores [N,E] sigmoid affinities (fp32) -> routing weights [N,K], expert indices [N,K].
-
-    The bias only picks experts (group scores = sum of each group's top-2 biased scores; keep topk_group groups;
-    top-K experts among them); the weights are the unbiased scores, normalised and scaled. Shared by the training
-    Gate and the inference engine.
-    """
-    s_sel = scores.detach() + bias
-    if cfg.n_group > 1:
-        n = s_sel.shape[0]
-        grouped = s_sel.view(n, cfg.n_group, -1)
-        group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [N,n_group]
-        keep = torch.zeros_like(group_scores, dtype=torch.bool)
-        keep.scatter_(1, group_scores.topk(cfg.topk_group, dim=-1).indices, True)
-        s_sel = grouped.masked_fill(~keep[:, :, None], float("-inf")).view(n, -1)
-    indices = s_sel.topk(cfg.num_experts_per_tok, dim=-1).indices
-    weights = scores.gather(1, indices)
-    if cfg.norm_topk_prob:
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return weights * cfg.routed_scaling_factor, indices
-
-
 class Gate(nn.Module):
     """The V3 router: sigmoid affinities; a per-expert bias steers *selection* only (auxiliary-loss-free balancing).
 
@@ -254,7 +234,7 @@ class Gate(nn.Module):
         cfg = self.config
         with torch.autocast(x.device.type, enabled=False):
             scores = F.linear(x.float(), self.weight.float()).sigmoid()
-        weights, indices = select_experts(scores, self.e_score_correction_bias, cfg)
+        weights, indices = moe.select_experts(scores, self.e_score_correction_bias, cfg)
         return weights, indices, scores
 
 
@@ -262,7 +242,7 @@ class MoE(nn.Module):
     """Shared experts + fine-grained routed experts. Experts are 3-D tensors so dispatch is a sort + per-expert matmul.
 
     gate_up_proj [E, 2*I, D] (gate rows then up rows), down_proj [E, D, I]; I = moe_intermediate_size.
-    `fp8` (set by fp8.enable_fp8) runs the routed experts' GEMMs with V3 FP8 numerics; the gate never does.
+    `fp8` (set by enable_fp8) runs the routed experts' GEMMs with V3 FP8 numerics; the gate never does.
     """
 
     fp8 = False
@@ -290,54 +270,22 @@ class MoE(nn.Module):
         return y.view(bsz, seqlen, d)
 
     def experts(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Routed experts for x [N,D]: sort the N*K (token, expert) pairs by expert, then one grouped matmul
-        (F.grouped_mm: every expert's rows in one call) per projection."""
-        k = indices.shape[1]
-        flat_idx = indices.flatten()  # [N*K]
-        order = flat_idx.argsort(stable=True)
-        token_of = order // k  # source token of each sorted pair
-        counts = torch.bincount(flat_idx, minlength=self.config.n_routed_experts)  # [E] rows per expert
-        # grouped_mm is not autocast-aware: cast by hand to the dtype autocast gives F.linear (bf16 under autocast)
+        """Routed experts for x [N,D]: moe.dispatch sorts the N*K (token, expert) pairs by expert, then one grouped
+        matmul per projection (F.grouped_mm: every expert's rows in one call), or V3's FP8 GEMMs."""
+        # grouped_mm is not autocast-aware: the rows go in the dtype autocast gives F.linear (bf16 under autocast)
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        xs = x.to(dt).index_select(0, token_of)  # [N*K, D] grouped by expert; backward is a fast index_add_
-        if self.fp8:
-            # V3 FP8 numerics of per-expert GEMMs (quantised from the fp32 master weights, gate and up blocked
-            # separately), computed for all experts at once: exact, because every 1x128 / 128x128 tile lies within
-            # one expert's operands (see fp8._FP8GroupedLinear); ~1.9x faster forward+backward than a loop of
-            # fp8_linear per expert (cpu preset MoE, 1024 tokens: 72 vs 136 ms)
-            offs = counts.cumsum(0).to(torch.int32)
-            gate, up = fp8_grouped_linear(xs, self.gate_up_proj, offs, n_split=2).chunk(2, dim=-1)
-            ys = fp8_grouped_linear(F.silu(gate) * up, self.down_proj, offs)  # [N*K, D]
-        else:
-            w_gate_up, w_down = self.gate_up_proj.to(dt), self.down_proj.to(dt)
-            if self._grouped_mm_ok(xs, w_gate_up, w_down):
-                # vs a Python loop of F.linear: ~1.5x faster forward+backward on CPU, and the weight gradient is
-                # written once into [E, ...] instead of through E per-expert index-backward copies of the full tensor
-                offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
-                gate, up = F.grouped_mm(xs, w_gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-                ys = F.grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=offs)  # [N*K, D]
-            else:
-                outs, start = [], 0
-                gate_up_e, down_e = w_gate_up.unbind(0), w_down.unbind(0)  # unbind: one cheap stack in backward
-                for e, n in enumerate(counts.tolist()):
-                    if n == 0:
-                        continue
-                    gate, up = F.linear(xs[start:start + n], gate_up_e[e]).chunk(2, dim=-1)
-                    outs.append(F.linear(F.silu(gate) * up, down_e[e]))
-                    start += n
-                ys = torch.cat(outs)
-        ys = ys * weights.flatten()[order, None].to(x.dtype)  # routing weights in x's dtype (fp32 under autocast)
-        return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
+        return moe.dispatch(x, weights, indices, self.config.n_routed_experts, self._fp8_experts if self.fp8 else
+                            lambda xs, counts: moe.grouped_swiglu(xs, counts, self.gate_up_proj.to(dt),
+                                                                   self.down_proj.to(dt)), dtype=dt)
 
-    @staticmethod
-    def _grouped_mm_ok(xs: torch.Tensor, *weights: torch.Tensor) -> bool:
-        """F.grouped_mm's CPU kernel (torch >= 2.10) needs every row stride and base address 16-byte aligned."""
-        if xs.device.type != "cpu" or not hasattr(F, "grouped_mm"):
-            return False
-        size = xs.element_size()
-        dims = [xs.shape[-1]] + [d for w in weights for d in w.shape[1:]]
-        ptrs = [xs.data_ptr()] + [w.data_ptr() for w in weights]
-        return all(d * size % 16 == 0 for d in dims) and all(p % 16 == 0 for p in ptrs)
+    def _fp8_experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """V3 FP8 numerics of per-expert GEMMs (quantised from the fp32 master weights, gate and up blocked
+        separately), computed for all experts at once: exact, because every 1x128 / 128x128 tile lies within one
+        expert's operands (see fp8._FP8GroupedLinear); ~1.9x faster forward+backward than a loop of fp8_linear per
+        expert (cpu preset MoE, 1024 tokens: 72 vs 136 ms)."""
+        offs = counts.cumsum(0).to(torch.int32)
+        gate, up = fp8_grouped_linear(xs, self.gate_up_proj, offs, n_split=2).chunk(2, dim=-1)
+        return fp8_grouped_linear(F.silu(gate) * up, self.down_proj, offs)  # [N*K, D]
 
     def balance_loss(self, indices: torch.Tensor, scores: torch.Tensor, bsz: int, seqlen: int) -> torch.Tensor:
         """Sequence-wise balance loss sum_i f_i P_i (V3 eq. 17-20), averaged over sequences; multiply by alpha.
@@ -573,3 +521,24 @@ class Transformer(nn.Module):
         from nanoseek.checkpoint import save_pretrained
 
         return save_pretrained(self, path, **kwargs)
+
+
+def enable_fp8(model: Transformer, enabled: bool = True) -> int:
+    """Switch `model` to V3 FP8 GEMMs (or back, enabled=False). Returns the number of weight tensors switched.
+
+    Switched: every `model.Linear` (MLA q_proj / q_a / q_b / kv_a / kv_b / o_proj, dense MLPs, shared experts, the
+    MTP modules' eh_proj and blocks) and every MoE's routed-expert stacks (gate_up_proj and down_proj: 2 per MoE).
+    Untouched (high precision, V3 paper 3.3): embedding, lm_head, MoE gate, norms, attention core. Only the
+    computation changes: parameters, gradients and optimizer state stay fp32, checkpoints are unaffected.
+    """
+    n = 0
+    for name, m in model.named_modules():
+        if isinstance(m, Linear):
+            if m.bias is not None:
+                raise NanoseekError(f"enable_fp8: {name} has a bias, which fp8_linear does not support")
+            m.fp8 = enabled
+            n += 1
+        elif isinstance(m, MoE):
+            m.fp8 = enabled
+            n += 2
+    return n

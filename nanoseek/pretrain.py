@@ -41,8 +41,7 @@ from nanoseek.checkpoint import load_model, save_pretrained
 from nanoseek.config import PRESETS, ModelConfig, get_preset
 from nanoseek.data import TokenDataset, default_corpus_files, prepare_data, read_documents
 from nanoseek.errors import NanoseekError
-from nanoseek.fp8 import enable_fp8
-from nanoseek.model import Transformer
+from nanoseek.model import Transformer, enable_fp8
 from nanoseek.osutil import available_cpus, check_writable, load_average, write_failed, write_file_atomically
 from nanoseek.report import RunRecord, cpu_has_native_bf16, machine_peak_flops, plot_losses
 from nanoseek.tokenizer import Tokenizer, train_tokenizer

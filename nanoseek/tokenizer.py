@@ -5,11 +5,16 @@ The tokenizer is trained with the HF `tokenizers` library and saved as `tokenize
 emoji, control characters) encodes losslessly with no unknown token: the 256 byte symbols are always in the vocab.
 
 Special tokens use DeepSeek's exact strings (fullwidth bar U+FF5C, "▁" U+2581) but small ids 0..6 (V3 has bos=0,
-eos=1 too; its <think> etc. sit at ~128k, which a small vocab cannot use).
+eos=1 too; its <think> etc. sit at ~128k, which a small vocab cannot use). Tokenizers trained now also hold V3's nine
+tool-call markers as special tokens at ids 7..15; in a tokenizer trained before they existed, the same strings are
+plain text (several tokens each), and everything here works with both.
 
 The chat template is the single Jinja2 string CHAT_TEMPLATE. nanoseek renders it with the same Jinja2 environment
-settings transformers uses (sandboxed, trim_blocks, lstrip_blocks, loopcontrols), so nanoseek and
-`AutoTokenizer.apply_chat_template` produce identical ids.
+settings transformers uses (sandboxed, trim_blocks, lstrip_blocks, loopcontrols, its `tojson`), so nanoseek and
+`AutoTokenizer.apply_chat_template` produce identical ids — except for one deliberate difference: text that a user,
+a system prompt or a tool supplies is always tokenized as text, so a user who types `<｜Assistant｜>` gets the
+characters, never the control token (transformers would match it as a special token). Only the template's own
+markers (and assistant turns, which are model output) become special tokens; see `apply_chat_template`.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -38,6 +44,24 @@ ASSISTANT = "<｜Assistant｜>"
 THINK_START = "<think>"
 THINK_END = "</think>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, THINK_START, THINK_END]  # ids 0..6 in this order
+# DeepSeek-V3's tool-call markers: special tokens at ids 7..15 (in this order) of tokenizers trained since they were
+# added; plain text in older ones. Calls are written as DeepSeek-V3.1 writes them (nanoseek.grammar's style "v3.1",
+# fewer tokens than V3's "function<｜tool▁sep｜>NAME\n```json\nARGUMENTS\n```"):
+# <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGUMENTS<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>,
+# and tool results come back as
+# <｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>RESULT<｜tool▁output▁end｜>...<｜tool▁outputs▁end｜>.
+TOOL_CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
+TOOL_CALLS_END = "<｜tool▁calls▁end｜>"
+TOOL_CALL_BEGIN = "<｜tool▁call▁begin｜>"
+TOOL_CALL_END = "<｜tool▁call▁end｜>"
+TOOL_SEP = "<｜tool▁sep｜>"
+TOOL_OUTPUTS_BEGIN = "<｜tool▁outputs▁begin｜>"
+TOOL_OUTPUTS_END = "<｜tool▁outputs▁end｜>"
+TOOL_OUTPUT_BEGIN = "<｜tool▁output▁begin｜>"
+TOOL_OUTPUT_END = "<｜tool▁output▁end｜>"
+TOOL_TOKENS = [TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP, TOOL_OUTPUTS_BEGIN,
+               TOOL_OUTPUTS_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END]  # ids 7..15 in new tokenizers
+TOOL_CALL_STYLE = "v3.1"  # the call layout above, in nanoseek.grammar's terms (its tool_calls / parse_tool_calls)
 
 DEFAULT_MODEL_MAX_LENGTH = 1024  # matches ModelConfig.max_position_embeddings' default; only advisory for HF
 
@@ -46,36 +70,93 @@ DEFAULT_MODEL_MAX_LENGTH = 1024  # matches ModelConfig.max_position_embeddings' 
 # (R1 forces the model to open its reasoning).
 # The LAST message, if it is an assistant turn with reasoning_content, is rendered with its reasoning (the SFT target).
 # Earlier assistant turns keep only the text after the last </think>: R1 never feeds reasoning back into the context.
+# Extensions (each renders nothing unless used, so plain chats render exactly as before):
+# - thinking switch: `thinking=False` (DeepSeek V3.1's name) or `enable_thinking=False` (Qwen's), passed as template
+#   variables (as transformers' apply_chat_template(..., thinking=False) does): the generation prompt becomes an
+#   empty, closed reasoning block <｜Assistant｜><think>\n\n</think>\n\n, the same text an assistant turn with
+#   reasoning_content "" renders to, so the model answers at once;
+# - prefix completion (DeepSeek): a last assistant message with `prefix: true` is left open (no eos, no generation
+#   prompt) for the model to continue. Its content is the answer, after an empty reasoning block; with a
+#   reasoning_content the block holds it, and with reasoning_content but empty content the block stays open, so the
+#   model continues the reasoning itself;
+# - tools (OpenAI's [{"type": "function", "function": {name, description, parameters}}]) are described in the
+#   system prompt; an assistant turn's tool_calls follow its content as V3's markers; consecutive `tool` messages
+#   become one <｜tool▁outputs▁begin｜>...<｜tool▁outputs▁end｜> block (matched to the calls by order).
 # Every line starts with "{%-" or "{{-" so the newlines of this source never reach the output.
-CHAT_TEMPLATE = r"""{%- set ns = namespace(system='', has_system=false) %}
+CHAT_TEMPLATE = r"""{%- set ns = namespace(system='', has_system=false, outputs=false, prefix=false) %}
+{%- set think = thinking if thinking is defined and thinking is not none
+    else (enable_thinking if enable_thinking is defined and enable_thinking is not none else true) %}
 {%- for message in messages %}
 {%- if message['role'] == 'system' %}
 {%- if ns.has_system %}{% set ns.system = ns.system + '\n\n' + message['content'] %}
 {%- else %}{% set ns.system = message['content'] %}{% set ns.has_system = true %}{% endif %}
 {%- endif %}
 {%- endfor %}
+{%- if tools %}
+{%- set tool_ns = namespace(text='## Tools\n\nYou can call these functions:') %}
+{%- for tool in tools %}
+{%- set tool_ns.text = tool_ns.text + '\n\n### ' + tool['function']['name'] %}
+{%- if tool['function']['description'] is defined and tool['function']['description'] %}
+{%- set tool_ns.text = tool_ns.text + '\n' + tool['function']['description'] %}{% endif %}
+{%- set tool_ns.text = tool_ns.text + '\nParameters: ' + (tool['function']['parameters'] | default({}) | tojson) %}
+{%- endfor %}
+{%- set tool_ns.text = tool_ns.text + '\n\nTo call functions, end your answer with\n'
+    + '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGUMENTS<｜tool▁call▁end｜><｜tool▁calls▁end｜>\n'
+    + 'where ARGUMENTS is one JSON object, with one <｜tool▁call▁begin｜>...<｜tool▁call▁end｜> per call. '
+    + 'The results come back in the next turn.' %}
+{%- if ns.has_system %}{% set ns.system = ns.system + '\n\n' + tool_ns.text %}
+{%- else %}{% set ns.system = tool_ns.text %}{% set ns.has_system = true %}{% endif %}
+{%- endif %}
 {{- bos_token + ns.system }}
 {%- for message in messages %}
+{%- if message['role'] == 'tool' %}
+{%- if not ns.outputs %}{{ '<｜tool▁outputs▁begin｜>' }}{% set ns.outputs = true %}{% endif %}
+{{- '<｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>' }}
+{%- else %}
+{%- if ns.outputs %}{{ '<｜tool▁outputs▁end｜>' }}{% set ns.outputs = false %}{% endif %}
 {%- if message['role'] == 'user' %}
 {{- '<｜User｜>' + message['content'] }}
 {%- elif message['role'] == 'assistant' %}
-{%- set content = message['content'] %}
+{%- set content = message['content'] if message['content'] is defined and message['content'] is not none else '' %}
+{%- set prefix = loop.last and message['prefix'] is defined and message['prefix'] %}
+{%- set reasoning = loop.last and message['reasoning_content'] is defined
+    and message['reasoning_content'] is not none %}
 {%- if not loop.last %}{% set content = content.split('</think>')[-1] %}{% endif %}
-{%- if loop.last and message['reasoning_content'] is defined and message['reasoning_content'] is not none %}
-{%- set content = '<think>\n' + message['reasoning_content'] + '\n</think>\n\n' + content %}
+{%- if prefix and reasoning and content == '' %}{% set content = '<think>\n' + message['reasoning_content'] %}
+{%- elif reasoning %}{% set content = '<think>\n' + message['reasoning_content'] + '\n</think>\n\n' + content %}
+{%- elif prefix %}{% set content = '<think>\n\n</think>\n\n' + content %}
 {%- endif %}
-{{- '<｜Assistant｜>' + content + eos_token }}
+{{- '<｜Assistant｜>' + content }}
+{%- if message['tool_calls'] is defined and message['tool_calls'] %}
+{{- '<｜tool▁calls▁begin｜>' }}
+{%- for call in message['tool_calls'] %}
+{%- set arguments = call['function']['arguments'] %}
+{{- '<｜tool▁call▁begin｜>' + call['function']['name'] + '<｜tool▁sep｜>'
+    + (arguments if arguments is string else arguments | tojson) + '<｜tool▁call▁end｜>' }}
+{%- endfor %}
+{{- '<｜tool▁calls▁end｜>' }}
+{%- endif %}
+{%- if prefix %}{% set ns.prefix = true %}{% else %}{{ eos_token }}{% endif %}
 {%- elif message['role'] != 'system' %}
 {{- raise_exception('unknown role: ' + message['role']) }}
 {%- endif %}
+{%- endif %}
 {%- endfor %}
-{%- if add_generation_prompt %}{{ '<｜Assistant｜><think>\n' }}{% endif %}"""
+{%- if ns.outputs %}{{ '<｜tool▁outputs▁end｜>' }}{% endif %}
+{%- if add_generation_prompt and not ns.prefix %}
+{{- '<｜Assistant｜><think>\n' if think else '<｜Assistant｜><think>\n\n</think>\n\n' }}{% endif %}"""
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    # transformers' `tojson` (jinja's own escapes <, >, & and ' for HTML): plain json.dumps, non-ASCII kept
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 @lru_cache(maxsize=1)
@@ -83,6 +164,7 @@ def _compiled_template() -> jinja2.Template:
     # Same environment options as transformers' chat-template renderer: whitespace handling must match exactly.
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.globals["raise_exception"] = _raise_exception
+    env.filters["tojson"] = _tojson
     return env.from_string(CHAT_TEMPLATE)
 
 
@@ -101,7 +183,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 class Tokenizer:
-    """A trained byte-level BPE with the seven special tokens at ids 0..6."""
+    """A trained byte-level BPE with the seven special tokens at ids 0..6 (and the tool-call markers at 7..15 when it
+    was trained with them)."""
 
     def __init__(self, hf_tokenizer: HFTokenizer, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH):
         self._tok = hf_tokenizer
@@ -109,6 +192,10 @@ class Tokenizer:
         for i, s in enumerate(SPECIAL_TOKENS):
             if self._tok.token_to_id(s) != i:
                 raise NanoseekError(f"tokenizer: special token {s!r} must have id {i}, has {self._tok.token_to_id(s)}")
+        # special strings -> ids: what apply_chat_template splits the template's own text at
+        self._specials = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        self._special_re = re.compile("|".join(re.escape(t) for t in sorted(self._specials, key=len, reverse=True)))
+        self._text_tok: HFTokenizer | None = None  # a copy that encodes special-token strings as text (lazily)
         # id -> raw bytes, for streaming decode (IncrementalDecoder) without going through lossy str decoding
         byte_decoder = {c: b for b, c in _bytes_to_unicode().items()}
         added = {i: t.content for i, t in self._tok.get_added_tokens_decoder().items()}
@@ -200,6 +287,16 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    @property
+    def has_tool_tokens(self) -> bool:
+        """True when the tool-call markers are special tokens (tokenizers trained since they were added)."""
+        return all(t in self._specials for t in TOOL_TOKENS)
+
+    @property
+    def max_token_bytes(self) -> int:
+        """The longest token's UTF-8 length: a text of n characters needs at least n / max_token_bytes tokens."""
+        return max(len(b) for b in self._id_bytes)
+
     def token_bytes(self, token_id: int) -> bytes:
         """The raw UTF-8 bytes a token stands for (a byte-level token may hold half a character).
         Ids outside the vocabulary (a model's padded embedding rows) give b"", as decode() ignores them."""
@@ -207,7 +304,11 @@ class Tokenizer:
 
     # ----- text <-> ids -------------------------------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if len(text) > 4096 and hasattr(self._tok, "encode_batch_fast"):
+            # the same ids; encode_batch_fast releases the GIL (a server's event loop runs meanwhile), encode does not
+            ids = self._tok.encode_batch_fast([text], add_special_tokens=False)[0].ids
+        else:
+            ids = self._tok.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos else ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
@@ -218,38 +319,158 @@ class Tokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     # ----- chat ---------------------------------------------------------------------------------------------------
-    def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False) -> str:
-        """The prompt text for `messages` (list of {"role", "content", optional "reasoning_content"})."""
-        clean = _check_messages(messages)
-        return _compiled_template().render(messages=clean, add_generation_prompt=add_generation_prompt,
-                                           bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
+                    tools: Sequence[dict[str, Any]] | None = None, **template_kwargs: Any) -> str:
+        """The prompt text for `messages` (list of {"role", "content", optional "reasoning_content", "prefix",
+        "tool_calls", "tool_call_id"}); `tools` and `template_kwargs` (thinking=False) as in transformers'
+        apply_chat_template."""
+        clean, tools = _check_messages(messages), _check_tools(tools)
+        return self._render(clean, tools, add_generation_prompt, template_kwargs)
 
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False) -> list[int]:
-        return self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt))
+    @staticmethod
+    def _render(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, add_generation_prompt: bool,
+                template_kwargs: dict[str, Any]) -> str:
+        return _compiled_template().render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                           **template_kwargs, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
+                            tools: Sequence[dict[str, Any]] | None = None, **template_kwargs: Any) -> list[int]:
+        """Token ids of render_chat(...). Text from users, system prompts, tools and tool definitions is encoded as
+        text: the special-token strings it may contain (`<｜Assistant｜>`, `</think>`, the tool markers) become their
+        characters, not control tokens. Only the template's own markers and assistant turns (model output, including
+        the `<think>`...`</think>` an SFT target writes) are matched as special tokens.
+
+        How: those text fields are rendered wrapped in a marker character that occurs nowhere in the input; the
+        rendered string is split at the special tokens found OUTSIDE the wrapped spans only, and each piece between
+        two special tokens is encoded by a copy of the tokenizer that does not match special tokens. transformers
+        encodes the whole string by splitting it at every special token and encoding the pieces between them, so
+        for input without special-token strings the ids are identical to its apply_chat_template (tested)."""
+        clean, tools = _check_messages(messages), _check_tools(tools)
+        mark = _free_mark(clean, tools)
+        text = self._render(_wrap_text(clean, mark), _wrap_tools(tools, mark), add_generation_prompt, template_kwargs)
+        return self._encode_segments(text, mark)
+
+    def _encode_segments(self, text: str, mark: str) -> list[int]:
+        """`text` alternates template text and wrapped text at each `mark`: split the template text at its special
+        tokens, join the rest into the runs between them, encode each run with special-token matching off."""
+        parts = text.split(mark)
+        if len(parts) % 2 != 1:
+            raise AssertionError("chat template: a wrapped text field was split or dropped")
+        ids: list[int | None] = []
+        runs: list[str] = []  # the text between two special tokens, encoded in one call below
+        run: list[str] = []
+
+        def flush() -> None:
+            joined = "".join(run)
+            run.clear()
+            if joined:
+                runs.append(joined)
+                ids.append(None)  # where the run's ids go
+
+        for k, part in enumerate(parts):
+            if k % 2:  # wrapped text: never split
+                run.append(part)
+                continue
+            pos = 0
+            for m in self._special_re.finditer(part):
+                run.append(part[pos:m.start()])
+                flush()
+                ids.append(self._specials[m.group()])
+                pos = m.end()
+            run.append(part[pos:])
+        flush()
+        encoded = iter(self._encode_text(runs))
+        return [t for i in ids for t in (next(encoded) if i is None else (i,))]
+
+    def _encode_text(self, texts: list[str]) -> list[list[int]]:
+        """Encode without matching special tokens (other added tokens still match, as in transformers). Long input
+        goes through encode_batch_fast, which releases the GIL, so a server's event loop keeps running meanwhile."""
+        if self._text_tok is None:
+            text_tok = HFTokenizer.from_str(self._tok.to_str())
+            text_tok.encode_special_tokens = True
+            self._text_tok = text_tok
+        if sum(map(len, texts)) > 4096 and hasattr(self._text_tok, "encode_batch_fast"):
+            return [e.ids for e in self._text_tok.encode_batch_fast(texts, add_special_tokens=False)]
+        return [self._text_tok.encode(t, add_special_tokens=False).ids for t in texts]
 
     def encode_chat_for_training(self, messages: Sequence[dict[str, Any]]) -> tuple[list[int], list[int]]:
         """(ids, loss_mask) for SFT: mask is 1 exactly on the final assistant turn after its <｜Assistant｜> token,
         i.e. on `<think>\\n{reasoning}\\n</think>\\n\\n{content}<｜end▁of▁sentence｜>` (or `{content}<eos>`)."""
         clean = _check_messages(messages)
-        if not clean or clean[-1]["role"] != "assistant":
-            raise NanoseekError("chat: the last message must be an assistant turn to train on")
-        full = self.render_chat(clean)
-        # Render the final turn alone (it is still the last message, so it gets the same treatment) to find the
-        # target text; it follows the <｜Assistant｜> special token, so the two halves tokenize independently.
+        if not clean or clean[-1]["role"] != "assistant" or clean[-1].get("prefix"):
+            raise NanoseekError("chat: the last message must be an assistant turn (not a prefix) to train on")
+        ids = self.apply_chat_template(clean)
+        # The final turn rendered alone (it is still the last message, so it gets the same treatment) gives the
+        # target text; it follows the <｜Assistant｜> special token, so it tokenizes on its own.
         head = BOS + ASSISTANT
         alone = self.render_chat(clean[-1:])
-        target = alone[len(head):]
-        prefix = full[: len(full) - len(target)]
-        if not alone.startswith(head) or not full.endswith(target) or not prefix.endswith(ASSISTANT):
+        if not alone.startswith(head):
+            raise AssertionError("chat template: the final assistant turn does not start with <｜Assistant｜>")
+        target_ids = self.encode(alone[len(head):])
+        n = len(ids) - len(target_ids)
+        if ids[n:] != target_ids or ids[n - 1] != self.assistant_id:
             raise AssertionError("chat template: the final assistant turn is not a suffix after <｜Assistant｜>")
-        prefix_ids, target_ids = self.encode(prefix), self.encode(target)
-        ids = prefix_ids + target_ids
-        if ids != self.encode(full):
-            raise AssertionError("chat template: tokenisation merged across the prompt/target boundary")
-        return ids, [0] * len(prefix_ids) + [1] * len(target_ids)
+        return ids, [0] * n + [1] * len(target_ids)
 
 
-def _check_messages(messages: Any) -> list[dict[str, str]]:
+_MARKS = [chr(c) for c in range(0xE000, 0xF900)]  # Unicode private use: characters no template writes
+
+
+def _strings(x: Any) -> Iterator[str]:
+    if isinstance(x, str):
+        yield x
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _strings(v)
+
+
+def _free_mark(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
+    """A private-use character that occurs in none of the input's strings."""
+    seen = set("".join(_strings([messages, tools or []])))
+    mark = next((c for c in _MARKS if c not in seen), None)
+    if mark is None:
+        raise NanoseekError("chat: the messages use every private-use character (U+E000..U+F8FF)")
+    return mark
+
+
+def _wrap(x: Any, mark: str) -> Any:
+    """Every non-empty string in x (dict keys too) as mark + s + mark. Empty strings stay as they are, so the
+    template's truth tests (`if description`) see the same values."""
+    if isinstance(x, str):
+        return f"{mark}{x}{mark}" if x else x
+    if isinstance(x, dict):
+        return {_wrap(k, mark): _wrap(v, mark) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_wrap(v, mark) for v in x]
+    return x
+
+
+def _wrap_text(messages: list[dict[str, Any]], mark: str) -> list[dict[str, Any]]:
+    """The text fields of user, system and tool messages, and the names and arguments of assistant tool calls."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if m["role"] in ("system", "user", "tool"):
+            m["content"] = _wrap(m["content"], mark)
+        if m.get("tool_calls"):
+            m["tool_calls"] = [{**c, "function": {"name": _wrap(c["function"]["name"], mark),
+                                                  "arguments": _wrap(c["function"]["arguments"], mark)}}
+                               for c in m["tool_calls"]]
+        out.append(m)
+    return out
+
+
+def _wrap_tools(tools: list[dict[str, Any]] | None, mark: str) -> list[dict[str, Any]] | None:
+    if tools is None:
+        return None
+    return [{**t, "function": {k: _wrap(v, mark) for k, v in t["function"].items()}} for t in tools]
+
+
+def _check_messages(messages: Any) -> list[dict[str, Any]]:
     """Validate and copy messages down to the fields the template reads."""
     if not isinstance(messages, (list, tuple)):
         raise NanoseekError(f"chat: messages must be a list of dicts, got {type(messages).__name__}")
@@ -260,10 +481,12 @@ def _check_messages(messages: Any) -> list[dict[str, str]]:
         role = m.get("role")
         if role not in ROLES:
             raise NanoseekError(f"chat: message {i} has role {role!r}; expected one of {', '.join(ROLES)}")
-        if not isinstance(m.get("content"), str):
+        content = m.get("content")
+        calls = m.get("tool_calls")
+        if not isinstance(content, str) and not (role == "assistant" and content is None and calls):
             raise NanoseekError(f"chat: message {i} ({role}) 'content' must be a string, got "
-                                f"{type(m.get('content')).__name__}")
-        out = {"role": role, "content": m["content"]}
+                                f"{type(content).__name__}")
+        out: dict[str, Any] = {"role": role, "content": content}
         reasoning = m.get("reasoning_content")
         if reasoning is not None:
             if role != "assistant":
@@ -272,7 +495,45 @@ def _check_messages(messages: Any) -> list[dict[str, str]]:
                 raise NanoseekError(f"chat: message {i} 'reasoning_content' must be a string, got "
                                     f"{type(reasoning).__name__}")
             out["reasoning_content"] = reasoning
+        if m.get("prefix"):
+            if role != "assistant" or i != len(messages) - 1 or calls:
+                raise NanoseekError(f"chat: message {i} has 'prefix'; only the last message may, and it must be an "
+                                    "assistant turn without tool_calls")
+            out["prefix"] = True
+        if calls is not None:
+            if role != "assistant" or not isinstance(calls, (list, tuple)):
+                raise NanoseekError(f"chat: message {i} ({role}) 'tool_calls' must be a list on an assistant turn")
+            out["tool_calls"] = [_check_call(i, c) for c in calls]
+        if role == "tool" and m.get("tool_call_id") is not None:
+            out["tool_call_id"] = m["tool_call_id"]
         clean.append(out)
+    return clean
+
+
+def _check_call(i: int, call: Any) -> dict[str, Any]:
+    f = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not isinstance(f.get("arguments"),
+                                                                                      (str, dict)):
+        raise NanoseekError(f"chat: message {i} has a tool call without function.name (a string) and "
+                            "function.arguments (a JSON string or an object)")
+    return {"id": call.get("id"), "type": "function", "function": {"name": f["name"], "arguments": f["arguments"]}}
+
+
+def _check_tools(tools: Any) -> list[dict[str, Any]] | None:
+    """OpenAI's tool list: [{"type": "function", "function": {"name", "description"?, "parameters"?}}]."""
+    if tools is None:
+        return None
+    if not isinstance(tools, (list, tuple)):
+        raise NanoseekError(f"chat: tools must be a list, got {type(tools).__name__}")
+    clean = []
+    for i, t in enumerate(tools):
+        f = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or t.get("type", "function") != "function":
+            raise NanoseekError(f"chat: tool {i} must be {{'type': 'function', 'function': {{'name': ...}}}}")
+        if not isinstance(f.get("description", ""), str) or not isinstance(f.get("parameters", {}), dict):
+            raise NanoseekError(f"chat: tool {i}: description must be a string and parameters an object")
+        clean.append({"type": "function", "function": {k: f[k] for k in ("name", "description", "parameters")
+                                                       if k in f}})
     return clean
 
 
@@ -302,11 +563,11 @@ class IncrementalDecoder:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> Tokenizer:
-    """Train a byte-level BPE of `vocab_size` tokens (special tokens and the 256 byte symbols included) on `texts`,
-    save it to `out_dir` and return it."""
-    min_vocab = len(SPECIAL_TOKENS) + 256
+    """Train a byte-level BPE of `vocab_size` tokens (the 16 special tokens and the 256 byte symbols included) on
+    `texts`, save it to `out_dir` and return it."""
+    min_vocab = len(SPECIAL_TOKENS) + len(TOOL_TOKENS) + 256
     if not isinstance(vocab_size, int) or vocab_size < min_vocab:
-        raise NanoseekError(f"tokenizer: vocab_size must be an integer >= {min_vocab} (7 special + 256 bytes), "
+        raise NanoseekError(f"tokenizer: vocab_size must be an integer >= {min_vocab} (16 special + 256 bytes), "
                             f"got {vocab_size!r}")
     hf = HFTokenizer(models.BPE())
     # No normalizer: any normalisation (NFC, lowercasing) would break the lossless round trip.
@@ -319,7 +580,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) 
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,  # ids 0..6 in list order
+        special_tokens=SPECIAL_TOKENS + TOOL_TOKENS,  # ids 0..15 in list order
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, even ones absent from the texts
         show_progress=False,
     )

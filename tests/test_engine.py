@@ -193,6 +193,133 @@ def test_top_k_and_top_p_restrict_the_choice(model):
     assert firsts_p <= nucleus and len(firsts_p) >= 1
 
 
+def test_tiny_temperatures_are_greedy(model):
+    greedy = alone(model, PROMPTS[3])
+    for t in (1e-50, 1e-6):
+        assert alone(model, PROMPTS[3], temperature=t, seed=0) == greedy
+        assert engine_for(model).submit(PROMPTS[3], SamplingParams(temperature=t)).generator is None
+    assert engine_for(model).submit(PROMPTS[3], SamplingParams(temperature=1e-5)).generator is not None
+
+
+# --- penalties, logit_bias, logprobs ----------------------------------------------------------------------------------
+def run_events(engine, prompt, params):
+    """Step until the request ends; its token events (the ones that carry a token)."""
+    events = []
+    req = engine.submit(prompt, params, on_event=events.append)
+    while not req.finished:
+        engine.step()
+    return req, [e for e in events if e.token_id is not None]
+
+
+def reference(model, prompt, n, process=lambda logits, out: logits):
+    """Greedy decoding by full recompute through the model, with `process(logits [V], output so far)` applied."""
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = process(model(torch.tensor([prompt + out]))[0, -1].float(), out)
+            out.append(int(logits.argmax()))
+    return out
+
+
+def test_penalties_follow_openai_semantics(model):
+    def penalised(logits, out, freq=1.5, pres=0.7):
+        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[0]).float()
+        return logits - freq * counts - pres * (counts > 0)
+
+    plain = alone(model, PROMPTS[2], max_new_tokens=24)
+    got = alone(model, PROMPTS[2], max_new_tokens=24)  # through generate(): no processors
+    assert got == plain == reference(model, PROMPTS[2], 24)
+    req, _ = run_events(engine_for(model), PROMPTS[2], SamplingParams(24, stop_token_ids=[], frequency_penalty=1.5,
+                                                                      presence_penalty=0.7))
+    assert req.output_ids == reference(model, PROMPTS[2], 24, penalised) != plain
+    assert len(set(req.output_ids)) > len(set(plain))  # the penalties push towards unseen tokens
+    # negative penalties reward repetition
+    req, _ = run_events(engine_for(model), PROMPTS[2], SamplingParams(24, stop_token_ids=[], frequency_penalty=-2))
+    assert req.output_ids == reference(model, PROMPTS[2], 24, lambda x, o: penalised(x, o, -2.0, 0.0))
+
+
+def test_logit_bias(model):
+    plain = alone(model, PROMPTS[4], max_new_tokens=8)
+    req, _ = run_events(engine_for(model), PROMPTS[4], SamplingParams(8, stop_token_ids=[], logit_bias={42: 100}))
+    assert req.output_ids == [42] * 8
+    banned = {t: -100 for t in set(plain)}
+    req, _ = run_events(engine_for(model), PROMPTS[4], SamplingParams(8, stop_token_ids=[], logit_bias=banned))
+    assert not set(req.output_ids) & set(plain)
+    bias = {plain[0]: -3.5, 7: 2.25}
+
+    def biased(logits, out):
+        return logits + torch.zeros_like(logits).index_put_((torch.tensor(list(bias)),), torch.tensor(
+            list(bias.values())))
+
+    req, _ = run_events(engine_for(model), PROMPTS[4], SamplingParams(8, stop_token_ids=[], logit_bias=bias))
+    assert req.output_ids == reference(model, PROMPTS[4], 8, biased)
+
+
+def test_logprobs_greedy_are_the_processed_softmax(model):
+    bias = {11: 1.0}
+    req, events = run_events(engine_for(model), PROMPTS[1], SamplingParams(6, stop_token_ids=[], logprobs=5,
+                                                                           logit_bias=bias))
+    out = req.output_ids
+    with torch.no_grad():
+        for j, ev in enumerate(events):
+            logits = model(torch.tensor([PROMPTS[1] + out[:j]]))[0, -1].float()
+            logits[11] += 1.0
+            logp = torch.log_softmax(logits, -1)
+            assert ev.token_id == out[j] == int(logp.argmax())
+            assert ev.logprob == pytest.approx(logp[out[j]].item(), abs=1e-4)
+            assert [t for t, _ in ev.top_logprobs] == logp.topk(5).indices.tolist()
+            assert [v for _, v in ev.top_logprobs] == pytest.approx(logp.topk(5).values.tolist(), abs=1e-4)
+    _, events = run_events(engine_for(model), PROMPTS[1], SamplingParams(3, stop_token_ids=[], logprobs=0))
+    assert all(e.top_logprobs == [] and e.logprob <= 0 for e in events)
+    _, events = run_events(engine_for(model), PROMPTS[1], SamplingParams(3, stop_token_ids=[]))
+    assert all(e.logprob is None and e.top_logprobs is None for e in events)
+
+
+def test_logprobs_sampled_are_the_filtered_distribution(model):
+    """temperature 2 and top_k 3: the token's log-probability is under the renormalised top-3 softmax(logits / 2)."""
+    req, events = run_events(engine_for(model), PROMPTS[3], SamplingParams(1, temperature=2.0, top_k=3, seed=5,
+                                                                           logprobs=20))
+    with torch.no_grad():
+        logits = model(torch.tensor([PROMPTS[3]]))[0, -1].float() / 2.0
+    top3 = logits.topk(3)
+    logp = torch.log_softmax(top3.values, -1)
+    (ev,) = events
+    assert [t for t, _ in ev.top_logprobs] == top3.indices.tolist()  # only the 3 tokens that could be drawn
+    assert [v for _, v in ev.top_logprobs] == pytest.approx(logp.tolist(), abs=1e-4)
+    assert ev.logprob == pytest.approx(dict(ev.top_logprobs)[ev.token_id], abs=1e-6)
+
+
+def test_processors_are_reproducible_in_any_batch(model):
+    """A seeded request with penalties, logit_bias and logprobs gives the same tokens and log-probabilities alone
+    and beside other requests (with and without processors of their own)."""
+    params = lambda: SamplingParams(16, temperature=0.9, top_p=0.95, stop_token_ids=[], seed=7, presence_penalty=0.5,
+                                    frequency_penalty=0.3, logit_bias={9: 3.0, 10: -5.0}, logprobs=3)
+    req, events = run_events(engine_for(model), PROMPTS[1], params())
+    engine = engine_for(model)
+    others = [engine.submit(PROMPTS[0], SamplingParams(20, 1.3, 1.0, 5, [], seed=1)),
+              engine.submit(PROMPTS[2], SamplingParams(12, stop_token_ids=[], frequency_penalty=2.0, logprobs=2)),
+              engine.submit(PROMPTS[4], SamplingParams(9, temperature=0.7, stop_token_ids=[], seed=3,
+                                                       logit_bias={5: 50}))]
+    engine.step()
+    batched, events_b = run_events(engine, PROMPTS[1], params())
+    assert batched.output_ids == req.output_ids
+    assert [(e.token_id, e.top_logprobs and [t for t, _ in e.top_logprobs]) for e in events_b] == [
+        (e.token_id, [t for t, _ in e.top_logprobs]) for e in events]
+    assert [e.logprob for e in events_b] == pytest.approx([e.logprob for e in events], abs=1e-5)
+    while not all(o.finished for o in others):
+        engine.step()
+    assert others[2].output_ids == [5] * 9
+
+
+def test_speculative_engine_refuses_processors(model):
+    engine = engine_for(model, speculative=True)
+    for kw, name in [(dict(presence_penalty=0.5), "presence_penalty"), (dict(logit_bias={1: 1}), "logit_bias"),
+                     (dict(logprobs=1), "logprobs"), (dict(frequency_penalty=-1), "frequency_penalty")]:
+        with pytest.raises(NanoseekError, match=f"{name} is not supported with speculative decoding"):
+            engine.submit(PROMPTS[0], SamplingParams(**kw))
+    assert engine.generate([PROMPTS[0]], 5, stop_token_ids=[]) == [alone(model, PROMPTS[0], max_new_tokens=5)]
+
+
 # --- continuous batching --------------------------------------------------------------------------------------------
 def test_requests_joining_and_leaving_match_running_alone(model):
     engine = engine_for(model, max_batch_size=3)
@@ -289,6 +416,14 @@ def test_stream_and_background_thread(model):
     ([1], SamplingParams(top_p=1.5), "top_p"),
     ([1], SamplingParams(top_k=-1), "top_k"),
     ([1], SamplingParams(max_new_tokens=0), "max_new_tokens"),
+    ([1], SamplingParams(presence_penalty=2.5), "presence_penalty"),
+    ([1], SamplingParams(frequency_penalty=float("nan")), "frequency_penalty"),
+    ([1], SamplingParams(logit_bias={3: 101}), "logit_bias"),
+    ([1], SamplingParams(logit_bias={"3": 1}), "logit_bias"),
+    ([1], SamplingParams(logit_bias={512: 1}), "logit_bias token id 512 is not in the vocabulary"),
+    ([1], SamplingParams(logit_bias=[(3, 1)]), "logit_bias"),
+    ([1], SamplingParams(logprobs=21), "logprobs"),
+    ([1], SamplingParams(logprobs=True), "logprobs"),
 ])
 def test_bad_requests_raise_and_the_engine_keeps_serving(model, prompt, params, match):
     engine = engine_for(model, max_seq_len=64)
@@ -297,8 +432,7 @@ def test_bad_requests_raise_and_the_engine_keeps_serving(model, prompt, params, 
     with pytest.raises(NanoseekError, match=match):
         engine.submit(prompt, params)
     with pytest.raises(NanoseekError, match=match):
-        engine.generate([PROMPTS[1], prompt], **{k: getattr(params, k)
-                                                 for k in ("max_new_tokens", "temperature", "top_p", "top_k")})
+        engine.generate([PROMPTS[1], prompt], **vars(params))
     assert engine.stats()["waiting"] == 0  # generate() queued nothing
     while not ok.finished:
         engine.step()
@@ -376,6 +510,13 @@ def test_compiled_decode_matches_transformers(model, hf_greedy, aot_eager):
 
 def test_compiled_seeded_sampling_matches_eager(model, aot_eager):
     kw = dict(max_new_tokens=20, temperature=0.9, top_p=0.9, top_k=50, seed=3, stop_token_ids=[])
+    assert engine_for(model, compile=True).generate(PROMPTS[:2], **kw) == engine_for(model).generate(PROMPTS[:2], **kw)
+
+
+def test_compiled_processors_match_eager(model, aot_eager):
+    """Penalties and logit_bias modify the compiled graph's logits in place: the same tokens as eager."""
+    kw = dict(max_new_tokens=20, temperature=0.9, seed=3, stop_token_ids=[], frequency_penalty=1.0,
+              presence_penalty=0.5, logit_bias={5: 3.0}, logprobs=2)
     assert engine_for(model, compile=True).generate(PROMPTS[:2], **kw) == engine_for(model).generate(PROMPTS[:2], **kw)
 
 

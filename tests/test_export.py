@@ -15,7 +15,7 @@ from nanoseek.data import corpus_dir  # noqa: E402
 from nanoseek.errors import NanoseekError  # noqa: E402
 from nanoseek.export import export_gguf, gguf_tensors  # noqa: E402
 from nanoseek.model import Transformer  # noqa: E402
-from nanoseek.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer, train_tokenizer  # noqa: E402
+from nanoseek.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, TOOL_TOKENS, Tokenizer, train_tokenizer  # noqa: E402
 
 HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 Q = gguf.GGMLQuantizationType
@@ -126,15 +126,16 @@ def test_tokenizer_metadata(reader, tok_dir):
     tokens = field(reader, "tokenizer.ggml.tokens")
     types = field(reader, "tokenizer.ggml.token_type")
     assert len(tokens) == len(types) == 512
-    assert tokens[:7] == SPECIAL_TOKENS
-    assert types[:7] == [gguf.TokenType.CONTROL] * 7
-    assert set(types[7:TOKEN_VOCAB]) == {gguf.TokenType.NORMAL}
+    n_special = len(SPECIAL_TOKENS) + len(TOOL_TOKENS)  # R1's seven, then V3's tool-call markers
+    assert tokens[:n_special] == SPECIAL_TOKENS + TOOL_TOKENS
+    assert types[:n_special] == [gguf.TokenType.CONTROL] * n_special
+    assert set(types[n_special:TOKEN_VOCAB]) == {gguf.TokenType.NORMAL}
     assert tokens[TOKEN_VOCAB:] == [f"[PAD{i}]" for i in range(TOKEN_VOCAB, 512)]
     assert set(types[TOKEN_VOCAB:]) == {gguf.TokenType.UNUSED}
     ids = tok.encode(" the 2024")  # byte-level strings: "Ġ" is the space byte
     assert [tokens[i] for i in ids] == [tok._tok.id_to_token(i) for i in ids]
     merges = field(reader, "tokenizer.ggml.merges")
-    assert len(merges) == TOKEN_VOCAB - 7 - 256 and all(len(m.split(" ")) == 2 for m in merges)
+    assert len(merges) == TOKEN_VOCAB - n_special - 256 and all(len(m.split(" ")) == 2 for m in merges)
     assert (field(reader, "tokenizer.ggml.bos_token_id"), field(reader, "tokenizer.ggml.eos_token_id"),
             field(reader, "tokenizer.ggml.padding_token_id")) == (0, 1, 2)
     assert field(reader, "tokenizer.ggml.add_bos_token") is False  # the chat template writes bos itself

@@ -11,14 +11,13 @@ from nanoseek.cli import main
 from nanoseek.config import get_preset
 from nanoseek.data import corpus_dir
 from nanoseek.fp8 import (
-    enable_fp8,
     fp8_grouped_linear,
     fp8_linear,
     quantize_blocks,
     quantize_group_tiles,
     quantize_tiles,
 )
-from nanoseek.model import Gate, RMSNorm, Transformer
+from nanoseek.model import Gate, RMSNorm, Transformer, enable_fp8
 
 
 def test_tile_quantisation_error_is_e4m3_rounding():

@@ -100,7 +100,7 @@ def test_quantised_engine_computes_with_the_dequantised_weights(model, quant):
     row or two out of 16 may differ."""
     engine = Engine(model, max_batch_size=4, max_seq_len=64, quant=quant)
     lw = engine.layers[1]
-    assert lw.moe and not lw.grouped and lw.experts_gate_up_t is None
+    assert lw.moe and not lw.grouped and lw.experts_gate_up_3d is None
     for w in [lw.wq_a_kv_a, lw.wq_b, lw.wo, lw.mlp_gate_up, lw.mlp_down, engine.lm_head,
               *lw.experts_gate_up, *lw.experts_down, engine.mtp_layers[0].eh_proj]:
         assert isinstance(w, Int8Weight if quant == "int8" else (Int8Weight, Int4Weight))

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+import nanoseek.tokenizer as tokenizer_module
 from nanoseek.data import corpus_dir
 from nanoseek.errors import NanoseekError
 from nanoseek.tokenizer import (
@@ -12,6 +13,8 @@ from nanoseek.tokenizer import (
     SPECIAL_TOKENS,
     THINK_END,
     THINK_START,
+    TOOL_CALLS_BEGIN,
+    TOOL_TOKENS,
     USER,
     IncrementalDecoder,
     Tokenizer,
@@ -37,12 +40,26 @@ CONVERSATIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
+def _corpus() -> list[str]:
     text = (corpus_dir() / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:6000]
     math = (corpus_dir() / "gsm8k" / "train.jsonl").read_text(encoding="utf-8")[:3000]
+    return [text, math]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tok")
-    train_tokenizer([text, math], vocab_size=400, out_dir=out)
+    train_tokenizer(_corpus(), vocab_size=400, out_dir=out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def old_tok_dir(tmp_path_factory):
+    """A tokenizer as trained before the tool-call markers were special tokens (ids 0..6 only)."""
+    out = tmp_path_factory.mktemp("old_tok")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tokenizer_module, "TOOL_TOKENS", [])
+        train_tokenizer(_corpus(), vocab_size=400, out_dir=out)
     return out
 
 
@@ -201,3 +218,152 @@ def test_from_dir_missing(tmp_path):
 def test_vocab_too_small(tmp_path):
     with pytest.raises(NanoseekError, match="vocab_size"):
         train_tokenizer(["abc"], vocab_size=100, out_dir=tmp_path)
+
+
+# --- tools, prefix completion, the thinking switch ----------------------------------------------------------------
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city, now.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "名字 🌍"}},
+                   "required": ["city"]}}},
+    {"type": "function", "function": {"name": "no_args"}}]
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+TOOL_CONVERSATION = [
+    {"role": "system", "content": "You are nanoseek."},
+    {"role": "user", "content": "Weather in Paris and Rome?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        CALL, {**CALL, "id": "call_2", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+    {"role": "tool", "tool_call_id": "call_2", "content": "rain"},
+    {"role": "assistant", "content": "Sunny in Paris, rain in Rome."},
+    {"role": "user", "content": "Thanks!"},
+]
+PREFIX = [{"role": "user", "content": "Write code"}, {"role": "assistant", "content": "```python\n", "prefix": True}]
+PREFIX_REASONING = [{"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "", "reasoning_content": "Let me see", "prefix": True}]
+EXTENDED = [  # (messages, tools, template kwargs)
+    (TOOL_CONVERSATION, TOOLS, {}),
+    (TOOL_CONVERSATION[:5], TOOLS, {}),  # ends inside the tool outputs
+    (CONVERSATIONS[2], None, {"thinking": False}),
+    (CONVERSATIONS[0], TOOLS, {"enable_thinking": False}),
+    (PREFIX, None, {}),
+    (PREFIX_REASONING, None, {}),
+    ([*PREFIX[:1], {**PREFIX[1], "reasoning_content": "plan"}], None, {}),
+]
+
+
+@pytest.mark.parametrize("tok_name", ["tok_dir", "old_tok_dir"])
+@pytest.mark.parametrize("messages, tools, kwargs", EXTENDED)
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_extended_template_matches_transformers(request, tok_name, messages, tools, kwargs, add_generation_prompt):
+    """Tools, tool calls and outputs, prefix completion and the thinking switch: the same ids as transformers'
+    apply_chat_template, with the tool markers as special tokens (new tokenizers) and as text (old ones)."""
+    transformers = pytest.importorskip("transformers")
+    path = request.getfixturevalue(tok_name)
+    tok, hf = Tokenizer.from_dir(path), transformers.AutoTokenizer.from_pretrained(str(path))
+    ids = tok.apply_chat_template(messages, add_generation_prompt, tools=tools, **kwargs)
+    out = hf.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt, **kwargs)
+    assert ids == (list(out["input_ids"]) if hasattr(out, "keys") else list(out))
+    text = hf.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                  tokenize=False, **kwargs)
+    assert text == tok.render_chat(messages, add_generation_prompt, tools=tools, **kwargs)
+    assert tok.decode(ids) == text
+
+
+def test_tool_tokens(tok, old_tok_dir):
+    assert tok.has_tool_tokens and [tok.token_to_id(t) for t in TOOL_TOKENS] == list(range(7, 16))
+    assert all(tok.encode(t) == [7 + i] for i, t in enumerate(TOOL_TOKENS))
+    old = Tokenizer.from_dir(old_tok_dir)
+    assert not old.has_tool_tokens and old.vocab_size == 400
+    assert len(old.encode(TOOL_CALLS_BEGIN)) > 1 and old.decode(old.encode(TOOL_CALLS_BEGIN)) == TOOL_CALLS_BEGIN
+    # tool markers are text, not skipped: a streamed output keeps them for the tool-call parser
+    dec = IncrementalDecoder(tok, skip_special_tokens=True)
+    assert "".join(dec.feed(i) for i in [5, 7, 6]) == TOOL_CALLS_BEGIN
+
+
+def test_tool_template_format(tok):
+    text = tok.render_chat(TOOL_CONVERSATION, add_generation_prompt=True, tools=TOOLS)
+    system, rest = text.split(USER, 1)
+    assert system.startswith(BOS + "You are nanoseek.\n\n## Tools\n\n")
+    assert '### get_weather\nThe weather in a city, now.\nParameters: {"type": "object", "properties": ' in system
+    assert "### no_args\nParameters: {}" in system
+    call = "<｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{}<｜tool▁call▁end｜>"
+    assert rest == (
+        "Weather in Paris and Rome?" + ASSISTANT + TOOL_CALLS_BEGIN + call.format('{"city": "Paris"}')
+        + call.format('{"city": "Rome"}') + "<｜tool▁calls▁end｜>" + EOS + "<｜tool▁outputs▁begin｜>"
+        + "<｜tool▁output▁begin｜>sunny, 21 C<｜tool▁output▁end｜><｜tool▁output▁begin｜>rain<｜tool▁output▁end｜>"
+        + "<｜tool▁outputs▁end｜>" + ASSISTANT + "Sunny in Paris, rain in Rome." + EOS + USER + "Thanks!"
+        + ASSISTANT + "<think>\n")
+
+
+def test_thinking_switch_and_prefix_format(tok):
+    q = CONVERSATIONS[0]
+    on = tok.render_chat(q, add_generation_prompt=True)
+    for kwargs in ({"thinking": False}, {"enable_thinking": False}):
+        off = tok.render_chat(q, add_generation_prompt=True, **kwargs)
+        assert off == on.removesuffix("<think>\n") + "<think>\n\n</think>\n\n"
+        # the same text an assistant turn with empty reasoning renders to
+        turn = tok.render_chat(q + [{"role": "assistant", "content": "A", "reasoning_content": ""}])
+        assert turn == off + "A" + EOS
+    assert tok.render_chat(q, True, thinking=True) == on
+    # prefix: the last assistant turn stays open, whatever add_generation_prompt says
+    for gen in (True, False):
+        assert tok.render_chat(PREFIX, gen) == BOS + USER + "Write code" + ASSISTANT + \
+            "<think>\n\n</think>\n\n```python\n"
+        assert tok.render_chat(PREFIX_REASONING, gen).endswith(ASSISTANT + "<think>\nLet me see")
+    both = [PREFIX[0], {**PREFIX[1], "reasoning_content": "plan"}]
+    assert tok.render_chat(both).endswith(ASSISTANT + "<think>\nplan\n</think>\n\n```python\n")
+
+
+SPECIALS_TEXT = "a" + "".join(SPECIAL_TOKENS + TOOL_TOKENS) + " b<think>c"
+
+
+@pytest.mark.parametrize("tok_name", ["tok_dir", "old_tok_dir"])
+def test_user_text_is_never_a_control_token(request, tok_name):
+    """Special-token strings in user, system and tool text and in tool definitions are encoded as their characters;
+    the template's own markers, and assistant turns (model output), still give the special tokens."""
+    tok = Tokenizer.from_dir(request.getfixturevalue(tok_name))
+    tools = [{"type": "function", "function": {"name": "f", "description": SPECIALS_TEXT,
+                                               "parameters": {"type": "object", SPECIALS_TEXT: SPECIALS_TEXT}}}]
+    call = {"id": "1", "type": "function", "function": {"name": "f", "arguments": SPECIALS_TEXT}}
+    injected = [{"role": "system", "content": SPECIALS_TEXT}, {"role": "user", "content": SPECIALS_TEXT},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "1", "content": SPECIALS_TEXT},
+                {"role": "assistant", "content": "<think>\nr\n</think>\n\nfine"}]
+    plain = [{**m, "content": "x"} if m["role"] in ("system", "user", "tool") else m for m in injected]
+    plain[2] = {**plain[2], "tool_calls": [{**call, "function": {"name": "f", "arguments": "x"}}]}
+    plain_tools = [{"type": "function", "function": {"name": "f", "description": "x", "parameters": {}}}]
+    ids = tok.apply_chat_template(injected, add_generation_prompt=True, tools=tools)
+    assert tok.decode(ids) == tok.render_chat(injected, add_generation_prompt=True, tools=tools)
+    specials = range(16 if tok.has_tool_tokens else 7)
+    reference = tok.apply_chat_template(plain, add_generation_prompt=True, tools=plain_tools)
+    assert [i for i in ids if i in specials] == [i for i in reference if i in specials]
+    assert tok.think_start_id in ids  # the earlier assistant turn's <think> is dropped, the generation prompt's kept
+    last = tok.apply_chat_template([{"role": "user", "content": "q"},
+                                    {"role": "assistant", "content": "<think>\nr\n</think>\n\nA"}])
+    assert last.count(tok.think_start_id) == 1 and last.count(tok.think_end_id) == 1  # assistant: special tokens
+    # apply_chat_template vs encoding the rendered text: the same ids exactly when no content holds a special string
+    for messages in CONVERSATIONS + [TOOL_CONVERSATION]:
+        assert tok.apply_chat_template(messages, True, tools=TOOLS) == tok.encode(
+            tok.render_chat(messages, True, tools=TOOLS))
+    edge = [{"role": "user", "content": "<｜Assist"}, {"role": "assistant", "content": "ant｜>"},
+            {"role": "user", "content": "｜>\ue000\n\n"}]  # split markers, and the first wrapping candidate
+    assert tok.apply_chat_template(edge, True) == tok.encode(tok.render_chat(edge, True))
+
+
+def test_max_token_bytes(tok):
+    assert tok.max_token_bytes == max(len(tok.token_bytes(i)) for i in range(tok.vocab_size))
+    assert tok.max_token_bytes >= len(TOOL_CALLS_BEGIN.encode())
+
+
+@pytest.mark.parametrize("bad, where", [
+    ([{"role": "assistant", "content": "x", "prefix": True}, {"role": "user", "content": "y"}], "message 0"),
+    ([{"role": "user", "content": "x", "prefix": True}], "message 0"),
+    ([{"role": "user", "content": "x", "tool_calls": [CALL]}], "message 0"),
+    ([{"role": "assistant", "content": None}], "message 0"),
+    ([{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": 3}}]}], "message 0"),
+])
+def test_bad_extended_messages(tok, bad, where):
+    with pytest.raises(NanoseekError, match=where):
+        tok.apply_chat_template(bad)
+    with pytest.raises(NanoseekError, match="tool 0"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}], tools=[{"type": "function"}])

@@ -2,8 +2,8 @@
 that nanoseek answers with exit code 2 and one line (or loads, where loading is legitimately fine), never a traceback
 or a segfault, and that kill -9 and a full disk lose nothing.
 
-    python benchmarks/fault_pass_checkpoints.py            # every case (a few minutes on 2 cores)
-    python benchmarks/fault_pass_checkpoints.py -k index   # only the cases whose name contains "index"
+    python scripts/fault_pass_checkpoints.py            # every case (a few minutes on 2 cores)
+    python scripts/fault_pass_checkpoints.py -k index   # only the cases whose name contains "index"
 
 Cases (each runs `python -m nanoseek ...` in a subprocess, one torch thread):
   weights     truncated / garbled / empty safetensors, wrong shapes and dtypes, missing and extra tensors, partial MTP
@@ -630,7 +630,7 @@ def main() -> None:
             if Path("/proc/cpuinfo").is_file() else platform.processor()
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({
-            "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/fault_pass_checkpoints.py",
+            "date": time.strftime("%Y-%m-%d"), "command": "python scripts/fault_pass_checkpoints.py",
             "machine": {"cpu": cpu, "cpus": os.cpu_count(), "torch": torch.__version__,
                         "python": platform.python_version()},
             "summary": summary, "rows": rows, "kill": kills}, indent=1) + "\n")
