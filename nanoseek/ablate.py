@@ -42,6 +42,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.data import TokenDataset, default_corpus_files, read_documents
 from nanoseek.errors import NanoseekError
 from nanoseek.model import MLA, Transformer, apply_rope
+from nanoseek.osutil import available_cpus, check_writable, load_average, write_file_atomically, write_text_atomically
 from nanoseek.pretrain import (
     Trainer,
     _jsonable,
@@ -288,9 +289,7 @@ class AblationTrainer(Trainer):
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(obj, indent=1) + "\n")
 
 
 def run_variant(variant: Variant, ablation: str, config: ModelConfig, args: argparse.Namespace, out: Path,
@@ -481,8 +480,7 @@ def plot_ablation(ablation: str, rows: list[dict[str, Any]], results: list[dict[
     ax2.grid(alpha=0.3)
     if ablation != "mla":
         ax2.legend(fontsize=8)
-    fig.savefig(path, dpi=80)
-    return path
+    return write_file_atomically(path, lambda tmp: fig.savefig(tmp, dpi=80))
 
 
 # --- the command ----------------------------------------------------------------------------------------------------
@@ -515,7 +513,7 @@ def prepare_shared_data(args: argparse.Namespace, config: ModelConfig, out: Path
     paths = [Path(p) for p in (args.data or default_corpus_files())]
     for p in paths:
         read_documents(p)  # raises NanoseekError naming a missing or unsupported file, before any work
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
     # the val split does not follow --seed: runs with other seeds (a noise estimate) are scored on the same documents
     _, train_ds, val_ds = prepare_corpus(paths, out, config, args.vocab_size, args.seq_len, seed=0)
     return train_ds, val_ds
@@ -523,7 +521,7 @@ def prepare_shared_data(args: argparse.Namespace, config: ModelConfig, out: Path
 
 def run(args: argparse.Namespace) -> None:
     t_start = time.time()
-    threads = args.threads or len(os.sched_getaffinity(0))
+    threads = args.threads or available_cpus()
     if threads < 1:
         raise NanoseekError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
@@ -548,13 +546,14 @@ def run(args: argparse.Namespace) -> None:
     title = (f"nanoseek ablate {args.ablation}: {source}, {args.steps} steps x {args.batch_size} x {args.seq_len} "
              f"tokens, seed {args.seed}")
     table = markdown_table(args.ablation, rows, config)
-    load = os.getloadavg()
+    load = load_average()
     _write_json(out / "ablation.json", {
         "ablation": args.ablation, "config": config.to_hf_dict(), "args": _jsonable(args), "rows": rows,
         "histories": {v.name: r["history"] for v, r in zip(variants, results, strict=True)},
         "note": NOTES[args.ablation], "load_average": load})
-    (out / "ablation.md").write_text(f"# {title}\n\n{table}\n{NOTES[args.ablation]}\n")
+    write_text_atomically(out / "ablation.md", f"# {title}\n\n{table}\n{NOTES[args.ablation]}\n")
     plot_ablation(args.ablation, rows, results, out / "ablation.png", title)
     print(f"\n{title}\n\n{table}\n{NOTES[args.ablation]}\n")
-    print(f"done in {(time.time() - t_start) / 60:.1f} min (load average {load[0]:.1f}): {out / 'ablation.md'}, "
+    load_text = f"load average {load:.1f}" if load is not None else "load average n/a"
+    print(f"done in {(time.time() - t_start) / 60:.1f} min ({load_text}): {out / 'ablation.md'}, "
           f"{out / 'ablation.json'}, {out / 'ablation.png'}")

@@ -44,6 +44,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error(e: OSError) -> str:
+    """'<file>: <reason>' ('runs/x/loss.png: No space left on device')."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    reason = e.strerror or str(e) or type(e).__name__
+    return f"{where}: {reason}" if where else reason
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
@@ -53,10 +60,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     try:
         importlib.import_module(args._module).run(args)
-    except NanoseekError as e:
+    except (NanoseekError, OSError) as e:
+        # OSError: a file system that refuses a read or write nanoseek has no more specific message for (a full
+        # disk, a read-only or missing directory) is the user's to fix, named in one line like any bad input
+        message = str(e) if isinstance(e, NanoseekError) else _os_error(e)
         # one write, not print's two (text, then newline): under torchrun every rank shares stderr, and two ranks'
         # halves would interleave into one garbled line
-        sys.stderr.write(f"nanoseek {args.command}: error: {e}\n")
+        sys.stderr.write(f"nanoseek {args.command}: error: {' '.join(message.splitlines())}\n")
         sys.exit(2)
     except KeyboardInterrupt:
         sys.stderr.write(f"\nnanoseek {args.command}: interrupted\n")

@@ -88,6 +88,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise NanoseekError with one clear line for the first invalid value."""
+        self._validate_types()
         positive = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"]
         for name in positive:
@@ -116,6 +117,33 @@ class ModelConfig:
         if self.first_k_dense_replace < self.num_hidden_layers or self.num_nextn_predict_layers:
             self._validate_moe()
         self._validate_rope_scaling()
+
+    def _validate_types(self) -> None:
+        """Every field has its declared type (a config.json may say "rope_theta": "1e4", true for an int, NaN ...);
+        floats are finite numbers (ints allowed), ints are not bools."""
+        for f in dataclasses.fields(self):
+            v, kind = getattr(self, f.name), f.type.split(" | ")[0]
+            if v is None and f.type.endswith("| None"):
+                continue
+            if kind == "int":
+                ok, want = isinstance(v, int) and not isinstance(v, bool), "an integer"
+            elif kind == "float":
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                want = "a finite number"
+            elif kind == "bool":
+                ok, want = isinstance(v, bool), "true or false"
+            elif kind == "str":
+                ok, want = isinstance(v, str), "a string"
+            else:
+                continue  # rope_scaling: _validate_rope_scaling
+            if not ok:
+                raise NanoseekError(f"config: {f.name} must be {want}, got {v!r}")
+        for name in ("rope_theta",):
+            if not getattr(self, name) > 0:
+                raise NanoseekError(f"config: {name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("initializer_range", "bos_token_id", "eos_token_id"):
+            if getattr(self, name) < 0:
+                raise NanoseekError(f"config: {name} must be >= 0, got {getattr(self, name)!r}")
 
     def _validate_moe(self) -> None:
         e, g, k, kg = self.n_routed_experts, self.n_group, self.num_experts_per_tok, self.topk_group
@@ -150,10 +178,17 @@ class ModelConfig:
             return
         if kind != "yarn":
             raise NanoseekError(f"config: rope_scaling type {kind!r} is not supported (only 'yarn')")
-        if not isinstance(rs.get("factor"), (int, float)) or rs["factor"] < 1:
+        factor = rs.get("factor")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1:
             raise NanoseekError(f"config: rope_scaling.factor must be a number >= 1, got {rs.get('factor')!r}")
-        if not isinstance(rs.get("original_max_position_embeddings"), int):
-            raise NanoseekError("config: rope_scaling.original_max_position_embeddings must be an integer")
+        orig = rs.get("original_max_position_embeddings")
+        if not isinstance(orig, int) or isinstance(orig, bool) or orig <= 0:
+            raise NanoseekError(f"config: rope_scaling.original_max_position_embeddings must be a positive integer, "
+                                f"got {orig!r}")
+        for key in ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
+            v = rs.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise NanoseekError(f"config: rope_scaling.{key} must be a finite number, got {v!r}")
 
     # --- parameter and FLOP accounting (analytic: works for the 671B shape without allocating it) --------------
     def num_params(self) -> dict[str, int]:
@@ -233,13 +268,14 @@ class ModelConfig:
             if rp.get("rope_type", rp.get("type", "default")) != "default" and "rope_scaling" not in d:
                 kw["rope_scaling"] = {k: v for k, v in rp.items() if k not in ("rope_theta", "rope_type")}
                 kw["rope_scaling"]["type"] = rp.get("rope_type", rp.get("type"))
-        if kw.get("rope_scaling") and "type" not in kw["rope_scaling"] and "rope_type" in kw["rope_scaling"]:
+        rs = kw.get("rope_scaling")
+        if isinstance(rs, dict) and "type" not in rs and "rope_type" in rs:
             kw["rope_scaling"] = {**kw["rope_scaling"], "type": kw["rope_scaling"]["rope_type"]}
         nkv = d.get("num_key_value_heads")
         if nkv is not None and nkv != d.get("num_attention_heads", nkv):
             raise NanoseekError(f"{source}: num_key_value_heads ({nkv}) != num_attention_heads: MLA has no GQA")
-        if isinstance(kw.get("eos_token_id"), list):
-            kw["eos_token_id"] = kw["eos_token_id"][0]
+        if isinstance(kw.get("eos_token_id"), list):  # several stop tokens: the first is the model's eos
+            kw["eos_token_id"] = kw["eos_token_id"][0] if kw["eos_token_id"] else None
         for k in ("bos_token_id", "eos_token_id"):
             if kw.get(k) is None:
                 kw.pop(k, None)
@@ -247,6 +283,10 @@ class ModelConfig:
             return cls(**kw)
         except TypeError as e:
             raise NanoseekError(f"{source}: {e}") from None
+        except NanoseekError as e:  # validate()'s "config: ..." names the file it came from
+            if source == "config":
+                raise
+            raise NanoseekError(f"{source}: {str(e).removeprefix('config: ')}") from None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
@@ -259,9 +299,11 @@ class ModelConfig:
         if not path.is_file():
             raise NanoseekError(f"config file not found: {path}")
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise NanoseekError(f"{path}: invalid JSON (line {e.lineno}: {e.msg})") from None
+        except UnicodeDecodeError:
+            raise NanoseekError(f"{path}: not a text file (invalid UTF-8)") from None
         if not isinstance(d, dict):
             raise NanoseekError(f"{path}: expected a JSON object")
         return cls.from_hf_dict(d, source=str(path))

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from nanoseek.errors import NanoseekError
+from nanoseek.osutil import write_failed, write_text_atomically
 from nanoseek.tokenizer import Tokenizer
 
 DOC_CHARS = 4096  # .txt files are cut into documents of about this many characters at blank lines
@@ -195,35 +196,37 @@ def prepare_data(paths: list[Path], tokenizer: Tokenizer, out_dir: str | Path, v
     val_docs = set(np.random.default_rng(seed).permutation(n_docs)[:n_val].tolist())
 
     dtype = token_dtype(tokenizer.vocab_size)
-    out_dir.mkdir(parents=True, exist_ok=True)
     counts = {"train": 0, "val": 0}
     tmp = {split: out_dir / f"{split}.bin.tmp" for split in counts}
-    files = {split: tmp[split].open("wb") for split in counts}
     total_bytes = sum(s["size"] for s in sources)
-    bar = tqdm(total=n_docs, unit="doc", desc="tokenizing", disable=total_bytes < 1 << 20)
     docs = (doc for p in paths for doc in read_documents(p))
-    try:
-        doc_index = 0
-        while batch := list(itertools.islice(docs, ENCODE_BATCH)):
-            for ids in tokenizer.encode_batch(batch):
-                split = "val" if doc_index in val_docs else "train"
-                arr = np.array([*ids, tokenizer.eos_id], dtype=dtype)
-                files[split].write(arr.tobytes())
-                counts[split] += len(arr)
-                doc_index += 1
-            bar.update(len(batch))
+    try:  # a full disk or read-only out_dir: one line, and no partial .bin or meta.json left behind
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "meta.json").unlink(missing_ok=True)  # it describes the files about to be replaced
+        with tqdm(total=n_docs, unit="doc", desc="tokenizing", disable=total_bytes < 1 << 20) as bar, \
+                tmp["train"].open("wb") as train_file, tmp["val"].open("wb") as val_file:
+            files = {"train": train_file, "val": val_file}
+            doc_index = 0
+            while batch := list(itertools.islice(docs, ENCODE_BATCH)):
+                for ids in tokenizer.encode_batch(batch):
+                    split = "val" if doc_index in val_docs else "train"
+                    arr = np.array([*ids, tokenizer.eos_id], dtype=dtype)
+                    files[split].write(arr.tobytes())
+                    counts[split] += len(arr)
+                    doc_index += 1
+                bar.update(len(batch))
+        for split in counts:
+            os.replace(tmp[split], out_dir / f"{split}.bin")
+        meta = {**key, "dtype": dtype.name, "train_tokens": counts["train"], "val_tokens": counts["val"],
+                "train_documents": n_docs - n_val, "val_documents": n_val, "eos_id": tokenizer.eos_id,
+                "sources": sources}
+        # meta.json is written last: an interrupted run never leaves a meta that claims complete .bin files
+        write_text_atomically(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
+    except OSError as e:
+        raise write_failed(out_dir, e) from None
     finally:
-        bar.close()
-        for f in files.values():
-            f.close()
-    for split in counts:
-        os.replace(tmp[split], out_dir / f"{split}.bin")
-
-    meta = {**key, "dtype": dtype.name, "train_tokens": counts["train"], "val_tokens": counts["val"],
-            "train_documents": n_docs - n_val, "val_documents": n_val, "eos_id": tokenizer.eos_id,
-            "sources": sources}
-    # meta.json is written last: an interrupted run never leaves a meta that claims complete .bin files
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        for t in tmp.values():
+            t.unlink(missing_ok=True)
     return meta
 
 

@@ -32,6 +32,7 @@ import torch
 
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.errors import NanoseekError
+from nanoseek.osutil import check_writable, write_text_atomically
 from nanoseek.tasks import Problem, Reward, Task, distinct_problems, load_task
 from nanoseek.tokenizer import Tokenizer
 
@@ -223,7 +224,11 @@ def check_positive(**values: int) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    check_positive(n=args.n, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    check_positive(n=args.n, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, threads=args.threads)
+    if args.json is not None:
+        if args.json.is_dir():
+            raise NanoseekError(f"--json {args.json} is a directory; give the file to write")
+        check_writable(args.json.parent, "--json's directory")  # before the evaluation, not after it
     if args.k < 0:
         raise NanoseekError(f"--k must be >= 0, got {args.k}")
     torch.set_num_threads(args.threads)
@@ -239,6 +244,5 @@ def run(args: argparse.Namespace) -> None:
                            temperature=args.temperature, top_p=args.top_p, seed=args.seed))
     print(format_report(result))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomically(args.json, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")

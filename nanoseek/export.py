@@ -30,6 +30,7 @@ GGUF with extra blocks does not load in older llama.cpp / Ollama builds; block_c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -39,10 +40,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from nanoseek.checkpoint import load_model
+from nanoseek.checkpoint import check_checkpoint_dir, load_model
 from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
 from nanoseek.model import MoE, Transformer, rope_frequencies
+from nanoseek.osutil import check_writable, write_failed
 
 FORMATS = ("gguf",)
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -157,6 +159,14 @@ def _token_content(value: Any) -> str | None:
 
 def read_vocab(tok_dir: Path, n_vocab: int, config: ModelConfig) -> dict[str, Any]:
     """Everything GGUF needs from tokenizer.json + tokenizer_config.json, padded to the model's n_vocab rows."""
+    try:
+        return _read_vocab(tok_dir, n_vocab, config)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # JSON of the wrong shape: a list, ids as strings
+        raise NanoseekError(f"{tok_dir}: tokenizer.json / tokenizer_config.json are not the tokenizer files GGUF "
+                            f"needs ({type(e).__name__}: {e})") from None
+
+
+def _read_vocab(tok_dir: Path, n_vocab: int, config: ModelConfig) -> dict[str, Any]:
     tok_file = tok_dir / "tokenizer.json"
     if not tok_file.is_file():
         raise NanoseekError(f"{tok_file} not found: GGUF needs the tokenizer (pass --tokenizer DIR)")
@@ -307,13 +317,17 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, dtype: str = "f32",
     if dtype not in DTYPES:
         raise NanoseekError(f"export: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     model_dir, out_path = Path(model_dir), Path(out_path)
+    check_checkpoint_dir(model_dir)
+    if out_path.is_dir():
+        raise NanoseekError(f"-o {out_path} is a directory; give the .gguf file to write")
+    check_writable(out_path.parent, "the output directory")  # before the conversion, not after it
     model = load_model(model_dir)
     cfg = model.config
     _check_rope_scaling(cfg, str(model_dir / "config.json"))
     vocab = read_vocab(Path(tokenizer_dir) if tokenizer_dir else model_dir, cfg.vocab_size, cfg)
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    w = None
     try:
         w = gguf.GGUFWriter(tmp, ARCH)
         _write_metadata(w, gguf, cfg, model_dir.resolve().name, dtype)
@@ -332,8 +346,14 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, dtype: str = "f32",
         w.write_tensors_to_file()
         w.close()
         os.replace(tmp, out_path)
+    except OSError as e:  # a full disk, a read-only directory: no partial .gguf is left behind
+        raise write_failed(out_path, e) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if w is not None and w.fout is not None:
+            with contextlib.suppress(OSError):
+                w.close()
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return out_path
 
 

@@ -33,5 +33,10 @@ def describe(cfg: ModelConfig, seq_len: int) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
-    cfg = ModelConfig.load(args.config) if args.config else get_preset(args.preset)
+    if args.config is not None and args.config.is_dir() and any(args.config.glob("*.safetensors")):
+        from nanoseek.checkpoint import checkpoint_config  # a checkpoint: counted as it loads (MTP only if held)
+
+        cfg = checkpoint_config(args.config)
+    else:
+        cfg = ModelConfig.load(args.config) if args.config else get_preset(args.preset)
     print(describe(cfg, args.seq_len))

@@ -42,6 +42,7 @@ from nanoseek.config import PRESETS, ModelConfig, get_preset
 from nanoseek.data import TokenDataset, default_corpus_files, prepare_data, read_documents
 from nanoseek.errors import NanoseekError
 from nanoseek.model import Transformer, enable_fp8
+from nanoseek.osutil import available_cpus, check_writable, load_average, write_failed, write_file_atomically
 from nanoseek.report import RunRecord, cpu_has_native_bf16, machine_peak_flops, plot_losses
 from nanoseek.tokenizer import Tokenizer, train_tokenizer
 
@@ -354,16 +355,15 @@ class Trainer:
         buf = io.BytesIO()
         torch.save(optimizer_state, buf)
         extra = {"trainer_state.json": (json.dumps(state, indent=1) + "\n").encode(), "optimizer.pt": buf.getvalue()}
-        try:
-            save_pretrained(model, path, tokenizer_dir=self.tokenizer_dir, extra_files=extra)
-            tmp = self.ckpt_dir / f"latest.tmp-{os.getpid()}"
+        save_pretrained(model, path, tokenizer_dir=self.tokenizer_dir, extra_files=extra)  # one line on failure
+
+        def write_latest(tmp: Path) -> None:
             with open(tmp, "w") as f:
                 f.write(name + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self.ckpt_dir / "latest")  # only now, with the directory complete, does latest move
-        except OSError as e:
-            raise NanoseekError(f"could not write checkpoint {path}: {e}") from e
+
+        write_file_atomically(self.ckpt_dir / "latest", write_latest)  # only now, with the directory complete
         self._prune()
         return path
 
@@ -373,24 +373,28 @@ class Trainer:
         latest = self.ckpt_dir / (self.ckpt_dir / "latest").read_text().strip()
         for old in steps[:-self.args.keep_last]:
             if old != latest:
-                shutil.rmtree(old)
+                shutil.rmtree(old, ignore_errors=True)  # a checkpoint that could not be removed costs only space
         for stray in self.ckpt_dir.glob(".step_*"):  # .step_N.tmp-PID / .step_N.old-PID from an interrupted write
+            shutil.rmtree(stray, ignore_errors=True)
+        for stray in self.ckpt_dir.glob(".latest.tmp-*"):
+            stray.unlink(missing_ok=True)
+        for stray in self.out_dir.glob(".final.*-*"):  # .final.tmp-PID / .final.old-PID
             shutil.rmtree(stray, ignore_errors=True)
 
     def load_checkpoint(self, path: Path) -> None:
-        """Restore weights (fp32), expert biases, optimizer state, step, history and clocks from `path`."""
+        """Restore weights (fp32), expert biases, optimizer state, step, history and clocks from `path`.
+
+        trainer_state.json and optimizer.pt are checked against this model before anything is loaded: moments of
+        the wrong shape would otherwise reach the fused AdamW kernel, which reads out of bounds (a segfault)."""
         check_same_config(self.model.config, path)
         for f in ("trainer_state.json", "optimizer.pt"):
             if not (path / f).is_file():
                 raise NanoseekError(f"--resume: {path} has no {f}: not a training checkpoint")
-        try:
-            state = json.loads((path / "trainer_state.json").read_text())
-        except json.JSONDecodeError as e:
-            raise NanoseekError(f"{path / 'trainer_state.json'}: invalid JSON (line {e.lineno}: {e.msg})") from None
-        with torch.no_grad():  # the files hold whole tensors; under FSDP each rank keeps its shard
+        state = read_trainer_state(path / "trainer_state.json", self.stage)
+        optimizer_state = read_optimizer_state(path / "optimizer.pt", self.optimizer, self.device)
+        with torch.no_grad():  # the files hold whole tensors; under FSDP each rank keeps its own shard
             distributed.load_state_dict(self.model, load_model(path).state_dict())
-        distributed.load_optimizer_state(
-            self.optimizer, torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True))
+        distributed.load_optimizer_state(self.optimizer, optimizer_state)
         self.step, self.tokens, self.history = state["step"], state["tokens"], state["history"]
         self.train_seconds, self.previous_wall_seconds = state["train_seconds"], state["wall_seconds"]
         self._last_saved_step = self.step
@@ -441,6 +445,109 @@ class Trainer:
         return record
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def read_trainer_state(file: Path, stage: str) -> dict[str, Any]:
+    """trainer_state.json, checked: the counters are numbers, the history lists of {"step", ...} objects."""
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise NanoseekError(f"{file}: invalid JSON (line {e.lineno}: {e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise NanoseekError(f"{file}: not readable ({e})") from None
+
+    def bad(why: str) -> NanoseekError:
+        return NanoseekError(f"{file}: {why}: not a trainer state nanoseek wrote")
+
+    if not isinstance(state, dict):
+        raise bad("expected a JSON object")
+    for key in ("step", "tokens"):
+        if not isinstance(state.get(key), int) or isinstance(state[key], bool) or state[key] < 0:
+            raise bad(f"{key!r} must be a non-negative integer, got {state.get(key)!r}")
+    for key in ("train_seconds", "wall_seconds"):
+        if not _is_number(state.get(key)) or not 0 <= state[key] < math.inf:
+            raise bad(f"{key!r} must be a non-negative number, got {state.get(key)!r}")
+    if "stage" in state and state["stage"] != stage:
+        raise NanoseekError(f"{file}: written by `nanoseek {state['stage']}`, not `nanoseek {stage}`: use the "
+                            f"{stage} run's --out")
+    if not isinstance(state.get("args", {}), dict):
+        raise bad("'args' must be an object")
+    history = state.get("history")
+    if not isinstance(history, dict) or not isinstance(history.get("train"), list) \
+            or not isinstance(history.get("val"), list):
+        raise bad("'history' must be an object with 'train' and 'val' lists")
+    for name, rows in history.items():
+        if not isinstance(rows, list):
+            raise bad(f"history.{name} must be a list")
+        for row in rows:
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise bad(f"history.{name} holds {str(row)[:60]!r}, not a {{\"step\": N, ...}} object")
+            if name in ("train", "val") and not _is_number(row.get("loss")):
+                raise bad(f"history.{name} entry of step {row['step']} has no numeric 'loss'")
+    return state
+
+
+def read_optimizer_state(file: Path, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, Any]:
+    """optimizer.pt (weights_only: tensors and plain containers, never arbitrary pickled objects), checked against
+    `optimizer`'s parameters: the same groups and parameter counts, moments of each parameter's shape and dtype,
+    finite values, and the hyperparameters AdamW reads as numbers."""
+    try:
+        state = torch.load(file, map_location=device, weights_only=True)
+    except Exception as e:  # truncated zip, garbage, a pickle weights_only refuses: each its own exception type
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise NanoseekError(f"{file}: not a readable optimizer state ({type(e).__name__}: {first})") from None
+
+    def bad(why: str) -> NanoseekError:
+        return NanoseekError(f"{file}: {why}: not the optimizer state of this model")
+
+    if not isinstance(state, dict) or not isinstance(state.get("state"), dict) \
+            or not isinstance(state.get("param_groups"), list):
+        raise bad("expected an optimizer state_dict with 'state' and 'param_groups'")
+    groups, saved_groups = optimizer.param_groups, state["param_groups"]
+    if len(saved_groups) != len(groups):
+        raise bad(f"{len(saved_groups)} parameter groups, this model's optimizer has {len(groups)}")
+    ids: list[int] = []
+    for i, (saved, group) in enumerate(zip(saved_groups, groups, strict=True)):
+        if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
+            raise bad(f"parameter group {i} has no 'params' list")
+        if len(saved["params"]) != len(group["params"]):
+            raise bad(f"parameter group {i} holds {len(saved['params'])} parameters, this model's "
+                      f"{len(group['params'])}")
+        for key in ("lr", "eps", "weight_decay"):
+            if not _is_number(saved.get(key)) or not math.isfinite(saved[key]) or saved[key] < 0:
+                raise bad(f"parameter group {i}: {key!r} must be a non-negative number, got {saved.get(key)!r}")
+        betas = saved.get("betas")
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(_is_number(b) and 0 <= b < 1
+                                                                               for b in betas):
+            raise bad(f"parameter group {i}: 'betas' must be two numbers in [0, 1), got {betas!r}")
+        ids += saved["params"]
+    if not all(isinstance(i, int) for i in ids) or len(set(ids)) != len(ids):
+        raise bad("the parameter groups' 'params' must be distinct integer ids")
+    params = dict(zip(ids, (p for group in groups for p in group["params"]), strict=True))
+    for key, entry in state["state"].items():
+        if key not in params or not isinstance(entry, dict):
+            raise bad(f"state entry {key!r} belongs to no parameter")
+        p = params[key]
+        for name, v in entry.items():
+            if not torch.is_tensor(v):
+                raise bad(f"{name} of parameter {key} is {type(v).__name__}, not a tensor")
+            if name == "step":
+                numeric = v.is_floating_point() or v.dtype == torch.int64
+                if v.numel() != 1 or not numeric or not 0 <= v.item() < 2**53:
+                    raise bad(f"step of parameter {key} must be one non-negative number")
+            elif name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if tuple(v.shape) != tuple(p.shape) or v.dtype != p.dtype:
+                    raise bad(f"{name} of parameter {key} is {str(v.dtype)[6:]} {list(v.shape)}, the parameter "
+                              f"{str(p.dtype)[6:]} {list(p.shape)}")
+                if not torch.isfinite(v).all():
+                    raise bad(f"{name} of parameter {key} holds NaN or inf")
+            else:
+                raise bad(f"unknown entry {name!r} for parameter {key} (AdamW keeps step, exp_avg, exp_avg_sq)")
+    return state
+
+
 def check_same_config(config: ModelConfig, checkpoint: Path) -> None:
     diff = config_difference(config, ModelConfig.load(checkpoint / "config.json"))
     if diff:
@@ -453,7 +560,13 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     latest = ckpt_dir / "latest"
     if not latest.is_file():
         return None
-    path = ckpt_dir / latest.read_text().strip()
+    try:
+        name = latest.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise NanoseekError(f"{latest}: not readable ({e})") from None
+    if not re.fullmatch(r"step_\d+", name):  # never a path: `latest` must not lead a resume out of ckpt_dir
+        raise NanoseekError(f"{latest} must name a checkpoint step_NNNNNN of {ckpt_dir}, got {name[:60]!r}")
+    path = ckpt_dir / name
     if not path.is_dir():
         raise NanoseekError(f"{latest} names {path.name}, which does not exist")
     return path
@@ -589,9 +702,14 @@ def prepare_tokenizer(paths: list[Path], out_dir: Path, vocab_size: int) -> Toke
     t = time.time()
     tmp = out_dir / f".tokenizer.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tok = train_tokenizer((doc for p in paths for doc in read_documents(p)), vocab_size, tmp)
-    shutil.rmtree(tok_dir, ignore_errors=True)  # a tokenizer/ without tokenizer.json is a leftover, not a tokenizer
-    os.replace(tmp, tok_dir)  # a half-trained tokenizer must never be mistaken for a finished one
+    try:
+        tok = train_tokenizer((doc for p in paths for doc in read_documents(p)), vocab_size, tmp)
+        shutil.rmtree(tok_dir, ignore_errors=True)  # a tokenizer/ without tokenizer.json is a leftover
+        os.replace(tmp, tok_dir)  # a half-trained tokenizer must never be mistaken for a finished one
+    except OSError as e:
+        raise write_failed(tok_dir, e) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"tokenizer: trained {tok.vocab_size} tokens in {time.time() - t:.1f}s -> {tok_dir}")
     return tok
 
@@ -636,11 +754,11 @@ def run(args: argparse.Namespace) -> None:
 def _run(args: argparse.Namespace, device: torch.device) -> None:
     t_start = time.time()
     # under torchrun the processes share the cores: by default each gets cores / processes-per-node threads
-    threads = args.threads or max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    threads = args.threads or max(1, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     if threads < 1:
         raise NanoseekError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
-    cores, load = len(os.sched_getaffinity(0)), os.getloadavg()[0]
+    cores, load = available_cpus(), load_average() or 0.0
     if threads > 1 and load > cores and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
         # measured on the 2-core dev box at load ~7: 2 threads ran 3-5x slower than 1 (docs/pretrain.md)
         print(f"note: the machine is busy (load {load:.1f} on {cores} cores): {threads} OpenMP threads spin-waiting "
@@ -656,7 +774,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> None:
     resume_from = resume_point(out, args.resume)
     if resume_from is not None:
         check_same_config(config, resume_from)  # fail before the tokenizer and data work, not after
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)  # a read-only or full --out fails now, not at the first checkpoint
 
     tokenizer, train_ds, val_ds = prepare_corpus(paths, out, config, args.vocab_size, args.seq_len, args.seed)
 

@@ -12,6 +12,7 @@ beside the paper's 2.788M H800 GPU-hours (docs/report.md).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from nanoseek.errors import NanoseekError
+from nanoseek.osutil import write_file_atomically, write_text_atomically
 
 _PEAK_CACHE: dict[tuple[str, str, int], float] = {}  # (device type, dtype, threads) -> FLOP/s, per process
 
@@ -98,10 +100,8 @@ def machine_peak_flops(dtype: torch.dtype, device: str | torch.device = "cpu", c
     if not isinstance(cache.get(file_key), (int, float)):
         cache[file_key] = _measure_matmul_flops(dtype, device, seconds)
         if cache_file is not None:
-            Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(f"{cache_file}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(cache, indent=2) + "\n")
-            os.replace(tmp, cache_file)
+            with contextlib.suppress(NanoseekError):  # only a cache: an unwritable one means measuring next time
+                write_text_atomically(cache_file, json.dumps(cache, indent=2) + "\n")
     _PEAK_CACHE[key] = float(cache[file_key])
     return _PEAK_CACHE[key]
 
@@ -181,11 +181,7 @@ class RunRecord:
         return d
 
     def write(self, path: str | Path) -> Path:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_text_atomically(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 def plot_losses(history: dict[str, list[dict[str, Any]]], path: str | Path, title: str = "") -> Path:
@@ -217,9 +213,7 @@ def plot_losses(history: dict[str, list[dict[str, Any]]], path: str | Path, titl
     ax_vio.set_ylabel("MaxVio")
     ax_vio.set_xlabel("step")
     ax_vio.grid(alpha=0.3)
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    return path
+    return write_file_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100))
 
 
 # ===== the report card: `nanoseek report RUN_DIR...` ================================================================
@@ -773,9 +767,7 @@ def plot_costs(data: dict[str, Any], path: str | Path) -> Path:
     ax.set_title(f"cost by stage (total {fmt_usd(data['totals']['cost_usd'])})")
     ax.tick_params(axis="x", labelrotation=20)
     ax.grid(axis="y", alpha=0.3)
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    return path
+    return write_file_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100))
 
 
 def plot_all_losses(runs: list[StageRun], path: str | Path) -> Path:
@@ -811,9 +803,7 @@ def plot_all_losses(runs: list[StageRun], path: str | Path) -> Path:
                                 lw=0.8, label="reward")
             ax2.set_ylabel("mean reward", color="tab:green")
         ax.legend(handles=handles, loc="best", fontsize=8)
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    return path
+    return write_file_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100))
 
 
 # ----- the card -----------------------------------------------------------------------------------------------------
@@ -837,9 +827,7 @@ def write_report_card(dirs: list[Path], out: Path, price_per_hour: float | None 
     loss_png = plot_all_losses(runs, out.with_name(f"{out.stem}_losses.png"))
     text = render_card(data, out, title, dirs, cost_png.name, loss_png.name)
     for path, content in ((out.with_suffix(".json"), json.dumps(data, indent=2) + "\n"), (out, text)):
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(content)
-        os.replace(tmp, path)
+        write_text_atomically(path, content)
     return out
 
 

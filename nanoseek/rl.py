@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from nanoseek.engine import Engine
 from nanoseek.errors import NanoseekError
 from nanoseek.evaluate import Completion, greedy_accuracy, prompt_ids, sample_completions, score_all
 from nanoseek.model import Transformer
+from nanoseek.osutil import available_cpus, check_writable, write_file_atomically, write_text_atomically
 from nanoseek.pretrain import Trainer, lr_at, resume_point
 from nanoseek.tasks import Problem, Task, distinct_problems, load_task
 from nanoseek.tokenizer import Tokenizer
@@ -398,27 +398,24 @@ def heldout_accuracy(policy: Transformer, tokenizer: Tokenizer, task: Task, prob
 
 def write_log(out: Path, rows: list[dict[str, Any]]) -> None:
     """rl_log.jsonl (one line per step) in the run directory, replaced atomically; run() then appends each step."""
-    tmp = out / f".rl_log.jsonl.tmp-{os.getpid()}"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, out / "rl_log.jsonl")
+    write_text_atomically(out / "rl_log.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def write_curves(out: Path, rows: list[dict[str, Any]], heldout: list[dict[str, Any]]) -> None:
     """rl_curves.png in the run directory, replaced atomically."""
-    tmp_png = out / f".rl_curves.tmp-{os.getpid()}.png"
-    plot_curves(rows, heldout, tmp_png)
-    os.replace(tmp_png, out / "rl_curves.png")
+    write_file_atomically(out / "rl_curves.png", lambda tmp: plot_curves(rows, heldout, tmp))
 
 
 def run(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
-    threads = args.threads or len(os.sched_getaffinity(0))
+    threads = args.threads or available_cpus()
     if threads < 1:
         raise NanoseekError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
     task = load_task(args.task)
     out: Path = args.out
     resume_from = resume_point(out, args.resume)
+    check_writable(out)  # a read-only or full --out fails now, not after the first GRPO steps
     policy = load_model(args.model)
     tokenizer = Tokenizer.from_dir(args.model)
     ref_model = None
@@ -429,7 +426,6 @@ def run(args: argparse.Namespace) -> None:
     eval_problems = distinct_problems(task, "test", args.eval_n, seed=args.seed) if args.eval_every and args.eval_n \
         else []
     seq_len = max(len(prompt_ids(tokenizer, p)) for p in train_problems[:64]) + cfg.max_new_tokens
-    out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(policy, trainer_args(args, seq_len), out, tokenizer_dir=args.model, stage="rl")
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)

@@ -31,6 +31,7 @@ from nanoseek.evaluate import (
     sample_completions,
     score_all,
 )
+from nanoseek.osutil import check_writable, write_text_atomically
 from nanoseek.tasks import EOS_TEXT, Problem, Reward, Task, load_task, split_completion
 from nanoseek.tokenizer import Tokenizer
 
@@ -81,12 +82,7 @@ def rejection_sample(engine: Any, tokenizer: Tokenizer, task: Task, problems: li
 
 
 def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    write_text_atomically(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
 
 
 # ----- CLI ----------------------------------------------------------------------------------------------------------
@@ -106,7 +102,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    check_positive(n=args.n, k=args.k, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    check_positive(n=args.n, k=args.k, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                   threads=args.threads)
+    if args.out.is_dir():
+        raise NanoseekError(f"--out {args.out} is a directory; give the JSONL file to write")
+    check_writable(args.out.parent, "--out's directory")  # before the sampling, not after it
     if args.temperature <= 0 and args.k > 1:
         raise NanoseekError("--temperature 0 is greedy: all k samples would be identical; use k=1 or sample")
     torch.set_num_threads(args.threads)

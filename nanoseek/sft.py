@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -30,6 +29,7 @@ from nanoseek.checkpoint import load_model
 from nanoseek.config import PRESETS, ModelConfig, get_preset
 from nanoseek.errors import NanoseekError
 from nanoseek.model import Transformer
+from nanoseek.osutil import available_cpus, check_writable
 from nanoseek.pretrain import (
     Trainer,
     add_training_arguments,
@@ -187,8 +187,8 @@ def fit(model: Transformer, examples: list[Example], args: argparse.Namespace, p
     if args.epochs is not None:
         args.steps = max(1, math.ceil(args.epochs * len(train_examples) / (args.batch_size * args.grad_accum)))
     check_training_args(args, model.config)
+    check_writable(out)  # a read-only or full --out fails now, not at the first checkpoint
     model.to(resolve_device(args.device))
-    out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(model, args, out, tokenizer_dir=tokenizer_dir, stage=stage)
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
@@ -248,7 +248,7 @@ def read_conversations(data: list[Path] | None, task_spec: str | None, n: int | 
 
 
 def setup_threads(args: argparse.Namespace) -> None:
-    threads = args.threads or len(os.sched_getaffinity(0))
+    threads = args.threads or available_cpus()
     if threads < 1:
         raise NanoseekError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)

@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import importlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from tqdm import tqdm
 from nanoseek.config import get_preset
 from nanoseek.data import default_corpus_files
 from nanoseek.errors import NanoseekError
+from nanoseek.osutil import check_writable, write_file_atomically, write_text_atomically
 from nanoseek.tasks import format_completion, load_task
 
 
@@ -138,14 +138,15 @@ def write_trace_corpus(task_spec: str, n: int, path: Path) -> Path:
     V3's pre-training corpus is rich in maths; this is that at toy scale: the base model sees the digits, the
     column-by-column steps and the \\boxed{} answers before SFT teaches the chat format around them."""
     task = load_task(task_spec)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for p in task.problems("train", n, seed=12345):
-            reasoning, answer = task.solution_trace(p)
-            text = f"{p.prompt}\n{format_completion(reasoning, answer)}"
-            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for p in task.problems("train", n, seed=12345):
+                reasoning, answer = task.solution_trace(p)
+                text = f"{p.prompt}\n{format_completion(reasoning, answer)}"
+                f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+
+    return write_file_atomically(path, write)
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -309,11 +310,11 @@ def run(args: argparse.Namespace) -> None:
     get_preset(plan.preset)  # fail early on a bad plan
     if args.restart and out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)  # a read-only or full --out fails now, not after the first stages
     plan_file = out / "plan.json"
     if plan_file.is_file() and _json(plan_file) != asdict(plan):
         raise NanoseekError(f"{out} holds a speedrun with another plan ({plan_file}); use --restart or another --out")
-    plan_file.write_text(json.dumps(asdict(plan), indent=1) + "\n")
+    write_text_atomically(plan_file, json.dumps(asdict(plan), indent=1) + "\n")
     for d in ("logs", "done"):
         (out / d).mkdir(exist_ok=True)
 
@@ -346,7 +347,7 @@ def run(args: argparse.Namespace) -> None:
             except KeyboardInterrupt:
                 bar.write(f"{label} interrupted; rerun the same command to continue from its last checkpoint")
                 raise
-            marker.write_text(f"{time.time() - t0:.1f}\n")
+            write_text_atomically(marker, f"{time.time() - t0:.1f}\n")
             bar.update(round(stage.weight * 100))
             bar.write(f"{label:<20} {_minutes(time.time() - t0):>7}  {stage.summary()}")
     finally:

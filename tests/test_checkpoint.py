@@ -148,3 +148,120 @@ def test_cli_reports_one_line_without_traceback(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "topk_group" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def _tensors(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_mtp_weights_kept_partial_mtp_refused(tmp_path):
+    torch.manual_seed(0)
+    two = Transformer(get_preset("test", num_nextn_predict_layers=2))
+    two.save_pretrained(tmp_path / "two")
+    assert load_model(tmp_path / "two").config.num_nextn_predict_layers == 2  # present: kept
+    tensors = _tensors(tmp_path / "two" / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.startswith("model.layers.3.")},
+              str(tmp_path / "two" / "model.safetensors"))
+    with pytest.raises(NanoseekError, match=r"declares 2 MTP layers .* model\.layers\.3\.\*: the MTP weights are "
+                                            r"incomplete"):
+        load_model(tmp_path / "two")
+    del tensors["model.layers.2.eh_proj.weight"]  # one layer, one tensor short
+    save_file(tensors, str(tmp_path / "two" / "model.safetensors"))
+    with pytest.raises(NanoseekError, match="missing MTP tensor model.layers.2.eh_proj.weight"):
+        load_model(tmp_path / "two")
+
+
+def test_shape_mismatch_is_found_before_the_model_is_allocated(model, tmp_path, monkeypatch):
+    import nanoseek.checkpoint as ckpt
+
+    model.save_pretrained(tmp_path / "ckpt")
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    built_on = []
+
+    class Recording(Transformer):
+        def __init__(self, config):
+            built_on.append(torch.get_default_device().type)
+            super().__init__(config)
+
+    monkeypatch.setattr(ckpt, "Transformer", Recording)
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**cfg, "q_lora_rank": 16}))  # fewer params: same size
+    with pytest.raises(NanoseekError, match="q_a_proj.weight has shape"):
+        load_model(tmp_path / "ckpt")
+    assert built_on == ["meta"]
+    built_on.clear()
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**cfg, "hidden_size": 10**7}))
+    with pytest.raises(NanoseekError, match="describes .* parameters but the checkpoint holds"):
+        load_model(tmp_path / "ckpt")
+    assert built_on == []  # refused from the headers alone: nothing built, not even on meta
+
+
+def test_integer_weights_are_refused(model, tmp_path):
+    model.save_pretrained(tmp_path / "ckpt")
+    tensors = _tensors(tmp_path / "ckpt" / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].long()
+    save_file(tensors, str(tmp_path / "ckpt" / "model.safetensors"))
+    with pytest.raises(NanoseekError, match="model.norm.weight has dtype I64"):
+        load_model(tmp_path / "ckpt")
+
+
+def _sharded(model, path):
+    save_pretrained(model, path, max_shard_bytes=100_000)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    return index, sorted(set(index["weight_map"].values()))
+
+
+@pytest.mark.parametrize("escape", ["absolute", "dotdot", "symlink", "fifo"])
+def test_index_shard_outside_the_checkpoint_is_refused(model, tmp_path, escape):
+    import os
+
+    ckpt = tmp_path / "ckpt"
+    index, shards = _sharded(model, ckpt)
+    outside = tmp_path / "elsewhere.safetensors"
+    (ckpt / shards[0]).rename(outside)
+    if escape == "absolute":
+        name = str(outside)
+    elif escape == "dotdot":
+        name = "../elsewhere.safetensors"
+    elif escape == "symlink":
+        name = shards[0]
+        (ckpt / name).symlink_to(outside)
+    else:
+        name = shards[0]
+        os.mkfifo(ckpt / name)  # opening it for reading would block forever
+    index["weight_map"] = {k: (name if v == shards[0] else v) for k, v in index["weight_map"].items()}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    message = "not a regular file" if escape == "fifo" else "outside the checkpoint directory"
+    with pytest.raises(NanoseekError, match=message):
+        load_model(ckpt)
+
+
+def test_hub_cache_symlinks_into_blobs_load(model, tmp_path):
+    """huggingface_hub's cache: snapshots/<rev>/<file> -> ../../blobs/<hash>."""
+    repo = tmp_path / "models--x--y"
+    model.save_pretrained(tmp_path / "plain")
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    for f in (tmp_path / "plain").iterdir():
+        f.rename(repo / "blobs" / f"hash-{f.name}")
+        (snap / f.name).symlink_to(f"../../blobs/hash-{f.name}")
+    torch.testing.assert_close(logits(load_model(snap)), logits(model), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not a valid safetensors index"),
+    ("[1, 2]", "no 'weight_map'"),
+    ('{"weight_map": "model.safetensors"}', "no 'weight_map'"),
+    ('{"weight_map": {}}', "no 'weight_map'"),
+    ('{"weight_map": {"model.norm.weight": 3}}', r"weight_map\['model.norm.weight'\] must be a shard file name"),
+    ('{"weight_map": {"model.norm.weight": "model.safetensors", "lm_head.weight": "model.safetensors", '
+     '"model.nope": "model.safetensors"}}', "maps model.nope to model.safetensors, which does not hold it"),
+    ('{"weight_map": {"model.norm.weight": "gone.safetensors"}}', "shard gone.safetensors listed in the index is "
+                                                                  "missing"),
+])
+def test_malformed_index_is_one_line(model, tmp_path, content, message):
+    model.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors.index.json").write_text(content)
+    with pytest.raises(NanoseekError, match=message):
+        load_model(tmp_path / "ckpt")

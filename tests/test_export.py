@@ -1,4 +1,5 @@
 import importlib.util
+import json
 import sys
 
 import numpy as np
@@ -252,6 +253,37 @@ def test_cli(ckpt, tmp_path, capsys):
         main(["export", str(tmp_path / "missing")])
     assert e.value.code == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_output_directory_read_only_place_and_bad_tokenizer_are_one_line(ckpt, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+    import shutil
+
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(ckpt), "-o", str(tmp_path / "adir")])  # was a traceback after the whole conversion
+    assert e.value.code == 2 and "is a directory" in capsys.readouterr().err
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    with monkeypatch.context() as m:
+        m.setattr(gguf.GGUFWriter, "write_tensors_to_file", read_only)
+        with pytest.raises(SystemExit) as e:
+            main(["export", str(ckpt), "-o", str(tmp_path / "ro" / "m.gguf")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert f"could not write {tmp_path / 'ro' / 'm.gguf'}: Read-only file system" in err
+    assert not list((tmp_path / "ro").iterdir())  # no partial .gguf, no temporary
+
+    bad = tmp_path / "badtok"
+    shutil.copytree(ckpt, bad)
+    tj = json.loads((bad / "tokenizer.json").read_text())
+    tj["model"]["vocab"] = list(tj["model"]["vocab"])  # a list where an object of token -> id belongs
+    (bad / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(NanoseekError, match="not the tokenizer files GGUF needs"):
+        export_gguf(bad, tmp_path / "x.gguf")
 
 
 # --- llama.cpp itself ------------------------------------------------------------------------------------------------

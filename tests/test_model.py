@@ -1,5 +1,6 @@
 """The V3 model: parity with transformers, routing rules, MTP and balance losses, parameter accounting."""
 
+import json
 import math
 
 import pytest
@@ -208,10 +209,41 @@ def test_deepseek_v3_shape_accounting():
     (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
     (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
     (dict(first_k_dense_replace=9), "first_k_dense_replace"),
+    # wrong types from a config.json: one line naming the field, not a TypeError deep in the model
+    (dict(rope_theta="10000"), "rope_theta must be a finite number, got '10000'"),
+    (dict(initializer_range="0.02"), "initializer_range must be a finite number"),
+    (dict(rope_theta=float("nan")), "rope_theta must be a finite number, got nan"),
+    (dict(rms_norm_eps=float("inf")), "rms_norm_eps must be a finite number"),
+    (dict(rope_theta=-1.0), "rope_theta must be > 0"),
+    (dict(num_hidden_layers=True), "num_hidden_layers must be an integer, got True"),
+    (dict(n_group=4.0), "n_group must be an integer, got 4.0"),
+    (dict(vocab_size="512"), "vocab_size must be an integer"),
+    (dict(tie_word_embeddings="false"), "tie_word_embeddings must be true or false"),
+    (dict(scoring_func=1), "scoring_func must be a string"),
+    (dict(eos_token_id=-2), "eos_token_id must be >= 0"),
+    (dict(q_lora_rank="32"), "q_lora_rank must be an integer"),
+    (dict(rope_scaling={**YARN, "mscale": "1"}), "rope_scaling.mscale must be a finite number"),
+    (dict(rope_scaling={**YARN, "factor": float("nan")}), "rope_scaling.factor must be a number >= 1"),
+    (dict(rope_scaling={**YARN, "original_max_position_embeddings": 0}), "original_max_position_embeddings"),
 ])
 def test_invalid_config_values(bad, message):
     with pytest.raises(NanoseekError, match=message):
         get_preset("test", **bad)
+
+
+def test_config_json_with_wrong_types_is_one_line(tmp_path):
+    from nanoseek.cli import main
+
+    (tmp_path / "config.json").write_text('{"model_type": "deepseek_v3", "rope_theta": NaN, "eos_token_id": []}')
+    with pytest.raises(NanoseekError, match="rope_theta must be a finite number, got nan") as e:
+        ModelConfig.load(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / 'config.json'}: rope_theta")  # names the file
+    (tmp_path / "config.json").write_text('{"eos_token_id": []}')  # an empty list of stop tokens: the default eos
+    assert ModelConfig.load(tmp_path).eos_token_id == ModelConfig().eos_token_id
+    (tmp_path / "config.json").write_text('{"initializer_range": "0.02"}')
+    with pytest.raises(SystemExit) as e:
+        main(["info", "--config", str(tmp_path)])
+    assert e.value.code == 2
 
 
 def test_config_json_roundtrip(tmp_path):
@@ -220,3 +252,33 @@ def test_config_json_roundtrip(tmp_path):
     assert ModelConfig.load(tmp_path) == cfg
     hf = transformers.AutoConfig.from_pretrained(tmp_path)
     assert hf.num_key_value_heads == cfg.num_attention_heads and hf.q_lora_rank is None
+
+
+def test_transformers_checkpoint_declaring_mtp_without_weights_loads_without_mtp(tmp_path, capsys):
+    """transformers' save_pretrained keeps num_nextn_predict_layers = 1 in config.json but writes no MTP weights."""
+    from nanoseek.cli import main
+    from nanoseek.engine import Engine
+
+    torch.manual_seed(2)
+    cfg = get_preset("test")
+    hf_cfg = transformers.DeepseekV3Config(**cfg.to_hf_dict())
+    hf = transformers.DeepseekV3ForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    capsys.readouterr()
+    model = load_model(tmp_path)
+    load_model(tmp_path)  # warned once per checkpoint
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "holds no MTP weights" in err and "warning" in err
+    assert model.config.num_nextn_predict_layers == 0 and len(model.mtp) == 0
+    ids = torch.randint(0, cfg.vocab_size, (2, 32))
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() < 1e-4
+    with pytest.raises(NanoseekError, match="MTP module"):
+        Engine(model, max_batch_size=1, max_seq_len=64, speculative=True)
+    (tmp_path / "tokenizer.json").write_text("{}")  # never read: the MTP check comes first
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(tmp_path), "--prompt", "hi", "--speculate"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "--speculate needs the checkpoint's MTP module" in err and "holds no MTP weights" in err

@@ -1,6 +1,8 @@
+import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,10 +14,11 @@ from safetensors.torch import load_file
 
 import nanoseek
 import nanoseek.checkpoint
+import nanoseek.pretrain
 from nanoseek.cli import main
 from nanoseek.config import get_preset
 from nanoseek.data import TokenDataset
-from nanoseek.pretrain import lr_at, resolve_dtype, sample
+from nanoseek.pretrain import lr_at, make_optimizer, read_optimizer_state, read_trainer_state, resolve_dtype, sample
 from nanoseek.tokenizer import Tokenizer
 
 # 4 documents of ~4 KB (data.py cuts .txt files at blank lines into ~4096-character documents): 3 train, 1 val
@@ -230,3 +233,197 @@ def test_sample_is_deterministic_and_greedy_matches_argmax(reference):
         first = int(model(torch.tensor([ids]))[0, -1, :tok.vocab_size].argmax())
     greedy = sample(model, tok, "ROMEO:", max_new_tokens=1, temperature=0)
     assert greedy == "ROMEO:" + (tok.decode([first]) if first != tok.eos_id else "")
+
+
+# --- damaged resume files and failed writes: one line naming the file, exit 2, nothing lost ------------------------
+def error_line(err: str) -> str:
+    """The one error line of a failed command's stderr (the progress bar's lines come before it)."""
+    assert "Traceback" not in err
+    errors = [line for line in err.replace("\r", "\n").splitlines() if "error:" in line]
+    assert len(errors) == 1 and err.endswith(errors[0] + "\n"), err
+    return errors[0]
+
+
+@pytest.fixture
+def optimizer_file(tmp_path):
+    """A tiny model's AdamW (fused, as the Trainer builds it) after one step, and its state saved to optimizer.pt."""
+    torch.manual_seed(0)
+    model = nanoseek.Transformer(get_preset("test", num_hidden_layers=1, num_nextn_predict_layers=0))
+    opt = make_optimizer(model, 1e-3, 0.1)
+    model.compute_loss(torch.randint(0, 512, (1, 8)), torch.randint(0, 512, (1, 8)))[0].backward()
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    return tmp_path / "optimizer.pt", opt
+
+
+def _damage_optimizer(path, how):
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        return
+    if how == "garbage":
+        path.write_bytes(os.urandom(2000))
+        return
+    if how == "pickled object":
+        torch.save({"state": argparse.Namespace(x=1)}, path)  # weights_only refuses arbitrary objects
+        return
+    sd = torch.load(path, weights_only=True)
+    if how == "not a state dict":
+        sd = [1, 2]
+    elif how == "wrong shape":
+        sd["state"][0]["exp_avg"] = torch.zeros(3, 3)
+    elif how == "wrong dtype":
+        sd["state"][0]["exp_avg_sq"] = sd["state"][0]["exp_avg_sq"].double()
+    elif how == "nan":
+        sd["state"][1]["exp_avg"][0] = float("nan")
+    elif how == "fewer params":
+        sd["param_groups"][0]["params"] = sd["param_groups"][0]["params"][:-1]
+    elif how == "extra group":
+        sd["param_groups"].append(dict(sd["param_groups"][0]))
+    elif how == "bad betas":
+        sd["param_groups"][0]["betas"] = "0.9"
+    elif how == "unknown parameter":
+        sd["state"][10_000] = sd["state"][0]
+    torch.save(sd, path)
+
+
+@pytest.mark.parametrize("how, message", [
+    ("truncated", "not a readable optimizer state"),
+    ("garbage", "not a readable optimizer state"),
+    ("pickled object", "not a readable optimizer state"),
+    ("not a state dict", "expected an optimizer state_dict"),
+    ("wrong shape", r"exp_avg of parameter 0 is float32 \[3, 3\], the parameter float32 \[512, 64\]"),
+    ("wrong dtype", "exp_avg_sq of parameter 0 is float64"),
+    ("nan", "exp_avg of parameter 1 holds NaN or inf"),
+    ("fewer params", "parameter group 0 holds"),
+    ("extra group", "3 parameter groups, this model's optimizer has 2"),
+    ("bad betas", "'betas' must be two numbers"),
+    ("unknown parameter", "state entry 10000 belongs to no parameter"),
+])
+def test_damaged_optimizer_state_is_refused_before_loading(optimizer_file, how, message):
+    path, opt = optimizer_file
+    read_optimizer_state(path, opt, torch.device("cpu"))  # the good file passes
+    _damage_optimizer(path, how)
+    with pytest.raises(nanoseek.NanoseekError, match=message) as e:
+        read_optimizer_state(path, opt, torch.device("cpu"))
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "invalid JSON"),
+    ("[]", "expected a JSON object"),
+    ("{}", "'step' must be a non-negative integer, got None"),
+    ('{"step": "4"}', "'step' must be a non-negative integer, got '4'"),
+    ('{"step": 4, "tokens": true}', "'tokens' must be a non-negative integer"),
+    ('{"step": 4, "tokens": 8, "train_seconds": NaN, "wall_seconds": 1}', "'train_seconds' must be a non-negative"),
+    ('{"step": 4, "tokens": 8, "train_seconds": 1, "wall_seconds": 1}', "'history' must be an object"),
+    ('{"step": 4, "tokens": 8, "train_seconds": 1, "wall_seconds": 1, "history": {"train": [{"step": 1}], '
+     '"val": []}}', "history.train entry of step 1 has no numeric 'loss'"),
+    ('{"step": 4, "tokens": 8, "train_seconds": 1, "wall_seconds": 1, "history": {"train": [3], "val": []}}',
+     "history.train holds '3'"),
+    ('{"stage": "sft", "step": 4, "tokens": 8, "train_seconds": 1, "wall_seconds": 1, '
+     '"history": {"train": [], "val": []}}', "written by `nanoseek sft`, not `nanoseek pretrain`"),
+])
+def test_malformed_trainer_state_is_one_line(tmp_path, content, message):
+    path = tmp_path / "trainer_state.json"
+    path.write_text(content)
+    with pytest.raises(nanoseek.NanoseekError, match=message) as e:
+        read_trainer_state(path, "pretrain")
+    assert str(path) in str(e.value)
+
+
+def test_resume_with_a_wrong_shaped_optimizer_state_exits_2(reference, data_file, tmp_path, capsys):
+    """Was a segfault (exit 139): the fused AdamW read moments of the wrong shape out of bounds."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    ckpt = out / "checkpoints" / "step_000008"
+    sd = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    sd["state"][0]["exp_avg"] = torch.zeros(2)
+    torch.save(sd, ckpt / "optimizer.pt")
+    capsys.readouterr()
+    assert cli(*FAST, "--data", data_file, "--steps", 10, "--out", out, "--resume") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"{ckpt / 'optimizer.pt'}: exp_avg of parameter 0" in err
+    (out / "checkpoints" / "latest").write_text("../../elsewhere\n")  # never a path out of checkpoints/
+    assert cli(*FAST, "--data", data_file, "--steps", 10, "--out", out, "--resume") == 2
+    assert "must name a checkpoint step_NNNNNN" in capsys.readouterr().err
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, data_file, monkeypatch, capsys):
+    """safetensors reports ENOSPC as a SafetensorError: one line, exit 2, no temporary left, step 4 intact."""
+    from safetensors import SafetensorError
+
+    out = tmp_path / "run"
+    real_save_file = nanoseek.checkpoint.save_file
+
+    def full_disk(tensors, filename, metadata=None):
+        if "step_000008" in str(filename):
+            Path(filename).write_bytes(b"partial")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(nanoseek.checkpoint, "save_file", full_disk)
+    assert cli(*FAST, "--data", data_file, "--steps", 8, "--save-every", 4, "--out", out) == 2
+    err = error_line(capsys.readouterr().err)
+    assert f"could not write {out / 'checkpoints' / 'step_000008'}: No space left on device" in err
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_000004" and not (ckpts / "step_000008").exists()
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000004"]  # no temporary directory
+    nanoseek.load_model(ckpts / "step_000004")
+
+
+@pytest.mark.parametrize("target", ["final", "loss.png", "run.json", "tokenizer", "data"])
+def test_read_only_or_full_writes_are_one_line_and_leave_no_temporaries(tmp_path, data_file, monkeypatch, capsys,
+                                                                       target):
+    """EROFS/ENOSPC at each output of a run (simulated: as root, chmod does not stop writes)."""
+    import errno
+
+    import nanoseek.checkpoint as ckpt
+
+    def fail(*args, **kwargs):
+        raise OSError(errno.ENOSPC if target in ("data", "loss.png") else errno.EROFS,
+                      os.strerror(errno.ENOSPC if target in ("data", "loss.png") else errno.EROFS))
+
+    out = tmp_path / "run"
+    if target == "final":
+        real = ckpt.save_file
+        monkeypatch.setattr(ckpt, "save_file", lambda t, f, metadata=None: fail() if "/.final." in f else
+                            real(t, f, metadata=metadata))
+    elif target == "loss.png":
+        from matplotlib.figure import Figure
+        monkeypatch.setattr(Figure, "savefig", fail)
+    elif target == "tokenizer":
+        monkeypatch.setattr(nanoseek.pretrain, "train_tokenizer", fail)
+    else:  # the rename that completes run.json / data/val.bin
+        real_replace = os.replace
+        name = "run.json" if target == "run.json" else "val.bin"
+        monkeypatch.setattr(os, "replace", lambda a, b: fail() if Path(b).name == name else real_replace(a, b))
+    assert cli(*FAST, "--data", data_file, "--steps", 2, "--out", out) == 2
+    assert "could not write" in error_line(capsys.readouterr().err)
+    assert not [p for p in out.rglob(".*") if p.name != ".write-test"], "a temporary file was left behind"
+    if target in ("final", "loss.png", "run.json"):  # the training itself is kept
+        assert (out / "checkpoints" / "latest").read_text().strip() == "step_000002"
+        assert not (out / "final").exists() or target != "final"
+    if target == "data":
+        # no .bin.tmp, and no meta.json: what was written is never taken for a finished token cache
+        assert not list((out / "data").glob("*.tmp")) and not (out / "data" / "meta.json").exists()
+
+
+def test_unwritable_out_fails_before_training(tmp_path, data_file, monkeypatch, capsys):
+    import errno
+
+    import nanoseek.osutil as osutil
+
+    real_open = open
+
+    def read_only_open(file, mode="r", *args, **kwargs):
+        if "w" in mode and ".write-test" in str(file):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(osutil, "open", read_only_open, raising=False)
+    trained = []
+    monkeypatch.setattr(nanoseek.pretrain, "train", lambda *a, **k: trained.append(1))
+    assert cli(*FAST, "--data", data_file, "--steps", 2, "--out", tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / 'run'} is not writable: Read-only file system" in err and not trained
+    assert not (tmp_path / "run" / "data").exists()  # refused before the data work too
