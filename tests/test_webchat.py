@@ -1,4 +1,4 @@
-"""The web chat (nanoseek/static/index.html) end to end in a real headless Chromium, driven by Playwright.
+"""The web chat (nanoseek/serving/static/index.html) end to end in a real headless Chromium, driven by Playwright.
 
 The server runs the scripted checkpoint of test_server.py (greedy output = a fixed reasoning, </think>, a fixed
 answer), with HTML/JS payloads added to the vocabulary as whole tokens, so the model itself writes
