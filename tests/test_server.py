@@ -1112,6 +1112,30 @@ def test_auth_first_and_key_rules(scripted_dir, monkeypatch, capsys):
     assert seen["key"] == b"from-env"
 
 
+def test_speculate_on_a_checkpoint_declaring_mtp_without_weights(random_dir, tmp_path, monkeypatch, capsys):
+    """What transformers' save_pretrained writes (num_nextn_predict_layers = 1 in config.json, no MTP weights):
+    serve --speculate refuses it in one line that says why, before loading it (not the engine's "needs config
+    num_nextn_predict_layers >= 1", which config.json contradicts); chat loads it without MTP (one warning line)."""
+    from nanoseek.cli import main
+
+    cfg = get_preset("test")
+    Transformer(dataclasses.replace(cfg, num_nextn_predict_layers=0)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    Tokenizer.from_dir(random_dir).save(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--model", str(tmp_path), "--speculate"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "--speculate needs the checkpoint's MTP module" in err and "holds no MTP weights" in err
+    assert "num_nextn_predict_layers = 1" in err and ">= 1" not in err and "warning" not in err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    main(["chat", "--model", str(tmp_path), "--temperature", "0", "--max-tokens", "3"])
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "warning" in err and "holds no MTP weights" in err
+
+
 def test_body_limit_and_length_bound(scripted_dir, monkeypatch):
     """413 above --max-body-bytes (from Content-Length, or as a chunked body grows); a prompt text longer than
     max_seq_len x the longest token's bytes is refused before the tokenizer sees it."""
