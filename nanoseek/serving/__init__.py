@@ -17,6 +17,7 @@ Modules, in the order a request meets them (docs/serving.md has the details):
     limits.py      the API key, body and connection limits in front of the app (Guard, http_protocol)
     app.py         create_app: the routes, error handlers and the web chat page
     protocol.py    the request bodies, the fields refused with a reason, the error body, body checks
+    messages.py    a chat request's checks: its chat-only fields, its messages, the thinking switch
     server.py      Server: admission, the engine bridge, request -> engine inputs, JSON and streamed responses
     generation.py  Generation: one request's engine requests and their token events on the asyncio loop
     text.py        TextSplitter (tokens -> reasoning / content), ToolCallStream (content -> tool calls)
