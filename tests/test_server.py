@@ -34,10 +34,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nanoseek import Transformer, get_preset
-from nanoseek.chat import TextSplitter
 from nanoseek.checkpoint import load_model
 from nanoseek.engine import Engine
-from nanoseek.server import create_app, http_protocol
+from nanoseek.serving import TextSplitter, create_app, http_protocol
 from nanoseek.tokenizer import (
     TOOL_CALL_BEGIN,
     TOOL_CALL_END,
@@ -584,7 +583,7 @@ def test_metrics_prometheus_text(scripted):
 @pytest.mark.parametrize("chat_mode", [True, False])
 @pytest.mark.parametrize("usage", [True, False])
 def test_chunk_templates_match_json_dumps(chat_mode, usage):
-    from nanoseek.server import _ChunkTemplates, _sse
+    from nanoseek.serving.server import _ChunkTemplates, _sse
 
     head = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1, "model": 'm "q" \\ ü'}
     tpl = _ChunkTemplates(head, n=3, chat=chat_mode, usage=usage)
@@ -608,7 +607,9 @@ def test_response_ids_unique(scripted):
 def test_stream_coalesces_one_write_per_wakeup(scripted_dir):
     """Tokens of several engine steps that arrive before the stream wakes go out in one write, still one SSE event
     per token (reasoning events before content events), then the finish chunk, the usage chunk and [DONE]."""
-    from nanoseek.server import ChatCompletionRequest, Generation, Output, Server
+    from nanoseek.serving.generation import Generation, Output
+    from nanoseek.serving.protocol import ChatCompletionRequest
+    from nanoseek.serving.server import Server
 
     tok = Tokenizer.from_dir(scripted_dir)
     engine = Engine(load_model(scripted_dir), max_batch_size=2)  # no loop thread: the test steps it
@@ -729,7 +730,7 @@ def test_tool_calls_parsed_streamed_and_none(tool_script):
 def test_tool_call_stream_parser_markers_as_text():
     """The parser reads text, so markers that are plain text (older tokenizers) parse the same; arbitrary splits;
     output that is not a call is given back as content."""
-    from nanoseek.server import ToolCallStream
+    from nanoseek.serving.text import ToolCallStream
 
     call = f"{TOOL_CALL_BEGIN}add{TOOL_SEP}{{\"a\": 1}}{TOOL_CALL_END}"
     text = f"Sure.{TOOL_CALLS_BEGIN}{call}{call}{TOOL_CALLS_END}"
@@ -1111,6 +1112,30 @@ def test_auth_first_and_key_rules(scripted_dir, monkeypatch, capsys):
     assert seen["key"] == b"from-env"
 
 
+def test_speculate_on_a_checkpoint_declaring_mtp_without_weights(random_dir, tmp_path, monkeypatch, capsys):
+    """What transformers' save_pretrained writes (num_nextn_predict_layers = 1 in config.json, no MTP weights):
+    serve --speculate refuses it in one line that says why, before loading it (not the engine's "needs config
+    num_nextn_predict_layers >= 1", which config.json contradicts); chat loads it without MTP (one warning line)."""
+    from nanoseek.cli import main
+
+    cfg = get_preset("test")
+    Transformer(dataclasses.replace(cfg, num_nextn_predict_layers=0)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    Tokenizer.from_dir(random_dir).save(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--model", str(tmp_path), "--speculate"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "--speculate needs the checkpoint's MTP module" in err and "holds no MTP weights" in err
+    assert "num_nextn_predict_layers = 1" in err and ">= 1" not in err and "warning" not in err
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    main(["chat", "--model", str(tmp_path), "--temperature", "0", "--max-tokens", "3"])
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "warning" in err and "holds no MTP weights" in err
+
+
 def test_body_limit_and_length_bound(scripted_dir, monkeypatch):
     """413 above --max-body-bytes (from Content-Length, or as a chunked body grows); a prompt text longer than
     max_seq_len x the longest token's bytes is refused before the tokenizer sees it."""
@@ -1225,8 +1250,8 @@ class _FakeTTY(io.StringIO):
 
 
 def _run_chat(model_dir: Path, stdin: str, monkeypatch, tty: bool = False) -> tuple[str, list[list[int]]]:
-    from nanoseek import chat as chat_cli
     from nanoseek.cli import build_parser
+    from nanoseek.commands import chat as chat_cli
 
     prompts: list[list[int]] = []
     stream = Engine.stream

@@ -1,4 +1,4 @@
-"""The web chat (nanoseek/static/index.html) end to end in a real headless Chromium, driven by Playwright.
+"""The web chat (nanoseek/serving/static/index.html) end to end in a real headless Chromium, driven by Playwright.
 
 The server runs the scripted checkpoint of test_server.py (greedy output = a fixed reasoning, </think>, a fixed
 answer), with HTML/JS payloads added to the vocabulary as whole tokens, so the model itself writes
@@ -151,7 +151,9 @@ def test_stop_button_aborts_and_frees_the_request(server, browser):
 
 
 def test_page_never_builds_markup_from_strings():
-    html = (Path(__file__).resolve().parents[1] / "nanoseek" / "static" / "index.html").read_text()
+    from nanoseek.serving.app import INDEX_HTML
+
+    html = INDEX_HTML.read_text()
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
         assert sink not in html
     assert not re.search(r"""(src|href)=["']https?://""", html)  # no CDN: the machine may have no internet

@@ -1,0 +1,117 @@
+"""`nanoseek serve`: serve a checkpoint over HTTP (an OpenAI / DeepSeek-compatible API and a web chat).
+
+The options become an Engine, a Tokenizer and `nanoseek.serving.create_app(...)`, run by uvicorn with the
+connection-level limits of `nanoseek.serving.http_protocol`. docs/serving.md describes the API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+from nanoseek.checkpoint import checkpoint_config
+from nanoseek.config import ModelConfig
+from nanoseek.engine import Engine
+from nanoseek.errors import NanoseekError
+from nanoseek.serving import MAX_CONNECTIONS, READ_TIMEOUT, check_api_key, create_app, http_protocol
+from nanoseek.tokenizer import Tokenizer
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, required=True, help="checkpoint directory (config.json, weights, tokenizer)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on the API (default: $NANOSEEK_API_KEY if set)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="engine batch slots (default 8)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests that may wait for a slot; beyond that the server answers 429 (default 256)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's, <= 4096)")
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="largest request body; larger gets 413 (default: max(1 MiB, 256 bytes per context token))")
+    p.add_argument("--read-timeout", type=float, default=READ_TIMEOUT,
+                   help=f"seconds a client has to send a request's headers, and again its body (default "
+                        f"{READ_TIMEOUT:g})")
+    p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                   help=f"open HTTP connections; more get 503 at once (default {MAX_CONNECTIONS})")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN (e.g. https://app.example) to call the API (CORS); "
+                        "repeatable, '*' for any. Default: no CORS headers")
+    p.add_argument("--docs", action="store_true", help="serve the OpenAPI page at /docs, /redoc and /openapi.json")
+    p.add_argument("--price-per-hour", type=float, default=0.0,
+                   help="machine price in USD/hour, for the cost per 1M output tokens in /metrics")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: one per core; 1 is often faster for small models on a busy machine)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the engine's decode step: ~1.5-2x faster decoding after a one-off compile of "
+                        "20-90 s on the first requests (docs/engine.md)")
+    p.add_argument("--speculate", type=int, nargs="?", const=1, default=0, metavar="K",
+                   help="MTP speculative decoding with K draft tokens a step (default 1): the same output, faster "
+                        "when the checkpoint's MTP module drafts well (docs/bench_speculative.md)")
+
+
+
+
+def check_can_speculate(path: Path) -> None:
+    """--speculate needs MTP weights: refuse a checkpoint without them before loading it, saying why. transformers'
+    save_pretrained keeps num_nextn_predict_layers in config.json but writes no MTP weights; such a checkpoint loads
+    as a model without MTP, and the engine's own refusal ("needs config num_nextn_predict_layers >= 1") would
+    contradict its config.json."""
+    if checkpoint_config(path, warn=False).num_nextn_predict_layers:
+        return
+    declared = ModelConfig.load(path).num_nextn_predict_layers
+    if declared:
+        why = (f"holds no MTP weights, though its config.json declares num_nextn_predict_layers = {declared} "
+               "(transformers' save_pretrained writes none)")
+    else:
+        why = "has none (its config.json has num_nextn_predict_layers = 0)"
+    raise NanoseekError(f"--speculate needs the checkpoint's MTP module: {path} {why}; serve it without --speculate")
+
+
+def run(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    if not 0 <= args.port <= 65535:
+        raise NanoseekError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_queue < 0:
+        raise NanoseekError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if not args.price_per_hour >= 0:
+        raise NanoseekError(f"--price-per-hour must be >= 0, got {args.price_per_hour}")
+    if args.max_body_bytes is not None and args.max_body_bytes < 1:
+        raise NanoseekError(f"--max-body-bytes must be >= 1, got {args.max_body_bytes}")
+    if not args.read_timeout > 0:
+        raise NanoseekError(f"--read-timeout must be > 0, got {args.read_timeout}")
+    if args.max_connections < 1:
+        raise NanoseekError(f"--max-connections must be >= 1, got {args.max_connections}")
+    api_key = args.api_key
+    if api_key is not None:
+        check_api_key(api_key, "--api-key")
+    elif "NANOSEEK_API_KEY" in os.environ:
+        api_key = check_api_key(os.environ["NANOSEEK_API_KEY"], "NANOSEEK_API_KEY")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise NanoseekError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if not 0 <= args.speculate <= 8:
+        raise NanoseekError(f"--speculate takes 1 to 8 draft tokens, got {args.speculate}")
+    if args.speculate:
+        check_can_speculate(args.model)
+    engine = Engine.from_pretrained(args.model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+                                    compile=args.compile, speculative=args.speculate > 0,
+                                    num_speculative_tokens=max(args.speculate, 1))
+    tokenizer = Tokenizer.from_dir(args.model)
+    app = create_app(engine, tokenizer, model_name=args.model.resolve().name, api_key=api_key,
+                     max_queue=args.max_queue, price_per_hour=args.price_per_hour,
+                     max_body_bytes=args.max_body_bytes, read_timeout=args.read_timeout,
+                     allow_origins=args.allow_origin, docs=args.docs)
+    print(f"nanoseek serve: {args.model} on http://{args.host}:{args.port}/ (web chat at /, API at /v1"
+          f"{', key required' if api_key else ''})", flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                            http=http_protocol(args.read_timeout, args.max_connections))
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        engine.stop()
