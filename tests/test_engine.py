@@ -442,7 +442,7 @@ def test_bad_requests_raise_and_the_engine_keeps_serving(model, prompt, params, 
 
 def test_a_failing_step_ends_its_requests_and_the_engine_keeps_serving(model, monkeypatch):
     engine = engine_for(model)
-    real, fail = engine.forward, {"at": 3, "calls": 0}
+    real, fail = engine.runner.forward, {"at": 3, "calls": 0}
 
     def flaky(*args, **kwargs):
         fail["calls"] += 1
@@ -450,7 +450,7 @@ def test_a_failing_step_ends_its_requests_and_the_engine_keeps_serving(model, mo
             raise RuntimeError("boom")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "forward", flaky)
+    monkeypatch.setattr(engine.runner, "forward", flaky)
     expected = alone(model, PROMPTS[0], max_new_tokens=5)
     # stepping by hand: the exception propagates, the requests in flight end with "error"
     reqs = [engine.submit(p, SamplingParams(20, stop_token_ids=[])) for p in PROMPTS[:2]]
