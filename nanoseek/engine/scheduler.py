@@ -30,9 +30,10 @@ from nanoseek.engine.forward import ModelRunner
 from nanoseek.engine.request import Event, Request, SamplingParams, is_int
 from nanoseek.engine.sampling import Logprobs, sample
 from nanoseek.engine.speculative import Speculator
+from nanoseek.engine.weights import LayerWeights
 from nanoseek.errors import NanoseekError
 from nanoseek.model import Transformer
-from nanoseek.quant import check_mode
+from nanoseek.quant import QuantizedWeight, check_mode
 
 
 class Engine:
@@ -106,15 +107,50 @@ class Engine:
         return engine
 
     # --- the runner's state and forward, as the engine's ----------------------------------------------------------
-    layers = property(lambda self: self.runner.layers, doc="LayerWeights of the main blocks")
-    mtp_layers = property(lambda self: self.runner.mtp_layers, doc="LayerWeights of the MTP module")
-    embed = property(lambda self: self.runner.embed)
-    norm = property(lambda self: self.runner.norm)
-    lm_head = property(lambda self: self.runner.lm_head)
-    caches = property(lambda self: self.runner.caches, doc="latent cache per layer [max_batch, rows, c + r]")
-    mtp_caches = property(lambda self: self.runner.mtp_caches)
-    lengths = property(lambda self: self.runner.lengths, doc="tokens cached per slot [max_batch]")
-    slot_lengths = property(lambda self: self.runner.slot_lengths, doc="the same as a list")
+    @property
+    def layers(self) -> list[LayerWeights]:
+        """LayerWeights of the main blocks."""
+        return self.runner.layers
+
+    @property
+    def mtp_layers(self) -> list[LayerWeights]:
+        """LayerWeights of the MTP module(s)."""
+        return self.runner.mtp_layers
+
+    @property
+    def embed(self) -> torch.Tensor:
+        """The token embedding [V, D]."""
+        return self.runner.embed
+
+    @property
+    def norm(self) -> torch.Tensor:
+        """The final norm's weight [D]."""
+        return self.runner.norm
+
+    @property
+    def lm_head(self) -> torch.Tensor | QuantizedWeight:
+        """The output projection [V, D] (quantised with quant=...)."""
+        return self.runner.lm_head
+
+    @property
+    def caches(self) -> list[torch.Tensor]:
+        """The latent cache of each layer [max_batch, rows, c + r]."""
+        return self.runner.caches
+
+    @property
+    def mtp_caches(self) -> list[torch.Tensor]:
+        """The MTP module's latent cache(s), same shape."""
+        return self.runner.mtp_caches
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Tokens cached per slot [max_batch]."""
+        return self.runner.lengths
+
+    @property
+    def slot_lengths(self) -> list[int]:
+        """Tokens cached per slot, as a list."""
+        return self.runner.slot_lengths
 
     def kv_cache(self, layer: int) -> torch.Tensor:
         """[max_batch, rows, kv_lora_rank]: kv_a_layernorm(c_kv) per cached token."""
