@@ -37,6 +37,11 @@ from nanoseek.quant import QuantizedWeight, check_mode
 
 
 class Engine:
+    """Continuous-batching inference over a Transformer's weights: up to max_batch_size requests of prompt + output
+    <= max_seq_len tokens. prefill_mode "naive" (expanded k/v, fused SDPA) or "absorbed" (the decode attention);
+    quant "int8" / "int4" weight-only (quant.py); speculative=True drafts num_speculative_tokens with the MTP module;
+    compile=True runs decode steps as compiled graphs (docs/engine.md)."""
+
     def __init__(self, model: Transformer, max_batch_size: int = 8, max_seq_len: int | None = None,
                  prefill_mode: str = "naive", quant: str | None = None, group_size: int = 32,
                  speculative: bool = False, num_speculative_tokens: int = 1, compile: bool = False):
