@@ -442,7 +442,7 @@ def test_bad_requests_raise_and_the_engine_keeps_serving(model, prompt, params, 
 
 def test_a_failing_step_ends_its_requests_and_the_engine_keeps_serving(model, monkeypatch):
     engine = engine_for(model)
-    real, fail = engine.forward, {"at": 3, "calls": 0}
+    real, fail = engine.runner.forward, {"at": 3, "calls": 0}
 
     def flaky(*args, **kwargs):
         fail["calls"] += 1
@@ -450,7 +450,7 @@ def test_a_failing_step_ends_its_requests_and_the_engine_keeps_serving(model, mo
             raise RuntimeError("boom")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "forward", flaky)
+    monkeypatch.setattr(engine.runner, "forward", flaky)
     expected = alone(model, PROMPTS[0], max_new_tokens=5)
     # stepping by hand: the exception propagates, the requests in flight end with "error"
     reqs = [engine.submit(p, SamplingParams(20, stop_token_ids=[])) for p in PROMPTS[:2]]
@@ -518,6 +518,28 @@ def test_compiled_processors_match_eager(model, aot_eager):
     kw = dict(max_new_tokens=20, temperature=0.9, seed=3, stop_token_ids=[], frequency_penalty=1.0,
               presence_penalty=0.5, logit_bias={5: 3.0}, logprobs=2)
     assert engine_for(model, compile=True).generate(PROMPTS[:2], **kw) == engine_for(model).generate(PROMPTS[:2], **kw)
+
+
+def test_compiled_batch1_graph_writes_loops(model, monkeypatch):
+    """The batch-1 mode travels with the traced shapes (layers.Batch.matvec), not with module state: the batch-1
+    decode graph writes every projection as a multiply-and-sum (only the fp32 routers stay F.linear calls), the
+    batch >= 2 graph calls F.linear, and batches of 1, 3 and 1 rows reuse the two graphs without recompiling."""
+    import nanoseek.engine
+
+    graphs = []
+
+    def backend(gm, example_inputs):  # count each captured graph's F.linear calls; run the graph as captured
+        graphs.append(sum(n.op == "call_function" and n.target is torch.nn.functional.linear
+                           for n in gm.graph.nodes))
+        return gm.forward
+
+    monkeypatch.setattr(nanoseek.engine, "COMPILE_BACKEND", backend)
+    engine = engine_for(model, compile=True)
+    for batch in ([PROMPTS[0]], PROMPTS[:3], [PROMPTS[1]]):
+        engine.generate(batch, 4, stop_token_ids=[])
+    routers = sum(lw.moe for lw in engine.layers)
+    ffns = sum(lw.mlp_gate_up is not None for lw in engine.layers)  # dense MLPs and shared experts: 2 linear each
+    assert graphs == [routers, 3 * len(engine.layers) + 2 * ffns + routers + 1]  # + q_a/kv_a, q_b, o; + lm_head
 
 
 def test_compiled_decode_inductor(model, hf_greedy):

@@ -7,6 +7,7 @@ import torch
 
 from nanoseek import NanoseekError, Transformer, get_preset
 from nanoseek.engine import Engine, SamplingParams
+from nanoseek.engine.speculative import verify
 from nanoseek.model import apply_rope
 
 PERIOD = 24
@@ -105,14 +106,14 @@ def test_greedy_identical_on_an_untrained_model_and_with_wrong_drafts(random_mod
     # every draft wrong: each step still emits the main model's token, and rolls the caches back
     model, prompts = trained
     engine = engine_for(model, speculative=True, num_speculative_tokens=k)
-    real = engine._draft
+    real = engine.speculator.draft
 
     def wrong(h, logits, lens, reqs, start=0):
         real(h, logits, lens, reqs, start)
         for r in reqs:
             r.drafts = [(d + 1) % model.config.vocab_size for d in r.drafts]
 
-    monkeypatch.setattr(engine, "_draft", wrong)
+    monkeypatch.setattr(engine.speculator, "draft", wrong)
     assert engine.generate(prompts[:4], 30, stop_token_ids=[]) == plain(model, prompts[:4], 30)
     assert engine.stats()["accepted_draft_tokens"] == 0
 
@@ -199,7 +200,7 @@ def test_verify_keeps_the_target_distribution(random_model):
     for r in reqs:
         r.draft_probs = [q]
     logits = p.clamp(min=1e-30).log().expand(n, 2, vocab)
-    out, accepted = engine._verify(logits, drafts[:, None], reqs)
+    out, accepted = verify(logits, drafts[:, None], reqs)
     accepted = accepted.bool()
     freq = torch.bincount(out[:, 0], minlength=vocab) / n
     assert (freq - p).abs().max() < 0.015 and freq[5] == 0
@@ -222,7 +223,7 @@ def test_verify_with_two_chained_drafts(random_model):
     for r in reqs:
         r.draft_probs = [q1, q2]
     logits = torch.stack([p1, p2, p3]).clamp(min=1e-30).log().expand(n, 3, vocab)
-    out, accepted = engine._verify(logits, drafts, reqs)
+    out, accepted = verify(logits, drafts, reqs)
     assert (torch.bincount(out[:, 0], minlength=vocab) / n - p1).abs().max() < 0.015
     first = accepted >= 1
     assert abs(first.float().mean() - torch.minimum(p1, q1).sum()) < 0.015

@@ -1,0 +1,287 @@
+"""The model side of the engine: `ModelRunner` holds the weights (weights.py), the latent caches and the cache
+lengths, and runs the forward over them (layers.py): prefill, decode, the MTP module, perplexity, and the
+torch.compile'd graphs of compile=True.
+
+- latent cache (V3 "absorb" mode): per layer one buffer [max_batch, rows, c + r] whose columns [:c] are `kv_cache` =
+  kv_a_layernorm(c_kv) and [c:] are `pe_cache` = RoPE(k_pe), so q.k is one matmul. A slot is one row of every layer's
+  buffer; `lengths` / `slot_lengths` say how many positions of each slot hold tokens. The MTP module has its own
+  buffers of the same shape (`mtp_caches`, speculative decoding).
+- prefill: right-padded prompts fed together from position 0 (`fresh`); decode: one token per slot at its length.
+- compiled graphs: the decode step (and the speculative verify forward, and the MTP module) as graphs without
+  data-dependent shapes (the gather MoE of layers.moe_ffn). The attended length T is a dynamic dimension, and so is
+  the batch from 2 rows up (dynamo specialises sizes 0 and 1): two graphs per tokens-per-row cover every batch size
+  and length, one for batch 1, whose products are loops (Batch.matvec, decided from the traced shapes), and one for
+  the rest.
+
+Shapes: B batch rows (slots), S new tokens per row, T attended cache length, D hidden, H heads, c kv_lora_rank,
+r qk_rope_head_dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from nanoseek.engine.layers import Batch, block, linear, rms_norm
+from nanoseek.engine.request import is_int
+from nanoseek.engine.weights import LayerWeights
+from nanoseek.errors import NanoseekError
+from nanoseek.model import Transformer
+from nanoseek.quant import quantize, weight_bytes
+
+
+class ModelRunner:
+    """Weights, latent caches and the forward for `max_batch_size` slots of `rows` cache positions each.
+
+    `compile_backend`: None runs eagerly; a torch.compile backend ("inductor") runs decode steps as compiled graphs."""
+
+    def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int, spare_rows: int = 0,
+                 prefill_mode: str = "naive", quant: str | None = None, group_size: int = 32,
+                 compile_backend: str | None = None):
+        cfg = self.config = model.config
+        self.max_batch_size, self.max_seq_len, self.prefill_mode = max_batch_size, max_seq_len, prefill_mode
+        # cache rows per slot: a speculative verify step may write past max_seq_len (spare_rows = k - 1)
+        self.rows = max_seq_len + spare_rows
+        self.dtype, self.device = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
+        with torch.no_grad():
+            self.layers = [LayerWeights(b, cfg) for b in model.layers]
+            self.mtp_layers = [LayerWeights(m, cfg) for m in model.mtp]
+            self.embed = model.embed_tokens.weight
+            self.norm = model.norm.weight
+            self.lm_head = model.lm_head.weight
+            # RoPE tables for every cache position, fp32 as model.RotaryEmbedding makes them: [rows, r/2]
+            self.cos, self.sin = model.rotary(torch.arange(self.rows, device=self.device))
+            if quant is not None:  # the embedding is a row gather and stays as it is; the router stays fp32
+                for lw in self.layers + self.mtp_layers:
+                    lw.quantize(lambda w: quantize(w, quant, group_size))
+                self.lm_head = quantize(self.lm_head, quant, group_size)
+        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        self.caches = [torch.zeros(max_batch_size, self.rows, width, dtype=self.dtype, device=self.device)
+                       for _ in self.layers]
+        self.mtp_caches = [torch.zeros_like(self.caches[0]) for _ in self.mtp_layers]  # the MTP module's own
+        # tokens cached per slot, as a tensor (for positions) and a list (for shapes, without syncs)
+        self.lengths = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
+        self.slot_lengths = [0] * max_batch_size
+        self.compiled = compile_backend is not None
+        self.graphs: dict[tuple[str, int, int], float] = {}  # (graph, batch 1 or more, tokens per row) -> compile s
+        if self.compiled:
+            # every engine compiles its own graphs of the same code: more than dynamo's default limit of 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            # inductor's C++ wrapper calls the kernels from C++ instead of Python (~10% at batch 1)
+            kw = dict(options={"cpp_wrapper": True}) if compile_backend == "inductor" else {}
+            self._decode_graph = torch.compile(self._static_decode, fullgraph=True, dynamic=False,
+                                               backend=compile_backend, **kw)
+            self._mtp_graph = torch.compile(self._static_mtp, fullgraph=True, dynamic=False, backend=compile_backend,
+                                            **kw)
+
+    # --- cache views and bookkeeping ------------------------------------------------------------------------------
+    def kv_cache(self, layer: int) -> torch.Tensor:
+        """[max_batch, rows, kv_lora_rank]: kv_a_layernorm(c_kv) per cached token."""
+        return self.caches[layer][..., :self.config.kv_lora_rank]
+
+    def pe_cache(self, layer: int) -> torch.Tensor:
+        """[max_batch, rows, qk_rope_head_dim]: k_pe after RoPE per cached token."""
+        return self.caches[layer][..., self.config.kv_lora_rank:]
+
+    def set_lengths(self, start: int, lens: list[int]) -> None:
+        self.lengths[start:start + len(lens)] = torch.tensor(lens, device=self.device)
+        self.slot_lengths[start:start + len(lens)] = lens
+
+    def move_slot(self, src: int, dst: int) -> None:
+        """Copy slot src's cached tokens (main and MTP caches) and length to slot dst."""
+        n = self.slot_lengths[src]
+        for cache in self.caches + self.mtp_caches:
+            cache[dst, :n] = cache[src, :n]
+        self.lengths[dst] = n
+        self.slot_lengths[dst] = n
+
+    def weight_bytes(self) -> int:
+        return weight_bytes([vars(lw) for lw in self.layers + self.mtp_layers] + [self.embed, self.norm, self.lm_head])
+
+    # --- batches --------------------------------------------------------------------------------------------------
+    def batch(self, start: int, bsz: int, seqlen: int, fresh: bool) -> Batch:
+        """Positions, RoPE angles, cache write index and mask for feeding [B,S] tokens to slots start.."""
+        rows = slice(start, start + bsz)
+        offsets = torch.arange(seqlen, device=self.device)
+        pos = offsets.expand(bsz, -1) if fresh else self.lengths[rows, None] + offsets  # [B,S]
+        lens = [0] * bsz if fresh else self.slot_lengths[rows]
+        slot_base = torch.arange(start, start + bsz, device=self.device)[:, None] * self.rows
+        cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # [B,S,1,r/2] fp32 (broadcast over heads)
+        if fresh:
+            mask, t = None, seqlen  # causal over the new tokens
+            if self.prefill_mode == "absorbed":
+                mask = self.mask(pos, t)
+        else:
+            t = max(lens) + seqlen
+            # one token per slot and every slot at the same length: everything is visible, skip the mask
+            mask = self.mask(pos, t) if seqlen > 1 or min(lens) < max(lens) else pos.new_empty(0)
+        return Batch(start, (slot_base + pos).flatten(), cos, sin, mask, t)
+
+    def static_batch(self, pos0: torch.Tensor, seqlen: int, t_index: torch.Tensor, start: int = 0,
+                     static: bool = True) -> Batch:
+        """Batch for S = seqlen new tokens per row at slots start..start+B-1 (compiled graphs: start 0), from the
+        first positions pos0 [B]; t_index = arange(T), whose size carries the dynamic T under torch.compile. The mask
+        is always built (no data-dependent branch). static: for a compiled graph, whose batch-1 form (a size dynamo
+        specialises, so known while tracing) writes its products as loops."""
+        pos = pos0[:, None] + torch.arange(seqlen, device=self.device)  # [B,S]
+        slot_base = (start + torch.arange(pos.shape[0], device=self.device))[:, None] * self.rows
+        t = t_index.shape[0]
+        return Batch(start, (slot_base + pos).flatten(), self.cos[pos][:, :, None], self.sin[pos][:, :, None],
+                     self.mask(pos, t), t, static=static, matvec=static and pos.shape[0] == 1)
+
+    def mask(self, pos: torch.Tensor, t: int) -> torch.Tensor:
+        """Additive mask [B, S*H, T]: the query at position pos[b,s] sees cached keys 0..pos[b,s]."""
+        bsz, seqlen = pos.shape
+        hidden = torch.arange(t, device=pos.device) > pos[..., None]  # [B,S,T]
+        mask = torch.zeros(hidden.shape, dtype=self.dtype, device=pos.device).masked_fill_(hidden, float("-inf"))
+        return mask[:, :, None].expand(-1, -1, self.config.num_attention_heads, -1).reshape(bsz, -1, t)
+
+    # --- forward --------------------------------------------------------------------------------------------------
+    def _forward(self, tokens: torch.Tensor, b: Batch) -> torch.Tensor:
+        """tokens [B,S] through the main blocks -> hidden states [B,S,D] before the final norm (lengths untouched)."""
+        x = F.embedding(tokens, self.embed)
+        for lw, cache in zip(self.layers, self.caches, strict=True):
+            x = block(x, lw, cache, b, self.config)
+        return x
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start: int = 0, fresh: bool = False) -> torch.Tensor:
+        """Feed tokens [B,S] to slots start..start+B-1 at positions lengths[slot] + 0..S-1 (0.. if fresh: the slots
+        are emptied first, as for a prefill); returns hidden states [B,S,D] before the final norm, and advances
+        `lengths` by S."""
+        bsz, seqlen = tokens.shape
+        lens = [0] * bsz if fresh else self.slot_lengths[start:start + bsz]
+        x = self._forward(tokens, self.batch(start, bsz, seqlen, fresh))
+        self.set_lengths(start, [n + seqlen for n in lens])
+        return x
+
+    def logits(self, hidden: torch.Tensor, matvec: bool = False) -> torch.Tensor:
+        """hidden [..., D] -> fp32 logits [..., V]."""
+        return linear(rms_norm(hidden, self.norm, self.config.rms_norm_eps), self.lm_head, matvec).float()
+
+    def prefill_hidden(self, prompts: list[list[int]], start: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, Batch, torch.Tensor]:
+        """Right-padded batched prefill into slots start..: (hidden [n,S,D], tokens [n,S], its Batch, lengths [n]);
+        sets each slot's length to its prompt length."""
+        lens = [len(p) for p in prompts]
+        tokens = torch.zeros(len(prompts), max(lens), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = torch.tensor(p)
+        tokens = tokens.to(self.device)
+        b = self.batch(start, len(prompts), tokens.shape[1], fresh=True)
+        hidden = self._forward(tokens, b)
+        self.set_lengths(start, lens)
+        return hidden, tokens, b, torch.tensor(lens, device=self.device)
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], start: int = 0) -> torch.Tensor:
+        """Prefill prompts into slots start.. (right-padded, one batched pass); returns last-position logits [n,V]
+        and sets each slot's length to its prompt length."""
+        hidden, _, _, lens = self.prefill_hidden(prompts, start)
+        return self.logits(hidden[torch.arange(len(prompts), device=self.device), lens - 1])
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One token per slot for slots 0..n-1 (tokens [n]); returns logits [n,V]."""
+        if self.compiled:
+            _, logits = self._run_graph("decode", tokens[:, None])
+            self.set_lengths(0, [m + 1 for m in self.slot_lengths[:len(tokens)]])
+            return logits[:, -1]
+        return self.logits(self.forward(tokens[:, None], 0)[:, -1])
+
+    def verify_forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [n,S] for slots 0..n-1 at their lengths -> (hidden [n,S,D], fp32 logits [n,S,V]). Writes the
+        cache and leaves the lengths alone: speculative verification sets them once it knows what it accepts."""
+        if self.compiled:
+            return self._run_graph("decode", tokens)
+        hidden = self._forward(tokens, self.batch(0, tokens.shape[0], tokens.shape[1], fresh=False))
+        return hidden, self.logits(hidden)
+
+    @torch.inference_mode()
+    def perplexity(self, token_ids: list[int] | torch.Tensor, seq_len: int = 256) -> float:
+        """exp(mean next-token NLL) over token_ids, in non-overlapping windows of seq_len inputs (each window read
+        from an empty cache, like a prompt) through this forward: its dtype and quantised weights. Uses cache slots
+        0.., whatever they held."""
+        if not is_int(seq_len) or not 1 <= seq_len <= self.max_seq_len:
+            raise NanoseekError(f"engine: perplexity seq_len must be in [1, max_seq_len = {self.max_seq_len}], "
+                                f"got {seq_len!r}")
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device)
+        windows = (len(ids) - 1) // seq_len
+        if windows < 1:
+            raise NanoseekError(f"engine: perplexity needs at least seq_len + 1 = {seq_len + 1} tokens, got {len(ids)}")
+        nll = 0.0
+        for w in range(0, windows, self.max_batch_size):
+            x = torch.stack([ids[i * seq_len:(i + 1) * seq_len + 1]
+                             for i in range(w, min(w + self.max_batch_size, windows))])  # [B, seq_len + 1]
+            logits = self.logits(self.forward(x[:, :-1], 0, fresh=True))
+            nll += F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
+        return math.exp(nll / (windows * seq_len))
+
+    # --- the MTP module (speculative decoding) --------------------------------------------------------------------
+    def mtp(self, hidden: torch.Tensor, next_tokens: torch.Tensor, b: Batch) -> torch.Tensor:
+        """MTP depth 1 at the positions b feeds: position i pairs the main model's h_i [B,S,D] (before the final
+        norm) with the embedding of t_{i+1} (next_tokens [B,S]), h'_i = eh_proj([enorm(emb) ; hnorm(h)]), then its
+        block over its own latent cache. Returns the block output [B,S,D] (shared_head.norm comes in mtp_logits)."""
+        lw, eps = self.mtp_layers[0], self.config.rms_norm_eps
+        x = torch.cat([rms_norm(F.embedding(next_tokens, self.embed), lw.enorm, eps), rms_norm(hidden, lw.hnorm, eps)],
+                      dim=-1)
+        return block(linear(x, lw.eh_proj, b.matvec), lw, self.mtp_caches[0], b, self.config)
+
+    def mtp_logits(self, h: torch.Tensor, matvec: bool = False) -> torch.Tensor:
+        """The MTP module's block output h [..., D] -> fp32 logits [..., V] (shared_head.norm, the shared lm_head)."""
+        lw = self.mtp_layers[0]
+        return linear(rms_norm(h, lw.head_norm, self.config.rms_norm_eps), self.lm_head, matvec).float()
+
+    def mtp_step(self, hidden: torch.Tensor, next_tokens: torch.Tensor, pick: torch.Tensor, lens: list[int],
+                 start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MTP module over hidden [n,S,D] and next_tokens [n,S] at positions lens[i] + 0..S-1 of slots
+        start..start+n-1 -> (h' [n,D], logits [n,V]) at position pick[i] of each row (the compiled graph for
+        slots 0..)."""
+        if self.compiled and start == 0:
+            return self._run_graph("mtp", hidden, next_tokens, pick, lens=lens)
+        t_index = torch.arange(max(lens) + hidden.shape[1], device=self.device)
+        return self._static_mtp(hidden, next_tokens, pick, torch.tensor(lens, device=self.device), t_index, start,
+                                static=False)
+
+    # --- compiled graphs (compile_backend) ------------------------------------------------------------------------
+    def _static_decode(self, tokens: torch.Tensor, pos0: torch.Tensor, t_index: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The compiled decode graph: tokens [B,S] at slots 0..B-1 -> (hidden [B,S,D] before the final norm, fp32
+        logits [B,S,V]); writes the cache, leaves the lengths alone."""
+        b = self.static_batch(pos0, tokens.shape[1], t_index)
+        x = F.embedding(tokens, self.embed)
+        for lw, cache in zip(self.layers, self.caches, strict=True):
+            x = block(x, lw, cache, b, self.config)
+        return x, self.logits(x, b.matvec)
+
+    def _static_mtp(self, hidden: torch.Tensor, next_tokens: torch.Tensor, pick: torch.Tensor, pos0: torch.Tensor,
+                    t_index: torch.Tensor, start: int = 0, static: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """`mtp` over S positions per row from pos0 [B], then the output at position pick [B] of each row and its
+        logits: (h' [B,D], fp32 logits [B,V]). Compiled as the MTP graph; called eagerly with static=False."""
+        b = self.static_batch(pos0, next_tokens.shape[1], t_index, start, static)
+        h = self.mtp(hidden, next_tokens, b)[torch.arange(pick.shape[0], device=self.device), pick]
+        return h, self.mtp_logits(h, b.matvec)
+
+    def _run_graph(self, name: str, *tensors: torch.Tensor, lens: list[int] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run a compiled graph for slots 0..n-1 (tensors[0] [n, S, ...]) at positions lens[i] + 0..S-1 (default:
+        the slots' lengths). T, and the batch from 2 rows up, are marked dynamic: a graph of batch 1 and one of
+        batch >= 2 per S."""
+        n, seqlen = tensors[0].shape[:2]
+        lens = self.slot_lengths[:n] if lens is None else lens
+        pos0 = torch.tensor(lens, device=self.device)
+        t_index = torch.arange(max(lens) + seqlen, device=self.device)  # >= 2
+        torch._dynamo.mark_dynamic(t_index, 0)
+        if n > 1:
+            for t in (*tensors, pos0):
+                torch._dynamo.mark_dynamic(t, 0)
+        key = (name, min(n, 2), seqlen)
+        t0 = time.perf_counter()
+        out = (self._decode_graph if name == "decode" else self._mtp_graph)(*tensors, pos0, t_index)
+        if key not in self.graphs:  # the first call of a shape compiles it
+            self.graphs[key] = time.perf_counter() - t0
+        return out
+
