@@ -1,0 +1,292 @@
+"""Native CPU kernels for the engine's decode step: the whole model in one C call per step (docs/kernels.md).
+
+    from nanoseek.kernels import NativeDecoder, status
+    native = NativeDecoder(engine)                  # reads the engine's prepared weights, caches and RoPE tables
+    logits = native.decode(tokens, lengths)          # tokens [n] int64 for slots 0..n-1, lengths [n] cached per slot
+    hidden, logits = native.forward(tokens, lengths) # tokens [n, S]: S new tokens per slot (the MTP verify step)
+
+Both write the new latent rows into the engine's own cache tensors (`engine.caches`), so prefill can stay PyTorch
+and decode run natively on the same cache; neither touches `engine.lengths` (the caller advances them, as
+`Engine.forward` does). The C library (native.c, forward.h) is built by `pip install -e .` (setup.py) as an
+optional extension and loaded here with ctypes; a plain C ABI was measured cheaper to call than a torch.library op
+(docs/kernels.md).
+
+Instruction sets: `avx512` (AVX-512 F/BW/DQ/VL + VNNI), `avx2` (AVX2 + FMA) or `generic` (portable C), the best
+the CPU runs unless the environment variable NANOSEEK_KERNELS says `avx512`, `avx2`, `generic` or `off`
+(`off`, or no library: the engine's PyTorch path). `status()` says which, and why.
+Weights: fp32 tensors are read in place; quant.Int8Weight's int8 codes too (plus fp32 copies of its scales);
+quant.Int4Weight's codes are repacked into blocks of 32 (16 bytes) with bf16 scales and zeros per block.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import os
+from ctypes import POINTER, Structure, c_float, c_int, c_int32, c_void_p
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from nanoseek.errors import NanoseekError
+from nanoseek.quant import Int4Weight, Int8Weight
+
+ISAS = ("generic", "avx2", "avx512")  # native.h NS_ISA_*: index = the C enum
+ENV = "NANOSEEK_KERNELS"
+F32, INT8, INT4 = 0, 1, 2
+
+
+# --- the C structs (native.h; same field order) --------------------------------------------------------------------
+class _Weight(Structure):
+    _fields_ = [("type", c_int32), ("n", c_int32), ("k", c_int32), ("pad", c_int32), ("w", c_void_p),
+                ("scale", c_void_p), ("s4", c_void_p), ("z4", c_void_p)]
+
+
+class _Layer(Structure):
+    _fields_ = [("attn_norm", c_void_p), ("q_norm", c_void_p), ("kv_norm", c_void_p), ("ffn_norm", c_void_p),
+                ("wq_a_kv_a", _Weight), ("wq_b", _Weight), ("wo", _Weight), ("w_uk", c_void_p), ("w_uv", c_void_p),
+                ("ffn_gate_up", _Weight), ("ffn_down", _Weight), ("moe", c_int32), ("pad", c_int32),
+                ("gate_w", c_void_p), ("gate_bias", c_void_p), ("experts_gate_up", POINTER(_Weight)),
+                ("experts_down", POINTER(_Weight)), ("cache", c_void_p)]
+
+
+class _Config(Structure):
+    _fields_ = [(name, c_int32) for name in (
+        "n_layers", "hidden", "vocab", "n_heads", "q_lora_rank", "kv_lora_rank", "nope", "rope", "v_head", "n_routed",
+        "n_group", "topk_group", "top_k", "norm_topk_prob", "rope_interleave", "max_batch", "rows")] + [
+        ("eps", c_float), ("softmax_scale", c_float), ("routed_scaling_factor", c_float)]
+
+
+# --- the library and the instruction set -----------------------------------------------------------------------------
+@cache
+def library() -> ctypes.CDLL | None:
+    """The built extension (nanoseek/kernels/_native*.so), or None when it was not built."""
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_native{suffix}"
+        if path.is_file():
+            lib = ctypes.CDLL(str(path))  # CDLL releases the GIL during calls: the server's loop keeps running
+            lib.ns_model_new.restype = c_void_p
+            lib.ns_model_new.argtypes = [POINTER(_Config), POINTER(_Layer), c_void_p, c_void_p, POINTER(_Weight),
+                                         c_void_p, c_void_p, c_int]
+            lib.ns_model_free.argtypes = [c_void_p]
+            lib.ns_forward.argtypes = [c_void_p, c_int, c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_int]
+            lib.ns_linear.argtypes = [c_void_p, POINTER(_Weight), c_void_p, c_int, c_void_p, c_int]
+            lib.ns_noop.argtypes = [c_void_p, c_int, c_void_p, c_void_p]
+            return lib
+    return None
+
+
+def cpu_isas() -> list[str]:
+    """The variants this CPU runs and the library holds, worst first (empty without the library)."""
+    lib = library()
+    if lib is None:
+        return []
+    mask = lib.ns_cpu_isas() & lib.ns_built_isas()
+    return [name for i, name in enumerate(ISAS) if mask >> i & 1]
+
+
+def choose_isa() -> tuple[str | None, str]:
+    """(the variant to run, or None for the PyTorch path; why), from the CPU and NANOSEEK_KERNELS."""
+    want = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if want not in ("auto", "off", *ISAS):
+        raise NanoseekError(f"{ENV}={want!r}: choose auto, off, {', '.join(reversed(ISAS))}")
+    if want == "off":
+        return None, f"{ENV}=off"
+    if library() is None:
+        return None, "the native library was not built (no C compiler when nanoseek was installed?)"
+    runs = cpu_isas()
+    if want == "auto":
+        return runs[-1], f"the best this CPU runs of {', '.join(runs)}"
+    if want not in runs:
+        raise NanoseekError(f"{ENV}={want}: this CPU (or this build) runs only {', '.join(runs)}")
+    return want, f"{ENV}={want}"
+
+
+def status() -> str:
+    """One line: which decode path the engine would take here, and why."""
+    try:
+        isa, why = choose_isa()
+    except NanoseekError as e:
+        return f"PyTorch ({e})"
+    return f"native {isa} ({why})" if isa else f"PyTorch ({why})"
+
+
+def unsupported(engine) -> str | None:
+    """Why the native path cannot run this engine (None: it can)."""
+    cfg = engine.config
+    if engine.device.type != "cpu":
+        return f"the engine runs on {engine.device}"
+    if engine.dtype != torch.float32:
+        return f"the engine's dtype is {engine.dtype} (the kernels read fp32 activations and caches)"
+    if cfg.n_routed_experts > 1024 or cfg.qk_rope_head_dim > 512:
+        return "more than 1024 routed experts or a RoPE dim above 512"
+    return None
+
+
+# --- weights in the C layout -----------------------------------------------------------------------------------------
+def _int4_codes(w: Int4Weight) -> torch.Tensor:
+    """The codes [N, K] (0..15) of an Int4Weight, read out of torch's packed layout through its permutation."""
+    nib = torch.stack([w.packed & 15, w.packed >> 4], dim=-1).flatten()
+    codes = torch.empty(w.out_features * w.in_features, dtype=torch.uint8)
+    codes[_int4_pack_order(w.out_features, w.in_features)] = nib
+    return codes.view(w.out_features, w.in_features)
+
+
+@cache
+def _int4_pack_order(n: int, k: int) -> torch.Tensor:
+    """For each nibble of torch._convert_weight_to_int4pack_for_cpu's output [n, k/2] (low first), the flat index
+    of the [n, k] code it holds: packing the index's base-16 digits one at a time reads the permutation off."""
+    idx = torch.arange(n * k)
+    order = torch.zeros(n * k, dtype=torch.long)
+    for digit in range(max(1, ((n * k - 1).bit_length() + 3) // 4)):
+        q = ((idx >> (4 * digit)) & 15).to(torch.int32).view(n, k)
+        p = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+        order |= torch.stack([p & 15, p >> 4], dim=-1).flatten().long() << (4 * digit)
+    return order
+
+
+class _Weights:
+    """Turns engine weights into _Weight structs, keeping every tensor they point into alive."""
+
+    def __init__(self):
+        self.keep: list[object] = []
+
+    def ptr(self, t: torch.Tensor | None) -> int | None:
+        if t is None:
+            return None
+        t = t.detach()
+        assert t.is_contiguous() and t.device.type == "cpu", "native kernels need contiguous CPU tensors"
+        self.keep.append(t)
+        return t.data_ptr()
+
+    def f32(self, t: torch.Tensor | None) -> int | None:
+        return None if t is None else self.ptr(t.detach().float().contiguous())
+
+    def weight(self, w) -> _Weight:
+        if w is None:
+            return _Weight()  # n = 0: absent
+        if isinstance(w, torch.Tensor):
+            t = w.detach().float().contiguous()
+            return _Weight(F32, t.shape[0], t.shape[1], 0, self.ptr(t))
+        if isinstance(w, Int8Weight):
+            return _Weight(INT8, w.out_features, w.in_features, 0, self.ptr(w.q.contiguous()),
+                           self.f32(w.scale.float()))
+        if isinstance(w, Int4Weight):
+            n, k, g = w.out_features, w.in_features, w.group_size
+            codes = _int4_codes(w).view(n, k // 32, 2, 16)
+            packed = (codes[:, :, 0] | (codes[:, :, 1] << 4)).contiguous()  # byte j: code j | code j+16 << 4
+            sz = w.scales_zeros.transpose(0, 1).repeat_interleave(g // 32, dim=1)  # [N, K/32, 2] bf16
+            s4, z4 = (sz[..., i].contiguous().view(torch.int16) for i in (0, 1))
+            return _Weight(INT4, n, k, 0, self.ptr(packed), None, self.ptr(s4), self.ptr(z4))
+        raise NanoseekError(f"native kernels: unsupported weight type {type(w).__name__}")
+
+    def array(self, weights: list) -> ctypes.Array:
+        arr = (_Weight * len(weights))(*[self.weight(w) for w in weights])
+        self.keep.append(arr)
+        return arr
+
+
+# --- the decoder -----------------------------------------------------------------------------------------------------
+class NativeDecoder:
+    """The engine's decode step (main model) in one C call. Built once from an Engine's prepared weights; raises
+    NanoseekError when the native path cannot run (`status()` / `unsupported()` say why beforehand)."""
+
+    def __init__(self, engine, isa: str | None = None, threads: int | None = None):
+        if isa is None:
+            isa, _ = choose_isa()
+            if isa is None:
+                raise NanoseekError(f"native kernels unavailable: {status()}")
+        elif isa not in cpu_isas():
+            raise NanoseekError(f"native kernels: {isa!r} is not one of the variants this CPU runs {cpu_isas()}")
+        why = unsupported(engine)
+        if why:
+            raise NanoseekError(f"native kernels: {why}")
+        self.isa, self.threads, self.engine = isa, threads, engine
+        cfg = engine.config
+        self._w = w = _Weights()
+        layers = (_Layer * len(engine.layers))()
+        for out, lw, cache_t in zip(layers, engine.layers, engine.caches, strict=True):
+            out.attn_norm, out.q_norm = w.f32(lw.attn_norm), w.f32(lw.q_norm)
+            out.kv_norm, out.ffn_norm = w.f32(lw.kv_norm), w.f32(lw.ffn_norm)
+            out.wq_a_kv_a, out.wq_b, out.wo = w.weight(lw.wq_a_kv_a), w.weight(lw.wq_b), w.weight(lw.wo)
+            out.w_uk, out.w_uv = w.f32(lw.w_uk), w.f32(lw.w_uv)
+            out.ffn_gate_up, out.ffn_down = w.weight(lw.mlp_gate_up), w.weight(lw.mlp_down)
+            out.moe = int(lw.moe)
+            if lw.moe:
+                out.gate_w, out.gate_bias = w.f32(lw.gate_w), w.f32(lw.gate_bias)
+                out.experts_gate_up = w.array(lw.experts_gate_up)
+                out.experts_down = w.array(lw.experts_down)
+            out.cache = w.ptr(cache_t)  # the engine's tensor itself: written in place
+        w.keep.append(layers)
+        self._cfg = _Config(
+            n_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, vocab=cfg.vocab_size,
+            n_heads=cfg.num_attention_heads, q_lora_rank=cfg.q_lora_rank or 0, kv_lora_rank=cfg.kv_lora_rank,
+            nope=cfg.qk_nope_head_dim, rope=cfg.qk_rope_head_dim, v_head=cfg.v_head_dim,
+            n_routed=cfg.n_routed_experts, n_group=cfg.n_group, topk_group=cfg.topk_group,
+            top_k=cfg.num_experts_per_tok, norm_topk_prob=int(cfg.norm_topk_prob),
+            rope_interleave=int(cfg.rope_interleave), max_batch=engine.max_batch_size,
+            rows=engine.caches[0].shape[1], eps=cfg.rms_norm_eps, softmax_scale=cfg.softmax_scale,
+            routed_scaling_factor=cfg.routed_scaling_factor)
+        self._lm_head = w.weight(engine.lm_head)
+        self._lib = library()
+        self._handle = self._lib.ns_model_new(ctypes.byref(self._cfg), layers, w.ptr(engine.embed),
+                                              w.ptr(engine.norm), ctypes.byref(self._lm_head), w.f32(engine.cos),
+                                              w.f32(engine.sin), ISAS.index(isa))
+        if not self._handle:
+            raise NanoseekError(f"native kernels: could not create the model ({isa}; out of memory?)")
+
+    def __del__(self):
+        handle, self._handle = getattr(self, "_handle", None), None
+        if handle:
+            self._lib.ns_model_free(handle)
+
+    def _threads(self) -> int:
+        return self.threads or torch.get_num_threads()
+
+    def forward(self, tokens: torch.Tensor, lengths, want_hidden: bool = True, want_logits: bool = True
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """tokens [n, S] for slots 0..n-1 at positions lengths[i] + 0..S-1 -> (hidden [n, S, D] before the final
+        norm, fp32 logits [n, S, V]); writes the latents into the engine's caches (lengths are left alone)."""
+        tokens = tokens.to(torch.int64).contiguous()
+        n, s = tokens.shape
+        lens = torch.as_tensor(lengths, dtype=torch.int64).contiguous()
+        assert lens.shape == (n,) and n <= self._cfg.max_batch
+        hidden = torch.empty(n, s, self._cfg.hidden) if want_hidden else None
+        logits = torch.empty(n, s, self._cfg.vocab) if want_logits else None
+        rc = self._lib.ns_forward(self._handle, n, s, tokens.data_ptr(), lens.data_ptr(),
+                                  hidden.data_ptr() if want_hidden else None,
+                                  logits.data_ptr() if want_logits else None, self._threads())
+        if rc:
+            why = {-1: "out of memory", -2: "a position past the cache", -3: "a token id outside the vocabulary"}
+            raise NanoseekError(f"native decode failed: {why.get(rc, rc)}")
+        return hidden, logits
+
+    def decode(self, tokens: torch.Tensor, lengths) -> torch.Tensor:
+        """One token per slot for slots 0..n-1 (tokens [n]) -> fp32 logits [n, V], as Engine.decode."""
+        return self.forward(tokens.view(-1, 1), lengths, want_hidden=False)[1][:, 0]
+
+    def linear(self, weight, x: torch.Tensor) -> torch.Tensor:
+        """x [m, K] fp32 -> x W^T [m, N] through this variant's projection kernel (for tests)."""
+        w = self._w.weight(weight)
+        x = x.float().contiguous()
+        y = torch.empty(x.shape[0], w.n)
+        if self._lib.ns_linear(self._handle, ctypes.byref(w), x.data_ptr(), x.shape[0], y.data_ptr(),
+                               self._threads()):
+            raise NanoseekError("native linear failed (out of memory, or m x K too large for the scratch)")
+        return y
+
+
+def native_decoder(engine, threads: int | None = None) -> tuple[NativeDecoder | None, str]:
+    """(a NativeDecoder for the engine, or None; one line saying which path decode takes and why)."""
+    isa, why = choose_isa()
+    if isa is None:
+        return None, f"PyTorch decode ({why})"
+    reason = unsupported(engine)
+    if reason:
+        return None, f"PyTorch decode ({reason})"
+    return NativeDecoder(engine, isa, threads), f"native {isa} decode ({why})"
+
+
+__all__ = ["ISAS", "NativeDecoder", "choose_isa", "cpu_isas", "library", "native_decoder", "status", "unsupported"]

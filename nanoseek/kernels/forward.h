@@ -1,0 +1,817 @@
+/* The decode step of the absorbed-MLA engine, compiled once per instruction set: isa_avx512.c and isa_avx2.c define
+ * NS_AVX512 / NS_AVX2 and a target pragma before including this file, isa_generic.c neither (portable C).
+ *
+ * Per layer, for M tokens (s new tokens for each of n slots; token m is slot m / s at position lens[m / s] + m % s):
+ *   h      = RMSNorm(x)                                     [M, D]
+ *   a      = h W_qkv^T = [q_a ; c_kv ; k_pe]                [M, q_lora_rank + c + r]   (one projection)
+ *   q      = RMSNorm(q_a) W_qb^T                            [M, H, nope + r]          (or q straight from a)
+ *   cache[slot, pos] = [RMSNorm(c_kv) ; RoPE(k_pe)]         the engine's latent row, written in place
+ *   q_lat  = q_nope W_UK[h]                                 [M, H, c]
+ *   p      = softmax(([q_lat ; RoPE(q_pe)] . cache[slot, 0..pos]) * softmax_scale)   fp32, the slot's own length
+ *   o      = (p . kv_cache) W_UV[h]^T                       [M, H, v]
+ *   x     += o W_o^T
+ *   x     += FFN(RMSNorm(x)): SwiGLU, or DeepSeekMoE (shared experts + the top-k routed experts, weighted)
+ * then logits = RMSNorm(x) lm_head^T. Every loop over tokens, heads or output rows is split into tasks for the
+ * thread pool; the thread count is the caller's.
+ *
+ * Projections y = x W^T read W [n, k] row-major in place (rows in blocks of NR, tokens in blocks of MR, so a block
+ * of weight rows is read once per MR tokens). int8 / int4 weights take activations quantised once per input row,
+ * in blocks of 32 like llama.cpp's q8_0 (x ~= q * d, q int8, one d per 32 inputs), and integer dot products:
+ *   int8: y[n] = scale[n] * sum_b d_b * sum_{k in b} q_x[k] q_w[n, k]
+ *   int4: y[n] = sum_b (s[n,b] d_b * sum_{k in b} q_x[k] code[n, k] + (z[n,b] - 8 s[n,b]) * sum_{k in b} x[k])
+ * with AVX-512 VNNI (vpdpbusd), AVX2 (vpmaddubsw) or scalar C. */
+#include <math.h>
+#include <stddef.h>
+#include <string.h>
+
+#include "native.h"
+
+#if defined(NS_AVX512) || defined(NS_AVX2)
+#include <immintrin.h>
+#endif
+
+#if defined(NS_AVX512)
+#define NS_FN(name) name##_avx512
+#define MR 4 /* tokens per register block */
+#elif defined(NS_AVX2)
+#define NS_FN(name) name##_avx2
+#define MR 2
+#else
+#define NS_FN(name) name##_generic
+#define MR 4
+#endif
+#define NR 4 /* weight rows per register block */
+#define INLINE static inline __attribute__((always_inline))
+
+/* --- operands ----------------------------------------------------------------------------------------------------- */
+typedef struct {
+    int m, k;             /* rows (tokens), inputs */
+    const float *x;       /* fp32 rows [.., ldx] */
+    int ldx;
+    const int8_t *q;      /* quantised rows [.., ldq] (ldq: k rounded up to 64, zero-padded) */
+    const float *d, *xs;  /* [.., ldq / 4]: per block of 32, its scale d and its exact sum / 8, 8 copies each */
+    int ldq;
+    const int32_t *idx;   /* row i is buffer row idx[i] (NULL: row i) */
+} act_t;
+
+typedef struct {
+    float *y;             /* y[row, col]: row idx[i] (or i), col = the weight row */
+    int ldy;
+    const int32_t *idx;
+    const float *alpha;   /* y (+)= alpha[i] * (x W^T)[i] (NULL: 1) */
+    int accumulate;
+} out_t;
+
+INLINE int row_of(const act_t *a, int i) { return a->idx ? a->idx[i] : i; }
+
+INLINE void store(const out_t *o, int m0, int mr, int n0, int nr, float res[NR][MR]) {
+    for (int j = 0; j < mr; j++) {
+        float *y = o->y + (size_t)(o->idx ? o->idx[m0 + j] : m0 + j) * o->ldy + n0;
+        float al = o->alpha ? o->alpha[m0 + j] : 1.0f;
+        for (int i = 0; i < nr; i++) y[i] = o->accumulate ? y[i] + al * res[i][j] : al * res[i][j];
+    }
+}
+
+INLINE float bf16(uint16_t b) {
+    union { uint32_t u; float f; } v = {(uint32_t)b << 16};
+    return v.f;
+}
+
+/* --- fp32 --------------------------------------------------------------------------------------------------------- */
+/* res[i][j] = W[row i] . x[token j] over k inputs, for NRR rows and MRR tokens (compile-time counts). */
+INLINE void kern_f32(const float *w, int k, const float *const *xr, int NRR, int MRR, float res[NR][MR]) {
+#if defined(NS_AVX512)
+    __m512 acc[NR][MR];
+    for (int i = 0; i < NRR; i++)
+        for (int j = 0; j < MRR; j++) acc[i][j] = _mm512_setzero_ps();
+    int kk = 0;
+    for (; kk + 16 <= k; kk += 16) {
+        __m512 xv[MR];
+        for (int j = 0; j < MRR; j++) xv[j] = _mm512_loadu_ps(xr[j] + kk);
+        for (int i = 0; i < NRR; i++) {
+            __m512 wv = _mm512_loadu_ps(w + (size_t)i * k + kk);
+            for (int j = 0; j < MRR; j++) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
+        }
+    }
+    if (kk < k) {
+        __mmask16 mk = (__mmask16)((1u << (k - kk)) - 1);
+        __m512 xv[MR];
+        for (int j = 0; j < MRR; j++) xv[j] = _mm512_maskz_loadu_ps(mk, xr[j] + kk);
+        for (int i = 0; i < NRR; i++) {
+            __m512 wv = _mm512_maskz_loadu_ps(mk, w + (size_t)i * k + kk);
+            for (int j = 0; j < MRR; j++) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < NRR; i++)
+        for (int j = 0; j < MRR; j++) res[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+#elif defined(NS_AVX2)
+    __m256 acc[NR][MR];
+    for (int i = 0; i < NRR; i++)
+        for (int j = 0; j < MRR; j++) acc[i][j] = _mm256_setzero_ps();
+    int kk = 0;
+    for (; kk + 8 <= k; kk += 8) {
+        __m256 xv[MR];
+        for (int j = 0; j < MRR; j++) xv[j] = _mm256_loadu_ps(xr[j] + kk);
+        for (int i = 0; i < NRR; i++) {
+            __m256 wv = _mm256_loadu_ps(w + (size_t)i * k + kk);
+            for (int j = 0; j < MRR; j++) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < NRR; i++)
+        for (int j = 0; j < MRR; j++) {
+            __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1));
+            v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+            v = _mm_add_ss(v, _mm_movehdup_ps(v));
+            float r = _mm_cvtss_f32(v);
+            for (int t = kk; t < k; t++) r += w[(size_t)i * k + t] * xr[j][t];
+            res[i][j] = r;
+        }
+#else
+    for (int i = 0; i < NRR; i++)
+        for (int j = 0; j < MRR; j++) {
+            float part[8] = {0};  /* eight partial sums: vectorisable without reassociating a single sum */
+            const float *wi = w + (size_t)i * k, *x = xr[j];
+            int kk = 0;
+            for (; kk + 8 <= k; kk += 8)
+                for (int u = 0; u < 8; u++) part[u] += wi[kk + u] * x[kk + u];
+            float r = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+            for (; kk < k; kk++) r += wi[kk] * x[kk];
+            res[i][j] = r;
+        }
+#endif
+}
+
+/* --- int8 (per output channel) x q8 activations ------------------------------------------------------------------- */
+INLINE void kern_q8(const int8_t *w, int k, const int8_t *const *xq, const float *const *xd, int NRR, int MRR,
+                    float res[NR][MR]) {
+#if defined(NS_AVX512)
+    /* 64 inputs = 2 blocks a step. vpdpbusd multiplies unsigned by signed bytes: |w| by x with w's sign moved onto
+     * x (both within +-127, so no overflow); lanes 0-7 sum block b, lanes 8-15 block b + 1 */
+    __m512 acc[NR][MR];
+    for (int i = 0; i < NRR; i++)
+        for (int j = 0; j < MRR; j++) acc[i][j] = _mm512_setzero_ps();
+    const __m512i zero = _mm512_setzero_si512();
+    for (int kk = 0; kk < k; kk += 64) {
+        __mmask64 mk = k - kk >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (k - kk)) - 1);
+        __m512i xv[MR];
+        __m512 dv[MR];
+        for (int j = 0; j < MRR; j++) {
+            xv[j] = _mm512_loadu_si512(xq[j] + kk);
+            dv[j] = _mm512_loadu_ps(xd[j] + kk / 4);
+        }
+        for (int i = 0; i < NRR; i++) {
+            __m512i wv = _mm512_maskz_loadu_epi8(mk, w + (size_t)i * k + kk);
+            __m512i aw = _mm512_abs_epi8(wv);
+            __mmask64 neg = _mm512_movepi8_mask(wv);
+            for (int j = 0; j < MRR; j++) {
+                __m512i xs = _mm512_mask_sub_epi8(xv[j], neg, zero, xv[j]);
+                __m512i dot = _mm512_dpbusd_epi32(zero, aw, xs);
+                acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), dv[j], acc[i][j]);
+            }
+        }
+    }
+    for (int i = 0; i < NRR; i++)
+        for (int j = 0; j < MRR; j++) res[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+#elif defined(NS_AVX2)
+    /* one block of 32 a step: vpmaddubsw (|w| unsigned x signed x, pairs summed to int16: <= 2*127*127, no
+     * saturation) then vpmaddwd by ones to int32 */
+    __m256 acc[NR][MR];
+    for (int i = 0; i < NRR; i++)
+        for (int j = 0; j < MRR; j++) acc[i][j] = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int kk = 0; kk < k; kk += 32) {
+        __m256i xv[MR];
+        __m256 dv[MR];
+        for (int j = 0; j < MRR; j++) {
+            xv[j] = _mm256_loadu_si256((const __m256i *)(xq[j] + kk));
+            dv[j] = _mm256_loadu_ps(xd[j] + kk / 4);
+        }
+        for (int i = 0; i < NRR; i++) {
+            __m256i wv;
+            if (k - kk >= 32) {
+                wv = _mm256_loadu_si256((const __m256i *)(w + (size_t)i * k + kk));
+            } else { /* a short last block: never read past the row */
+                int8_t tmp[32] = {0};
+                memcpy(tmp, w + (size_t)i * k + kk, k - kk);
+                wv = _mm256_loadu_si256((const __m256i *)tmp);
+            }
+            __m256i aw = _mm256_sign_epi8(wv, wv);
+            for (int j = 0; j < MRR; j++) {
+                __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[j], wv));
+                __m256i dot = _mm256_madd_epi16(p, ones);
+                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), dv[j], acc[i][j]);
+            }
+        }
+    }
+    for (int i = 0; i < NRR; i++)
+        for (int j = 0; j < MRR; j++) {
+            __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1));
+            v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+            v = _mm_add_ss(v, _mm_movehdup_ps(v));
+            res[i][j] = _mm_cvtss_f32(v);
+        }
+#else
+    for (int i = 0; i < NRR; i++)
+        for (int j = 0; j < MRR; j++) {
+            const int8_t *wi = w + (size_t)i * k;
+            float r = 0;
+            for (int kk = 0; kk < k; kk += 32) {
+                int32_t dot = 0;
+                int end = k - kk < 32 ? k - kk : 32;
+                for (int t = 0; t < end; t++) dot += (int32_t)wi[kk + t] * xq[j][kk + t];
+                r += (float)dot * xd[j][kk / 4];
+            }
+            res[i][j] = r;
+        }
+#endif
+}
+
+/* --- int4 (groups of 32, asymmetric) x q8 activations ------------------------------------------------------------- */
+#if defined(NS_AVX512)
+/* two bf16 values (consecutive blocks) -> [first x 8 lanes, second x 8 lanes] as fp32 */
+INLINE __m512 bf16_pair(const uint16_t *p) {
+    uint32_t u;
+    memcpy(&u, p, 4);
+    const __m512i shift = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16, 16, 16, 16, 16, 16);
+    __m512i v = _mm512_sllv_epi32(_mm512_set1_epi32((int)u), shift);
+    return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
+}
+#endif
+
+INLINE void kern_q4(const uint8_t *w, const uint16_t *s4, const uint16_t *z4, int k, const int8_t *const *xq,
+                    const float *const *xd, const float *const *xs, int NRR, int MRR, float res[NR][MR]) {
+    const int nb = k / 32; /* blocks per row */
+#if defined(NS_AVX512)
+    __m512 acc[NR][MR];
+    for (int i = 0; i < NRR; i++)
+        for (int j = 0; j < MRR; j++) acc[i][j] = _mm512_setzero_ps();
+    const __m512i zero = _mm512_setzero_si512();
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    for (int b = 0; b < nb; b += 2) {
+        int two = b + 1 < nb;
+        __m512i xv[MR];
+        __m512 dv[MR], sv[MR];
+        for (int j = 0; j < MRR; j++) {
+            xv[j] = _mm512_loadu_si512(xq[j] + b * 32);
+            dv[j] = _mm512_loadu_ps(xd[j] + b * 8);
+            sv[j] = _mm512_loadu_ps(xs[j] + b * 8);
+        }
+        for (int i = 0; i < NRR; i++) {
+            const uint8_t *wp = w + (size_t)i * nb * 16 + b * 16;
+            __m256i raw = two ? _mm256_loadu_si256((const __m256i *)wp)
+                              : _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)wp));
+            __m256i lo = _mm256_and_si256(raw, low), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+            /* [lo0 hi0 lo1 hi1] (128-bit lanes): block b's 32 codes in order, then block b + 1's */
+            __m512i codes = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+            codes = _mm512_shuffle_i64x2(codes, codes, _MM_SHUFFLE(3, 1, 2, 0));
+            if (!two) codes = _mm512_maskz_mov_epi8(0xffffffffull, codes);
+            const uint16_t *sp = s4 + (size_t)i * nb + b, *zp = z4 + (size_t)i * nb + b;
+            uint16_t stmp[2] = {sp[0], two ? sp[1] : 0}, ztmp[2] = {zp[0], two ? zp[1] : 0};
+            __m512 scale = bf16_pair(stmp), zv = bf16_pair(ztmp);
+            __m512 mn = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), scale, zv); /* z - 8 s: the weight at code 0 */
+            for (int j = 0; j < MRR; j++) {
+                __m512i dot = _mm512_dpbusd_epi32(zero, codes, xv[j]);
+                acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scale, dv[j]), acc[i][j]);
+                acc[i][j] = _mm512_fmadd_ps(mn, sv[j], acc[i][j]);
+            }
+        }
+    }
+    for (int i = 0; i < NRR; i++)
+        for (int j = 0; j < MRR; j++) res[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+#elif defined(NS_AVX2)
+    __m256 acc[NR][MR];
+    for (int i = 0; i < NRR; i++)
+        for (int j = 0; j < MRR; j++) acc[i][j] = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m128i low = _mm_set1_epi8(0x0f);
+    for (int b = 0; b < nb; b++) {
+        __m256i xv[MR];
+        __m256 dv[MR], sv[MR];
+        for (int j = 0; j < MRR; j++) {
+            xv[j] = _mm256_loadu_si256((const __m256i *)(xq[j] + b * 32));
+            dv[j] = _mm256_loadu_ps(xd[j] + b * 8);
+            sv[j] = _mm256_loadu_ps(xs[j] + b * 8);
+        }
+        for (int i = 0; i < NRR; i++) {
+            __m128i raw = _mm_loadu_si128((const __m128i *)(w + (size_t)i * nb * 16 + b * 16));
+            __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low), _mm_and_si128(raw, low));
+            float s = bf16(s4[(size_t)i * nb + b]), z = bf16(z4[(size_t)i * nb + b]);
+            __m256 scale = _mm256_set1_ps(s), mn = _mm256_set1_ps(z - 8.0f * s);
+            for (int j = 0; j < MRR; j++) {
+                __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv[j]), ones); /* codes <= 15: exact */
+                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(scale, dv[j]), acc[i][j]);
+                acc[i][j] = _mm256_fmadd_ps(mn, sv[j], acc[i][j]);
+            }
+        }
+    }
+    for (int i = 0; i < NRR; i++)
+        for (int j = 0; j < MRR; j++) {
+            __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1));
+            v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+            v = _mm_add_ss(v, _mm_movehdup_ps(v));
+            res[i][j] = _mm_cvtss_f32(v);
+        }
+#else
+    for (int i = 0; i < NRR; i++)
+        for (int j = 0; j < MRR; j++) {
+            float r = 0;
+            for (int b = 0; b < nb; b++) {
+                const uint8_t *wp = w + (size_t)i * nb * 16 + b * 16;
+                const int8_t *x = xq[j] + b * 32;
+                int32_t dot = 0;
+                for (int t = 0; t < 16; t++) dot += (wp[t] & 15) * x[t] + (wp[t] >> 4) * x[t + 16];
+                float s = bf16(s4[(size_t)i * nb + b]), z = bf16(z4[(size_t)i * nb + b]);
+                r += (float)dot * (s * xd[j][b * 8]) + (z - 8.0f * s) * (8.0f * xs[j][b * 8]);
+            }
+            res[i][j] = r;
+        }
+#endif
+}
+
+/* --- one projection over output rows [n0, n1) -------------------------------------------------------------------- */
+#define DISPATCH_NR_MR(call)                                                                                       \
+    do {                                                                                                           \
+        if (nr == NR) {                                                                                            \
+            switch (mr) {                                                                                          \
+            case 1: call(NR, 1); break;                                                                            \
+            case 2: call(NR, 2); break;                                                                            \
+            MR_CASES(NR)                                                                                           \
+            }                                                                                                      \
+        } else {                                                                                                   \
+            switch (mr) {                                                                                          \
+            case 1: call(1, 1); break;                                                                             \
+            case 2: call(1, 2); break;                                                                             \
+            MR_CASES(1)                                                                                            \
+            }                                                                                                      \
+        }                                                                                                          \
+    } while (0)
+#if MR == 4
+#define MR_CASES(R) case 3: CALL(R, 3); break; case 4: CALL(R, 4); break;
+#else
+#define MR_CASES(R)
+#endif
+
+static void mm_rows(const act_t *a, const ns_weight *w, int n0, int n1, const out_t *o) {
+    const int k = w->k;
+    for (int n = n0; n < n1;) {
+        int nr = n1 - n >= NR ? NR : 1; /* blocks of NR rows, then single rows */
+        for (int m = 0; m < a->m; m += MR) {
+            int mr = a->m - m < MR ? a->m - m : MR;
+            float res[NR][MR];
+            if (w->type == NS_F32) {
+                const float *xr[MR];
+                for (int j = 0; j < mr; j++) xr[j] = a->x + (size_t)row_of(a, m + j) * a->ldx;
+                const float *wp = (const float *)w->w + (size_t)n * k;
+#define CALL(R, C) kern_f32(wp, k, xr, R, C, res)
+                DISPATCH_NR_MR(CALL);
+#undef CALL
+            } else {
+                const int8_t *xq[MR];
+                const float *xd[MR], *xs[MR];
+                for (int j = 0; j < mr; j++) {
+                    size_t r = (size_t)row_of(a, m + j);
+                    xq[j] = a->q + r * a->ldq, xd[j] = a->d + r * (a->ldq / 4), xs[j] = a->xs + r * (a->ldq / 4);
+                }
+                if (w->type == NS_INT8) {
+                    const int8_t *wp = (const int8_t *)w->w + (size_t)n * k;
+#define CALL(R, C) kern_q8(wp, k, xq, xd, R, C, res)
+                    DISPATCH_NR_MR(CALL);
+#undef CALL
+                    for (int i = 0; i < nr; i++)
+                        for (int j = 0; j < mr; j++) res[i][j] *= w->scale[n + i];
+                } else {
+                    const uint8_t *wp = (const uint8_t *)w->w + (size_t)n * (k / 2);
+                    const uint16_t *sp = w->s4 + (size_t)n * (k / 32), *zp = w->z4 + (size_t)n * (k / 32);
+#define CALL(R, C) kern_q4(wp, sp, zp, k, xq, xd, xs, R, C, res)
+                    DISPATCH_NR_MR(CALL);
+#undef CALL
+                }
+            }
+            store(o, m, mr, n, nr, res);
+        }
+        n += nr;
+    }
+}
+
+/* --- activations -------------------------------------------------------------------------------------------------- */
+/* Quantise rows [r0, r1) of x [.., ldx] (k inputs) into the q8 buffers at the same row index, in blocks of 32:
+ * d = max|x| / 127, q = round-half-even(x * (1 / d)) (as torch.round), zero-padded to ldq = k rounded up to 64. */
+static void quantize_rows(const float *x, int ldx, int k, int r0, int r1, int8_t *q, float *d, float *xs, int ldq) {
+    for (int r = r0; r < r1; r++) {
+        const float *xr = x + (size_t)r * ldx;
+        int8_t *qr = q + (size_t)r * ldq;
+        float *dr = d + (size_t)r * (ldq / 4), *sr = xs + (size_t)r * (ldq / 4);
+        for (int b = 0; b < ldq / 32; b++) {
+            int lo = b * 32, hi = lo + 32 < k ? lo + 32 : k;
+            float amax = 0, sum = 0;
+            for (int t = lo; t < hi; t++) {
+                float v = fabsf(xr[t]);
+                amax = v > amax ? v : amax;
+                sum += xr[t];
+            }
+            float dd = amax / 127.0f, id = dd > 0 ? 1.0f / dd : 0.0f;
+            for (int t = lo; t < lo + 32; t++) qr[t] = t < hi ? (int8_t)nearbyintf(xr[t] * id) : 0;
+            for (int u = 0; u < 8; u++) dr[b * 8 + u] = dd, sr[b * 8 + u] = sum * 0.125f;
+        }
+    }
+}
+
+INLINE float rms_scale(const float *x, int n, float eps) {
+    float part[8] = {0};
+    int t = 0;
+    for (; t + 8 <= n; t += 8)
+        for (int u = 0; u < 8; u++) part[u] += x[t + u] * x[t + u];
+    float ss = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+    for (; t < n; t++) ss += x[t] * x[t];
+    return 1.0f / sqrtf(ss / (float)n + eps);
+}
+
+/* y = RMSNorm(x) * weight, n values */
+static void rmsnorm(float *y, const float *x, const float *weight, int n, float eps) {
+    float s = rms_scale(x, n, eps);
+    for (int t = 0; t < n; t++) y[t] = x[t] * s * weight[t];
+}
+
+INLINE float dot(const float *a, const float *b, int n) {
+#if defined(NS_AVX512)
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int t = 0;
+    for (; t + 32 <= n; t += 32) {
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + t), _mm512_loadu_ps(b + t), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + t + 16), _mm512_loadu_ps(b + t + 16), acc1);
+    }
+    for (; t < n; t += 16) {
+        __mmask16 mk = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1);
+        acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, a + t), _mm512_maskz_loadu_ps(mk, b + t), acc0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#else
+    float part[8] = {0};
+    int t = 0;
+    for (; t + 8 <= n; t += 8)
+        for (int u = 0; u < 8; u++) part[u] += a[t + u] * b[t + u];
+    float r = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+    for (; t < n; t++) r += a[t] * b[t];
+    return r;
+#endif
+}
+
+/* y += alpha * x, n values */
+INLINE void axpy(float *y, float alpha, const float *x, int n) {
+    for (int t = 0; t < n; t++) y[t] += alpha * x[t];
+}
+
+/* RoPE on one r-dim vector at table row pos: in-place, output half-split [x1 cos - x2 sin ; x2 cos + x1 sin] where
+ * (x1, x2) are the interleaved pairs (x0,x1),(x2,x3).. or the halves, as model.apply_rope */
+static void rope(float *x, int r, const float *cos, const float *sin, int interleave) {
+    float tmp[512];
+    int half = r / 2;
+    for (int i = 0; i < half; i++) {
+        float x1 = interleave ? x[2 * i] : x[i], x2 = interleave ? x[2 * i + 1] : x[i + half];
+        tmp[i] = x1 * cos[i] - x2 * sin[i];
+        tmp[i + half] = x2 * cos[i] + x1 * sin[i];
+    }
+    memcpy(x, tmp, sizeof(float) * r);
+}
+
+/* --- parallel projections ----------------------------------------------------------------------------------------- */
+typedef struct {
+    const act_t *a;
+    const ns_weight *w;
+    const out_t *o;
+    int chunk;
+} mm_job;
+
+static void mm_task(void *ctx, int t) {
+    const mm_job *j = ctx;
+    int n0 = t * j->chunk, n1 = n0 + j->chunk < j->w->n ? n0 + j->chunk : j->w->n;
+    mm_rows(j->a, j->w, n0, n1, j->o);
+}
+
+/* Rows per task: about four tasks per thread (uneven machines balance), multiples of NR, at least 16. */
+static int chunk_rows(int n, int nthreads) {
+    if (nthreads <= 1) return n;
+    int c = (n + nthreads * 4 - 1) / (nthreads * 4);
+    c = (c + NR - 1) / NR * NR;
+    return c < 16 ? 16 : c;
+}
+
+typedef struct {
+    ns_model *md;
+    int nthreads;
+} ctx_t;
+
+static void project(const ctx_t *c, const act_t *a, const ns_weight *w, const out_t *o) {
+    mm_job j = {a, w, o, chunk_rows(w->n, c->nthreads)};
+    ns_pool_run(c->md->pool, c->nthreads, (w->n + j.chunk - 1) / j.chunk, mm_task, &j);
+}
+
+/* An operand over rows of x [m, ldx] with k inputs, quantised into the scratch q8 buffers when w needs it. */
+static act_t operand(const ctx_t *c, const float *x, int ldx, int m, int k, int quantise) {
+    ns_scratch *s = &c->md->s;
+    act_t a = {m, k, x, ldx, s->aq, s->ad, s->axs, (k + 63) & ~63, NULL};
+    if (quantise) quantize_rows(x, ldx, k, 0, m, s->aq, s->ad, s->axs, a.ldq);
+    return a;
+}
+
+/* --- attention ---------------------------------------------------------------------------------------------------- */
+typedef struct {
+    const ctx_t *c;
+    const ns_layer *L;
+    int s, groups, hg;   /* tokens per slot; head groups per token, heads per group */
+    const int64_t *lens;
+} attn_job;
+
+/* One (token, group of heads): absorb W_UK into the queries, scores over the slot's cached rows 0..pos, softmax,
+ * the weighted sum of latents, W_UV. The heads of a group share each pass over the cache. */
+static void attn_task(void *ctx, int task) {
+    const attn_job *j = ctx;
+    const ns_model *md = j->c->md;
+    const ns_config *cf = &md->cfg;
+    ns_scratch *s = &((ns_model *)md)->s;
+    int H = cf->n_heads, c = cf->kv_lora_rank, r = cf->rope, nope = cf->nope, v = cf->v_head, lat = c + r;
+    int m = task / j->groups, h0 = (task % j->groups) * j->hg, h1 = h0 + j->hg < H ? h0 + j->hg : H;
+    int slot = m / j->s, pos = (int)j->lens[slot] + m % j->s, T = pos + 1;
+    const float *cache = j->L->cache + (size_t)slot * cf->rows * lat;
+    const float *q = s->q + (size_t)m * H * (nope + r);
+    for (int h = h0; h < h1; h++) { /* q_lat[h] = q_nope[h] W_UK[h]: [nope] @ [nope, c] */
+        float *qf = s->qf + ((size_t)m * H + h) * lat;
+        memset(qf, 0, sizeof(float) * c);
+        const float *wuk = j->L->w_uk + (size_t)h * nope * c;
+        for (int i = 0; i < nope; i++) axpy(qf, q[h * (nope + r) + i], wuk + (size_t)i * c, c);
+    }
+    for (int t = 0; t < T; t++) {
+        const float *row = cache + (size_t)t * lat;
+        for (int h = h0; h < h1; h++)
+            s->scores[((size_t)m * H + h) * s->t_cap + t] = dot(s->qf + ((size_t)m * H + h) * lat, row, lat) *
+                                                            cf->softmax_scale;
+    }
+    for (int h = h0; h < h1; h++) {
+        float *p = s->scores + ((size_t)m * H + h) * s->t_cap, mx = -INFINITY, sum = 0;
+        for (int t = 0; t < T; t++) mx = p[t] > mx ? p[t] : mx;
+        for (int t = 0; t < T; t++) sum += (p[t] = expf(p[t] - mx));
+        float inv = 1.0f / sum;
+        for (int t = 0; t < T; t++) p[t] *= inv;
+        memset(s->olat + ((size_t)m * H + h) * c, 0, sizeof(float) * c);
+    }
+    for (int t = 0; t < T; t++) {
+        const float *row = cache + (size_t)t * lat;
+        for (int h = h0; h < h1; h++)
+            axpy(s->olat + ((size_t)m * H + h) * c, s->scores[((size_t)m * H + h) * s->t_cap + t], row, c);
+    }
+    for (int h = h0; h < h1; h++) { /* o[h] = W_UV[h] o_lat[h]: [v, c] @ [c] */
+        const float *ol = s->olat + ((size_t)m * H + h) * c, *wuv = j->L->w_uv + (size_t)h * v * c;
+        float *o = s->o + (size_t)m * H * v + (size_t)h * v;
+        for (int i = 0; i < v; i++) o[i] = dot(wuv + (size_t)i * c, ol, c);
+    }
+}
+
+/* --- feed-forward: dense SwiGLU, or shared + routed experts ------------------------------------------------------- */
+typedef struct {
+    const ns_weight *gu, *down;
+    int start, count;     /* rows start.. of the pair buffers (gu, act) */
+    const int32_t *tok;   /* the token of each row (NULL: rows are tokens 0..count-1) */
+    const float *weight;  /* routing weight of each row (NULL: 1) */
+} expert_t;
+
+typedef struct {
+    const ctx_t *c;
+    const expert_t *ex;
+    int n_ex;
+    const int32_t *task_ex, *task_row;  /* task -> (expert, first row of its chunk) */
+    int chunk, ldgu;      /* rows per task; the row stride of the gate/up buffer (the widest expert's 2I) */
+    const act_t *in;      /* RMSNorm(x) [M, D] (fp32 and, when quantised weights read it, q8) */
+    act_t *mid;           /* act [pairs, I] */
+} ffn_job;
+
+/* gate and up rows [i0, i0 + chunk) of one expert for its tokens, then act = silu(gate) * up */
+static void ffn_up_task(void *ctx, int t) {
+    const ffn_job *j = ctx;
+    const expert_t *e = &j->ex[j->task_ex[t]];
+    ns_scratch *s = &j->c->md->s;
+    int inter = e->gu->n / 2, i0 = j->task_row[t], i1 = i0 + j->chunk < inter ? i0 + j->chunk : inter;
+    act_t a = *j->in;
+    a.m = e->count, a.idx = e->tok;
+    out_t o = {s->gu + (size_t)e->start * j->ldgu, j->ldgu, NULL, NULL, 0};
+    mm_rows(&a, e->gu, i0, i1, &o);
+    mm_rows(&a, e->gu, inter + i0, inter + i1, &o);
+    for (int p = 0; p < e->count; p++) {
+        const float *g = s->gu + (size_t)(e->start + p) * j->ldgu;
+        float *y = s->act + (size_t)(e->start + p) * j->mid->ldx;
+        for (int i = i0; i < i1; i++) y[i] = g[i] / (1.0f + expf(-g[i])) * g[inter + i];
+    }
+}
+
+/* output columns [d0, d0 + chunk) of x += sum over experts of weight * (act W_down^T), all tokens */
+static void ffn_down_task(void *ctx, int t) {
+    const ffn_job *j = ctx;
+    int d = j->ex[0].down->n, d0 = t * j->chunk, d1 = d0 + j->chunk < d ? d0 + j->chunk : d;
+    ns_scratch *s = &j->c->md->s;
+    for (int e = 0; e < j->n_ex; e++) {
+        const expert_t *ex = &j->ex[e];
+        act_t a = *j->mid;
+        a.m = ex->count, a.k = ex->down->k;
+        a.x += (size_t)ex->start * a.ldx;
+        if (a.q) a.q += (size_t)ex->start * a.ldq, a.d += (size_t)ex->start * (a.ldq / 4),
+                 a.xs += (size_t)ex->start * (a.ldq / 4);
+        out_t o = {s->x, d, ex->tok, ex->weight, 1};
+        mm_rows(&a, ex->down, d0, d1, &o);
+    }
+}
+
+static void quant_task(void *ctx, int e) { /* quantise one expert's rows of act with its width */
+    const ffn_job *j = ctx;
+    ns_scratch *s = &j->c->md->s;
+    const expert_t *ex = &j->ex[e];
+    quantize_rows(s->act, j->mid->ldx, ex->down->k, ex->start, ex->start + ex->count, s->aq, s->ad, s->axs,
+                  j->mid->ldq);
+}
+
+static void ffn(const ctx_t *c, const act_t *in, const expert_t *ex, int n_ex) {
+    ns_scratch *s = &c->md->s;
+    enum { MAX_TASKS = 4096 };
+    int tasks, inter_max = 0, quant = 0, total = 0;
+    for (int e = 0; e < n_ex; e++) {
+        int inter = ex[e].gu->n / 2;
+        inter_max = inter > inter_max ? inter : inter_max;
+        total += inter;
+        quant |= ex[e].down->type != NS_F32;
+    }
+    /* chunks of gate/up rows: about four tasks per thread over all experts, at least 16 rows */
+    int chunk = c->nthreads <= 1 ? inter_max : chunk_rows(total, c->nthreads);
+    for (;; chunk *= 2) {
+        tasks = 0;
+        for (int e = 0; e < n_ex; e++) tasks += (ex[e].gu->n / 2 + chunk - 1) / chunk;
+        if (tasks <= MAX_TASKS) break;
+    }
+    int32_t task_ex[MAX_TASKS], task_row[MAX_TASKS];
+    tasks = 0;
+    for (int e = 0; e < n_ex; e++)
+        for (int i = 0; i < ex[e].gu->n / 2; i += chunk) task_ex[tasks] = e, task_row[tasks++] = i;
+    act_t mid = {0, 0, s->act, (inter_max + 63) & ~63, s->aq, s->ad, s->axs, (inter_max + 63) & ~63, NULL};
+    ffn_job j = {c, ex, n_ex, task_ex, task_row, chunk, 2 * inter_max, in, &mid};
+    ns_pool_run(c->md->pool, c->nthreads, tasks, ffn_up_task, &j);
+    if (quant) ns_pool_run(c->md->pool, c->nthreads, n_ex, quant_task, &j);
+    int d = ex[0].down->n, dchunk = chunk_rows(d, c->nthreads);
+    j.chunk = dchunk;
+    ns_pool_run(c->md->pool, c->nthreads, (d + dchunk - 1) / dchunk, ffn_down_task, &j);
+}
+
+/* model.select_experts for one token: scores [E] sigmoid affinities -> top_k experts and routing weights. The bias
+ * only picks; groups are ranked by the sum of their two best biased scores, topk_group groups kept. */
+static void select_experts(const ns_config *cf, const float *scores, const float *bias, int32_t *idx, float *wt) {
+    int E = cf->n_routed, G = cf->n_group, per = E / G, K = cf->top_k;
+    float sel[1024];
+    for (int e = 0; e < E; e++) sel[e] = scores[e] + bias[e];
+    if (G > 1) {
+        float gs[1024];
+        int keep[1024];
+        for (int g = 0; g < G; g++) {
+            float b1 = -INFINITY, b2 = -INFINITY;
+            for (int e = g * per; e < (g + 1) * per; e++) {
+                if (sel[e] > b1) b2 = b1, b1 = sel[e];
+                else if (sel[e] > b2) b2 = sel[e];
+            }
+            gs[g] = b1 + b2, keep[g] = 0;
+        }
+        for (int t = 0; t < cf->topk_group; t++) { /* the best remaining group; ties go to the lower index */
+            int best = -1;
+            for (int g = 0; g < G; g++)
+                if (!keep[g] && (best < 0 || gs[g] > gs[best])) best = g;
+            keep[best] = 1;
+        }
+        for (int g = 0; g < G; g++)
+            if (!keep[g])
+                for (int e = g * per; e < (g + 1) * per; e++) sel[e] = -INFINITY;
+    }
+    float sum = 0;
+    for (int t = 0; t < K; t++) {
+        int best = -1;
+        for (int e = 0; e < E; e++) {
+            int taken = 0;
+            for (int u = 0; u < t; u++) taken |= idx[u] == e;
+            if (!taken && (best < 0 || sel[e] > sel[best])) best = e;
+        }
+        idx[t] = best, wt[t] = scores[best], sum += scores[best];
+    }
+    for (int t = 0; t < K; t++)
+        wt[t] = (cf->norm_topk_prob ? wt[t] / (sum + 1e-20f) : wt[t]) * cf->routed_scaling_factor;
+}
+
+static void moe(const ctx_t *c, const ns_layer *L, const act_t *in, int M) {
+    const ns_config *cf = &c->md->cfg;
+    ns_scratch *s = &c->md->s;
+    int E = cf->n_routed, K = cf->top_k;
+    /* the router in fp32: sigmoid(h W_gate^T) [M, E] */
+    ns_weight gw = {NS_F32, E, cf->hidden, 0, L->gate_w, NULL, NULL, NULL};
+    act_t a = *in;
+    out_t o = {s->route, E, NULL, NULL, 0};
+    mm_rows(&a, &gw, 0, E, &o);
+    float *wsel = (float *)(s->sel + (size_t)M * K);
+    for (int m = 0; m < M; m++) {
+        float *sc = s->route + (size_t)m * E;
+        for (int e = 0; e < E; e++) sc[e] = 1.0f / (1.0f + expf(-sc[e]));
+        select_experts(cf, sc, L->gate_bias, s->sel + (size_t)m * K, wsel + (size_t)m * K);
+    }
+    /* (token, expert) pairs grouped by expert, after the shared experts' M rows */
+    expert_t ex[1025];
+    int n_ex = 0, base = 0;
+    if (L->ffn_gate_up.n) {
+        ex[n_ex++] = (expert_t){&L->ffn_gate_up, &L->ffn_down, 0, M, NULL, NULL};
+        base = M;
+    }
+    memset(s->expert_count, 0, sizeof(int32_t) * E);
+    for (int i = 0; i < M * K; i++) s->expert_count[s->sel[i]]++;
+    for (int e = 0, start = base; e < E; e++) s->expert_start[e] = start, start += s->expert_count[e];
+    memset(s->expert_count, 0, sizeof(int32_t) * E);
+    for (int i = 0; i < M * K; i++) {
+        int e = s->sel[i], p = s->expert_start[e] + s->expert_count[e]++;
+        s->pair_tok[p] = i / K, s->pair_w[p] = wsel[i];
+    }
+    for (int e = 0; e < E; e++)
+        if (s->expert_count[e])
+            ex[n_ex++] = (expert_t){&L->experts_gate_up[e], &L->experts_down[e], s->expert_start[e],
+                                    s->expert_count[e], s->pair_tok + s->expert_start[e],
+                                    s->pair_w + s->expert_start[e]};
+    ffn(c, in, ex, n_ex);
+}
+
+/* --- the step ----------------------------------------------------------------------------------------------------- */
+static int is_quantised(const ns_weight *w) { return w->n && w->type != NS_F32; }
+
+int NS_FN(ns_forward)(ns_model *md, int n, int s_tok, const int64_t *tokens, const int64_t *lens, float *hidden,
+                      float *logits, int nthreads) {
+    const ns_config *cf = &md->cfg;
+    ns_scratch *s = &md->s;
+    ctx_t c = {md, nthreads};
+    int M = n * s_tok, D = cf->hidden, H = cf->n_heads, cr = cf->kv_lora_rank, r = cf->rope;
+    int qk = cf->nope + r, lat = cr + r, qa = cf->q_lora_rank ? cf->q_lora_rank : H * qk, na = qa + lat;
+    float eps = cf->eps;
+    for (int m = 0; m < M; m++) memcpy(s->x + (size_t)m * D, md->embed + (size_t)tokens[m] * D, sizeof(float) * D);
+    for (int l = 0; l < cf->n_layers; l++) {
+        const ns_layer *L = &md->layers[l];
+        /* attention: [q_a ; c_kv ; k_pe] = RMSNorm(x) W^T */
+        for (int m = 0; m < M; m++) rmsnorm(s->h + (size_t)m * D, s->x + (size_t)m * D, L->attn_norm, D, eps);
+        act_t a = operand(&c, s->h, D, M, D, is_quantised(&L->wq_a_kv_a));
+        out_t o = {s->a, na, NULL, NULL, 0};
+        project(&c, &a, &L->wq_a_kv_a, &o);
+        const float *q = s->a;
+        int ldq = na;
+        if (cf->q_lora_rank) {
+            for (int m = 0; m < M; m++) rmsnorm(s->qn + (size_t)m * qa, s->a + (size_t)m * na, L->q_norm, qa, eps);
+            act_t aq = operand(&c, s->qn, qa, M, qa, is_quantised(&L->wq_b));
+            out_t oq = {s->q, H * qk, NULL, NULL, 0};
+            project(&c, &aq, &L->wq_b, &oq);
+            q = s->q, ldq = H * qk;
+        }
+        for (int m = 0; m < M; m++) {
+            int slot = m / s_tok, pos = (int)lens[slot] + m % s_tok;
+            const float *cs = md->cos + (size_t)pos * (r / 2), *sn = md->sin + (size_t)pos * (r / 2);
+            float *row = L->cache + ((size_t)slot * cf->rows + pos) * lat; /* the new latent, in place */
+            const float *am = s->a + (size_t)m * na;
+            rmsnorm(row, am + qa, L->kv_norm, cr, eps);
+            memcpy(row + cr, am + qa + cr, sizeof(float) * r);
+            rope(row + cr, r, cs, sn, cf->rope_interleave);
+            if (q != s->q) memcpy(s->q + (size_t)m * H * qk, q + (size_t)m * ldq, sizeof(float) * H * qk);
+            for (int h = 0; h < H; h++) { /* q_pe, roped, goes next to q_lat in qf */
+                float *qf = s->qf + ((size_t)m * H + h) * lat + cr;
+                memcpy(qf, s->q + (size_t)m * H * qk + h * qk + cf->nope, sizeof(float) * r);
+                rope(qf, r, cs, sn, cf->rope_interleave);
+            }
+        }
+        int hg = H < 4 ? H : 4; /* heads per task: a group shares each pass over the cache */
+        if (nthreads > 1 && M * ((H + hg - 1) / hg) < 2 * nthreads) hg = (H + 1) / 2 > 0 ? (H + 1) / 2 : 1;
+        attn_job aj = {&c, L, s_tok, (H + hg - 1) / hg, hg, lens};
+        ns_pool_run(md->pool, nthreads, M * aj.groups, attn_task, &aj);
+        act_t ao = operand(&c, s->o, H * cf->v_head, M, H * cf->v_head, is_quantised(&L->wo));
+        out_t ox = {s->x, D, NULL, NULL, 1}; /* x += o W_o^T */
+        project(&c, &ao, &L->wo, &ox);
+        /* feed-forward on RMSNorm(x), accumulated into x */
+        for (int m = 0; m < M; m++) rmsnorm(s->h + (size_t)m * D, s->x + (size_t)m * D, L->ffn_norm, D, eps);
+        int quant = is_quantised(&L->ffn_gate_up) || (L->moe && L->experts_gate_up[0].type != NS_F32);
+        act_t hin = operand(&c, s->h, D, M, D, quant);
+        if (L->moe) {
+            moe(&c, L, &hin, M);
+        } else {
+            expert_t dense = {&L->ffn_gate_up, &L->ffn_down, 0, M, NULL, NULL};
+            ffn(&c, &hin, &dense, 1);
+        }
+    }
+    if (hidden) memcpy(hidden, s->x, sizeof(float) * M * D);
+    if (logits) {
+        for (int m = 0; m < M; m++) rmsnorm(s->logit_h + (size_t)m * D, s->x + (size_t)m * D, md->norm, D, eps);
+        act_t a = operand(&c, s->logit_h, D, M, D, md->lm_head.type != NS_F32);
+        out_t o = {logits, cf->vocab, NULL, NULL, 0};
+        project(&c, &a, &md->lm_head, &o);
+    }
+    return 0;
+}
+
+int NS_FN(ns_linear)(ns_model *md, const ns_weight *w, const float *x, int m, float *y, int nthreads) {
+    ctx_t c = {md, nthreads};
+    if (w->type != NS_F32 && (size_t)m * ((w->k + 63) & ~63) > md->s.q_cap) return -4;
+    act_t a = operand(&c, x, w->k, m, w->k, w->type != NS_F32);
+    out_t o = {y, w->n, NULL, NULL, 0};
+    project(&c, &a, w, &o);
+    return 0;
+}
