@@ -18,7 +18,7 @@
  * of weight rows is read once per MR tokens). int8 / int4 weights take activations quantised once per input row,
  * in blocks of 32 like llama.cpp's q8_0 (x ~= q * d, q int8, one d per 32 inputs), and integer dot products:
  *   int8: y[n] = scale[n] * sum_b d_b * sum_{k in b} q_x[k] q_w[n, k]
- *   int4: y[n] = sum_b (s[n,b] d_b * sum_{k in b} q_x[k] code[n, k] + (z[n,b] - 8 s[n,b]) * sum_{k in b} x[k])
+ *   int4: y[n] = sum_b (s[n,b] d_b * sum_{k in b} q_x[k] code[n, k] + (z[n,b] - 8 s[n,b]) * d_b * sum_{k in b} q_x[k])
  * with AVX-512 VNNI (vpdpbusd), AVX2 (vpmaddubsw) or scalar C. */
 #include <math.h>
 #include <stddef.h>
@@ -49,7 +49,7 @@ typedef struct {
     const float *x;       /* fp32 rows [.., ldx] */
     int ldx;
     const int8_t *q;      /* quantised rows [.., ldq] (ldq: k rounded up to 64, zero-padded) */
-    const float *d, *xs;  /* [.., ldq / 4]: per block of 32, its scale d and its exact sum / 8, 8 copies each */
+    const float *d, *xs;  /* [.., ldq / 4]: per block of 32, its scale d and d * sum(q) / 8, 8 copies each */
     int ldq;
     const int32_t *idx;   /* row i is buffer row idx[i] (NULL: row i) */
 } act_t;
@@ -357,7 +357,7 @@ static void mm_rows(const act_t *a, const ns_weight *w, int n0, int n1, const ou
         int nr = n1 - n >= NR ? NR : 1; /* blocks of NR rows, then single rows */
         for (int m = 0; m < a->m; m += MR) {
             int mr = a->m - m < MR ? a->m - m : MR;
-            float res[NR][MR];
+            float res[NR][MR] = {{0}};
             if (w->type == NS_F32) {
                 const float *xr[MR];
                 for (int j = 0; j < mr; j++) xr[j] = a->x + (size_t)row_of(a, m + j) * a->ldx;
@@ -395,7 +395,9 @@ static void mm_rows(const act_t *a, const ns_weight *w, int n0, int n1, const ou
 
 /* --- activations -------------------------------------------------------------------------------------------------- */
 /* Quantise rows [r0, r1) of x [.., ldx] (k inputs) into the q8 buffers at the same row index, in blocks of 32:
- * d = max|x| / 127, q = round-half-even(x * (1 / d)) (as torch.round), zero-padded to ldq = k rounded up to 64. */
+ * d = max|x| / 127, q = round-half-even(x * (1 / d)) (as torch.round), zero-padded to ldq = k rounded up to 64;
+ * and d * sum(q) per block, for int4's zero term: with it an int4 projection equals dequant(q) W_deq^T exactly (the
+ * exact sum of x would be further from x W_deq^T, its codes 0..15 weighting the rounding errors unevenly). */
 static void quantize_rows(const float *x, int ldx, int k, int r0, int r1, int8_t *q, float *d, float *xs, int ldq) {
     for (int r = r0; r < r1; r++) {
         const float *xr = x + (size_t)r * ldx;
@@ -403,15 +405,12 @@ static void quantize_rows(const float *x, int ldx, int k, int r0, int r1, int8_t
         float *dr = d + (size_t)r * (ldq / 4), *sr = xs + (size_t)r * (ldq / 4);
         for (int b = 0; b < ldq / 32; b++) {
             int lo = b * 32, hi = lo + 32 < k ? lo + 32 : k;
-            float amax = 0, sum = 0;
-            for (int t = lo; t < hi; t++) {
-                float v = fabsf(xr[t]);
-                amax = v > amax ? v : amax;
-                sum += xr[t];
-            }
+            float amax = 0;
+            for (int t = lo; t < hi; t++) amax = fabsf(xr[t]) > amax ? fabsf(xr[t]) : amax;
             float dd = amax / 127.0f, id = dd > 0 ? 1.0f / dd : 0.0f;
-            for (int t = lo; t < lo + 32; t++) qr[t] = t < hi ? (int8_t)nearbyintf(xr[t] * id) : 0;
-            for (int u = 0; u < 8; u++) dr[b * 8 + u] = dd, sr[b * 8 + u] = sum * 0.125f;
+            int32_t sum = 0;
+            for (int t = lo; t < lo + 32; t++) sum += qr[t] = t < hi ? (int8_t)nearbyintf(xr[t] * id) : 0;
+            for (int u = 0; u < 8; u++) dr[b * 8 + u] = dd, sr[b * 8 + u] = dd * (float)sum * 0.125f;
         }
     }
 }
