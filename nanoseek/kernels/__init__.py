@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.errors import NanoseekError
-from nanoseek.quant import Int4Weight, Int8Weight
+from nanoseek.quant import Int4Weight, Int8Weight, quantize
 
 ISAS = ("generic", "avx2", "avx512")  # native.h NS_ISA_*: index = the C enum
 ENV = "NANOSEEK_KERNELS"
@@ -45,7 +45,7 @@ class _Weight(Structure):
 
 class _Layer(Structure):
     _fields_ = [("attn_norm", c_void_p), ("q_norm", c_void_p), ("kv_norm", c_void_p), ("ffn_norm", c_void_p),
-                ("wq_a_kv_a", _Weight), ("wq_b", _Weight), ("wo", _Weight), ("w_uk", c_void_p), ("w_uv", c_void_p),
+                ("wq_a_kv_a", _Weight), ("wq_b", _Weight), ("wo", _Weight), ("w_uk", POINTER(_Weight)), ("w_uv", POINTER(_Weight)),
                 ("ffn_gate_up", _Weight), ("ffn_down", _Weight), ("moe", c_int32), ("pad", c_int32),
                 ("gate_w", c_void_p), ("gate_bias", c_void_p), ("experts_gate_up", POINTER(_Weight)),
                 ("experts_down", POINTER(_Weight)), ("cache", c_void_p)]
@@ -74,6 +74,7 @@ def library() -> ctypes.CDLL | None:
             lib.ns_forward.argtypes = [c_void_p, c_int, c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_int]
             lib.ns_linear.argtypes = [c_void_p, POINTER(_Weight), c_void_p, c_int, c_void_p, c_int]
             lib.ns_noop.argtypes = [c_void_p, c_int, c_void_p, c_void_p]
+            lib.ns_profile.argtypes = [c_void_p, c_int, c_void_p]
             return lib
     return None
 
@@ -193,7 +194,8 @@ class NativeDecoder:
     """The engine's decode step (main model) in one C call. Built once from an Engine's prepared weights; raises
     NanoseekError when the native path cannot run (`status()` / `unsupported()` say why beforehand)."""
 
-    def __init__(self, engine, isa: str | None = None, threads: int | None = None):
+    def __init__(self, engine, isa: str | None = None, threads: int | None = None,
+                 quantize_kv_b: bool | None = None):
         if isa is None:
             isa, _ = choose_isa()
             if isa is None:
@@ -204,6 +206,10 @@ class NativeDecoder:
         if why:
             raise NanoseekError(f"native kernels: {why}")
         self.isa, self.threads, self.engine = isa, threads, engine
+        # kv_b_proj's per-head W_UK / W_UV: the engine keeps them fp32 (its bmm cannot take quantised weights), which
+        # at batch 1 is ~1/6 of an int8 token's weight bytes on the 0.54B config; quantised here by default when the
+        # engine's other weights are (as llama.cpp's q8_0 / q4_0 quantise attn_k_b / attn_v_b)
+        self.quantize_kv_b = engine.quant is not None if quantize_kv_b is None else quantize_kv_b
         cfg = engine.config
         self._w = w = _Weights()
         layers = (_Layer * len(engine.layers))()
@@ -211,7 +217,8 @@ class NativeDecoder:
             out.attn_norm, out.q_norm = w.f32(lw.attn_norm), w.f32(lw.q_norm)
             out.kv_norm, out.ffn_norm = w.f32(lw.kv_norm), w.f32(lw.ffn_norm)
             out.wq_a_kv_a, out.wq_b, out.wo = w.weight(lw.wq_a_kv_a), w.weight(lw.wq_b), w.weight(lw.wo)
-            out.w_uk, out.w_uv = w.f32(lw.w_uk), w.f32(lw.w_uv)
+            w_uk, w_uv = self.kv_b_heads(lw)
+            out.w_uk, out.w_uv = w.array(w_uk), w.array(w_uv)
             out.ffn_gate_up, out.ffn_down = w.weight(lw.mlp_gate_up), w.weight(lw.mlp_down)
             out.moe = int(lw.moe)
             if lw.moe:
@@ -236,6 +243,17 @@ class NativeDecoder:
                                               w.f32(engine.sin), ISAS.index(isa))
         if not self._handle:
             raise NanoseekError(f"native kernels: could not create the model ({isa}; out of memory?)")
+
+    def kv_b_heads(self, lw) -> tuple[list, list]:
+        """The per-head W_UK^T [c, nope] and W_UV [v, c] of a layer as this decoder runs them (fp32 tensors, or
+        quant.Int8Weight / Int4Weight when quantize_kv_b)."""
+        w_uk = list(lw.w_uk.transpose(1, 2).contiguous().unbind(0))
+        w_uv = list(lw.w_uv.unbind(0))
+        if self.quantize_kv_b:
+            mode = self.engine.quant or "int8"
+            w_uk = [quantize(m, mode, self.engine.group_size) for m in w_uk]
+            w_uv = [quantize(m, mode, self.engine.group_size) for m in w_uv]
+        return w_uk, w_uv
 
     def __del__(self):
         handle, self._handle = getattr(self, "_handle", None), None
@@ -266,6 +284,15 @@ class NativeDecoder:
     def decode(self, tokens: torch.Tensor, lengths) -> torch.Tensor:
         """One token per slot for slots 0..n-1 (tokens [n]) -> fp32 logits [n, V], as Engine.decode."""
         return self.forward(tokens.view(-1, 1), lengths, want_hidden=False)[1][:, 0]
+
+    PHASES = ("q/kv projections", "attention", "o_proj", "router", "FFN gate/up", "FFN down", "lm_head", "other")
+
+    def profile(self, enable: bool = True) -> dict[str, float]:
+        """Seconds per phase of the step (native.h NS_PROF_*) summed since the last call, then reset; the timers
+        run while enabled (a clock read per phase: ~1% slower)."""
+        out = (ctypes.c_double * len(self.PHASES))()
+        self._lib.ns_profile(self._handle, int(enable), out)
+        return dict(zip(self.PHASES, out, strict=True))
 
     def linear(self, weight, x: torch.Tensor) -> torch.Tensor:
         """x [m, K] fp32 -> x W^T [m, N] through this variant's projection kernel (for tests)."""

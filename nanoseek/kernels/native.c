@@ -8,6 +8,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
@@ -242,6 +243,7 @@ int ns_scratch_reserve(ns_model *md, int m) {
     }
     int inter = ffn / 2;
     int kq = max3(round64(d), round64(qa), round64(h * c->v_head));
+    kq = max3(kq, h * round64(c->nope), h * round64(c->kv_lora_rank)); /* per-head q_nope and o_lat rows */
     size_t qrows = (size_t)m * kq > (size_t)pairs * round64(inter) ? (size_t)m * kq : (size_t)pairs * round64(inter);
     scratch_free(s);
     s->x = alloc64(sizeof(float) * m * d);
@@ -291,6 +293,30 @@ NS_API int ns_forward(ns_model *md, int n, int s, const int64_t *tokens, const i
 NS_API int ns_linear(ns_model *md, const ns_weight *w, const float *x, int m, float *y, int nthreads) {
     if (ns_scratch_reserve(md, m)) return -1;
     return LINEAR[md->isa](md, w, x, m, y, nthreads < 1 ? 1 : nthreads);
+}
+
+double ns_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Profiling: enable (1) or disable (0) the per-phase timers; copies the seconds summed so far into out[NS_PROF_COUNT]
+ * (when not NULL) and resets them. Returns NS_PROF_COUNT. */
+NS_API int ns_profile(ns_model *md, int enable, double *out) {
+    if (out) memcpy(out, md->prof, sizeof md->prof);
+    memset(md->prof, 0, sizeof md->prof);
+    md->profile = enable;
+    return NS_PROF_COUNT;
+}
+
+/* Tuning knobs for experiments (docs/kernels.md): 0 = the minimum prefetch distance in bytes. Returns the old
+ * value (value < 0: only read it). */
+int ns_prefetch_min = 8192;
+NS_API int ns_tune(int what, int value) {
+    int old = what == 0 ? ns_prefetch_min : -1;
+    if (what == 0 && value >= 0) ns_prefetch_min = value;
+    return old;
 }
 
 /* A no-op, to measure the cost of one call from Python (docs/kernels.md). */

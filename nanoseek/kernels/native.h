@@ -38,8 +38,9 @@ typedef struct {
     ns_weight wq_a_kv_a; /* [q_lora_rank (or H*(nope+r)) + c + r, D]: q_a (or q) ; c_kv ; k_pe */
     ns_weight wq_b;      /* [H*(nope+r), q_lora_rank]; n = 0 when q_lora_rank is None */
     ns_weight wo;        /* [D, H*v] */
-    const float *w_uk;   /* [H, nope, c]: kv_b_proj's key rows per head (fp32 in every mode, as the engine) */
-    const float *w_uv;   /* [H, v, c]: kv_b_proj's value rows per head */
+    const ns_weight *w_uk, *w_uv; /* H each: kv_b_proj's key rows per head transposed, [c, nope] (q_lat = q_nope
+                                   * W_UK is then a projection), and its value rows [v, c]. fp32 as the engine's,
+                                   * or quantised like the other weights when the engine is */
     ns_weight ffn_gate_up, ffn_down; /* dense FFN, or the fused shared experts: [2I, D], [D, I]; n = 0: none */
     int32_t moe, pad;
     const float *gate_w, *gate_bias;                 /* router [E, D] and e_score_correction_bias [E], fp32 */
@@ -75,6 +76,10 @@ typedef struct {
     int32_t *sel;  /* [M, top_k] selected experts */
 } ns_scratch;
 
+/* Seconds spent per phase of the step, summed over calls while profiling is on (ns_profile). */
+enum { NS_PROF_QKV, NS_PROF_ATTN, NS_PROF_O, NS_PROF_ROUTER, NS_PROF_FFN_UP, NS_PROF_FFN_DOWN, NS_PROF_HEAD,
+       NS_PROF_OTHER, NS_PROF_COUNT };
+
 struct ns_model {
     ns_config cfg;
     ns_layer *layers;
@@ -84,7 +89,11 @@ struct ns_model {
     int isa;
     ns_pool *pool;
     ns_scratch s;
+    int profile;
+    double prof[NS_PROF_COUNT], prof_t;
 };
+double ns_now(void); /* seconds, monotonic */
+extern int ns_prefetch_min; /* the kernels' minimum prefetch distance in bytes (ns_tune) */
 
 /* The decode step of one instruction set (forward.h): M = n * s tokens, s consecutive new tokens for each of the
  * slots 0..n-1 at positions lens[i] + 0..s-1. Writes the latents into every layer's cache, the hidden states before
