@@ -45,7 +45,8 @@ class _Weight(Structure):
 
 class _Layer(Structure):
     _fields_ = [("attn_norm", c_void_p), ("q_norm", c_void_p), ("kv_norm", c_void_p), ("ffn_norm", c_void_p),
-                ("wq_a_kv_a", _Weight), ("wq_b", _Weight), ("wo", _Weight), ("w_uk", POINTER(_Weight)), ("w_uv", POINTER(_Weight)),
+                ("wq_a_kv_a", _Weight), ("wq_b", _Weight), ("wo", _Weight),
+                ("w_uk", POINTER(_Weight)), ("w_uv", POINTER(_Weight)),
                 ("ffn_gate_up", _Weight), ("ffn_down", _Weight), ("moe", c_int32), ("pad", c_int32),
                 ("gate_w", c_void_p), ("gate_bias", c_void_p), ("experts_gate_up", POINTER(_Weight)),
                 ("experts_down", POINTER(_Weight)), ("cache", c_void_p)]

@@ -528,9 +528,14 @@ typedef struct {
     int nthreads;
 } ctx_t;
 
+/* Threads for a job of `macs` multiply-adds: one below ns_par_min (~50 us of work on one core would not pay for
+ * waking and joining another thread; on the cpu preset that leaves ~8 of a step's ~55 jobs threaded). */
+static int par(const ctx_t *c, double macs) { return macs < (double)ns_par_min ? 1 : c->nthreads; }
+
 static void project(const ctx_t *c, const act_t *a, const ns_weight *w, const out_t *o) {
-    mm_job j = {a, w, o, chunk_rows(w->n, c->nthreads)};
-    ns_pool_run(c->md->pool, c->nthreads, (w->n + j.chunk - 1) / j.chunk, mm_task, &j);
+    int nt = par(c, (double)a->m * w->n * w->k);
+    mm_job j = {a, w, o, chunk_rows(w->n, nt)};
+    ns_pool_run(c->md->pool, nt, (w->n + j.chunk - 1) / j.chunk, mm_task, &j);
 }
 
 /* An operand over rows of x [m, ldx] with k inputs, quantised into the scratch q8 buffers when w needs it. */
@@ -727,14 +732,17 @@ static void ffn(const ctx_t *c, const act_t *in, const expert_t *ex, int n_ex) {
     ns_scratch *s = &c->md->s;
     enum { MAX_TASKS = 4096 };
     int tasks, inter_max = 0, quant = 0, total = 0;
+    double macs = 0;
     for (int e = 0; e < n_ex; e++) {
         int inter = ex[e].gu->n / 2;
         inter_max = inter > inter_max ? inter : inter_max;
         total += inter;
         quant |= ex[e].down->type != NS_F32;
+        macs += (double)ex[e].count * inter * ex[e].down->n; /* per projection: gate, up and down alike */
     }
+    int nt = par(c, 2 * macs);
     /* chunks of gate/up rows: about four tasks per thread over all experts, at least 16 rows */
-    int chunk = c->nthreads <= 1 ? inter_max : chunk_rows(total, c->nthreads);
+    int chunk = nt <= 1 ? inter_max : chunk_rows(total, nt);
     for (;; chunk *= 2) {
         tasks = 0;
         for (int e = 0; e < n_ex; e++) tasks += (ex[e].gu->n / 2 + chunk - 1) / chunk;
@@ -746,12 +754,13 @@ static void ffn(const ctx_t *c, const act_t *in, const expert_t *ex, int n_ex) {
         for (int i = 0; i < ex[e].gu->n / 2; i += chunk) task_ex[tasks] = e, task_row[tasks++] = i;
     act_t mid = {0, 0, s->act, (inter_max + 63) & ~63, s->aq, s->ad, s->axs, (inter_max + 63) & ~63, NULL};
     ffn_job j = {c, ex, n_ex, task_ex, task_row, chunk, 2 * inter_max, in, &mid};
-    ns_pool_run(c->md->pool, c->nthreads, tasks, ffn_up_task, &j);
-    if (quant) ns_pool_run(c->md->pool, c->nthreads, n_ex, quant_task, &j);
+    ns_pool_run(c->md->pool, nt, tasks, ffn_up_task, &j);
+    if (quant) ns_pool_run(c->md->pool, 1, n_ex, quant_task, &j);
     PROF(c->md, NS_PROF_FFN_UP);
-    int d = ex[0].down->n, dchunk = chunk_rows(d, c->nthreads);
+    nt = par(c, macs);
+    int d = ex[0].down->n, dchunk = chunk_rows(d, nt);
     j.chunk = dchunk;
-    ns_pool_run(c->md->pool, c->nthreads, (d + dchunk - 1) / dchunk, ffn_down_task, &j);
+    ns_pool_run(c->md->pool, nt, (d + dchunk - 1) / dchunk, ffn_down_task, &j);
     PROF(c->md, NS_PROF_FFN_DOWN);
 }
 
@@ -882,16 +891,19 @@ int NS_FN(ns_forward)(ns_model *md, int n, int s_tok, const int64_t *tokens, con
             }
         }
         PROF(md, NS_PROF_OTHER);
+        double t_avg = 1; /* attended rows per token, for the thread decision */
+        for (int i = 0; i < n; i++) t_avg += (double)lens[i] / n;
+        int nt_attn = par(&c, 2.0 * M * H * t_avg * lat), nt_kvb = par(&c, (double)M * H * cr * (cf->nope + cf->v_head));
         int hg = H < 4 ? H : 4, groups; /* heads per task (<= 4): a group shares each pass over the cache */
-        while (hg > 1 && M * ((H + hg - 1) / hg) < 2 * nthreads) hg--; /* ... but enough tasks for the threads */
+        while (hg > 1 && M * ((H + hg - 1) / hg) < 2 * nt_attn) hg--; /* ... but enough tasks for the threads */
         groups = (H + hg - 1) / hg;
         act_t qn = operand(&c, s->q, qk, M * H, cf->nope, is_quantised(&L->w_uk[0])); /* rows (m, h) */
         attn_job aj = {&c, L, M, s_tok, groups, hg, lens, &qn};
-        ns_pool_run(md->pool, nthreads, H, absorb_task, &aj);
-        ns_pool_run(md->pool, nthreads, M * groups, attn_task, &aj);
+        ns_pool_run(md->pool, nt_kvb, H, absorb_task, &aj);
+        ns_pool_run(md->pool, nt_attn, M * groups, attn_task, &aj);
         act_t ol = operand(&c, s->olat, cr, M * H, cr, is_quantised(&L->w_uv[0]));
         aj.in = &ol;
-        ns_pool_run(md->pool, nthreads, H, uv_task, &aj);
+        ns_pool_run(md->pool, nt_kvb, H, uv_task, &aj);
         PROF(md, NS_PROF_ATTN);
         act_t ao = operand(&c, s->o, H * cf->v_head, M, H * cf->v_head, is_quantised(&L->wo));
         out_t ox = {s->x, D, NULL, NULL, 1}; /* x += o W_o^T */

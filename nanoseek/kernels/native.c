@@ -310,12 +310,15 @@ NS_API int ns_profile(ns_model *md, int enable, double *out) {
     return NS_PROF_COUNT;
 }
 
-/* Tuning knobs for experiments (docs/kernels.md): 0 = the minimum prefetch distance in bytes. Returns the old
- * value (value < 0: only read it). */
+/* Tuning knobs for experiments (docs/kernels.md): 0 = the minimum prefetch distance in bytes, 1 = the multiply-adds
+ * below which a job is not split over threads. Returns the old value (value < 0: only read it). */
 int ns_prefetch_min = 8192;
+int ns_par_min = 1 << 17;
 NS_API int ns_tune(int what, int value) {
-    int old = what == 0 ? ns_prefetch_min : -1;
-    if (what == 0 && value >= 0) ns_prefetch_min = value;
+    int *knob = what == 0 ? &ns_prefetch_min : what == 1 ? &ns_par_min : NULL;
+    if (!knob) return -1;
+    int old = *knob;
+    if (value >= 0) *knob = value;
     return old;
 }
 

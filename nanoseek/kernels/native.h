@@ -93,7 +93,8 @@ struct ns_model {
     double prof[NS_PROF_COUNT], prof_t;
 };
 double ns_now(void); /* seconds, monotonic */
-extern int ns_prefetch_min; /* the kernels' minimum prefetch distance in bytes (ns_tune) */
+extern int ns_prefetch_min; /* the kernels' minimum prefetch distance in bytes (ns_tune 0) */
+extern int ns_par_min;      /* multiply-adds below which a job runs on the calling thread alone (ns_tune 1) */
 
 /* The decode step of one instruction set (forward.h): M = n * s tokens, s consecutive new tokens for each of the
  * slots 0..n-1 at positions lens[i] + 0..s-1. Writes the latents into every layer's cache, the hidden states before
