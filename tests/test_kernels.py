@@ -104,6 +104,26 @@ def test_multi_token_step_matches_engine_forward(model):
     assert (logits - ref.logits(hidden_ref)).abs().max() < FP32_TOL
 
 
+def test_mtp_module_matches_engine():
+    """NativeDecoder.mtp = Engine._mtp + _mtp_logits (eh_proj front, the MTP block over its own cache, head norm,
+    the shared lm_head), over 2 positions per slot with a picked one, on caches the speculative engine filled."""
+    model = random_model()
+    ref, eng = engine_for(model, speculative=True), engine_for(model, speculative=True)
+    for e in (ref, eng):
+        e.generate(PROMPTS, 3, stop_token_ids=[])  # fills the main and MTP caches, identically
+    lens = [len(p) + 1 for p in PROMPTS]
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4, 2, model.config.hidden_size, generator=g)
+    tokens = torch.randint(0, model.config.vocab_size, (4, 2), generator=g)
+    pick = torch.tensor([0, 1, 1, 0])
+    h_ref, logits_ref = ref._static_mtp(hidden, tokens, pick, torch.tensor(lens), torch.arange(max(lens) + 2),
+                                        static=False)
+    h, logits = NativeDecoder(eng).mtp(hidden, tokens, lens, pick)
+    assert (h[torch.arange(4), pick] - h_ref).abs().max() < FP32_TOL
+    assert (logits - logits_ref).abs().max() < FP32_TOL
+    assert (eng.mtp_caches[0] - ref.mtp_caches[0]).abs().max() < 1e-5
+
+
 def test_engine_generate_with_native_decode(monkeypatch):
     """Wired in as Engine.decode (what the lead will do): the scheduler's greedy output is unchanged, with requests
     of different lengths joining and leaving."""

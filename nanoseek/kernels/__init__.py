@@ -52,6 +52,11 @@ class _Layer(Structure):
                 ("experts_down", POINTER(_Weight)), ("cache", c_void_p)]
 
 
+class _Step(Structure):
+    _fields_ = [("n", c_int32), ("s", c_int32), ("tokens", c_void_p), ("lens", c_void_p), ("pick", c_void_p),
+                ("h_in", c_void_p), ("hidden", c_void_p), ("logits", c_void_p)]
+
+
 class _Config(Structure):
     _fields_ = [(name, c_int32) for name in (
         "n_layers", "hidden", "vocab", "n_heads", "q_lora_rank", "kv_lora_rank", "nope", "rope", "v_head", "n_routed",
@@ -72,7 +77,8 @@ def library() -> ctypes.CDLL | None:
             lib.ns_model_new.argtypes = [POINTER(_Config), POINTER(_Layer), c_void_p, c_void_p, POINTER(_Weight),
                                          c_void_p, c_void_p, c_int]
             lib.ns_model_free.argtypes = [c_void_p]
-            lib.ns_forward.argtypes = [c_void_p, c_int, c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_int]
+            lib.ns_forward.argtypes = [c_void_p, POINTER(_Step), c_int]
+            lib.ns_model_set_mtp.argtypes = [c_void_p, c_void_p, c_void_p, POINTER(_Weight)]
             lib.ns_linear.argtypes = [c_void_p, POINTER(_Weight), c_void_p, c_int, c_void_p, c_int]
             lib.ns_noop.argtypes = [c_void_p, c_int, c_void_p, c_void_p]
             lib.ns_profile.argtypes = [c_void_p, c_int, c_void_p]
@@ -192,8 +198,9 @@ class _Weights:
 
 # --- the decoder -----------------------------------------------------------------------------------------------------
 class NativeDecoder:
-    """The engine's decode step (main model) in one C call. Built once from an Engine's prepared weights; raises
-    NanoseekError when the native path cannot run (`status()` / `unsupported()` say why beforehand)."""
+    """The engine's decode step in one C call: the main model (decode / forward) and, when the checkpoint has one,
+    the first MTP module (mtp). Built once from an Engine's prepared weights; raises NanoseekError when the native
+    path cannot run (`status()` / `unsupported()` say why beforehand)."""
 
     def __init__(self, engine, isa: str | None = None, threads: int | None = None,
                  quantize_kv_b: bool | None = None):
@@ -211,10 +218,23 @@ class NativeDecoder:
         # at batch 1 is ~1/6 of an int8 token's weight bytes on the 0.54B config; quantised here by default when the
         # engine's other weights are (as llama.cpp's q8_0 / q4_0 quantise attn_k_b / attn_v_b)
         self.quantize_kv_b = engine.quant is not None if quantize_kv_b is None else quantize_kv_b
-        cfg = engine.config
-        self._w = w = _Weights()
-        layers = (_Layer * len(engine.layers))()
-        for out, lw, cache_t in zip(layers, engine.layers, engine.caches, strict=True):
+        self._lib, self._w = library(), _Weights()
+        self._lm_head = self._w.weight(engine.lm_head)
+        self._handle = self._model(engine.layers, engine.caches, engine.norm)
+        self._mtp_handle = None
+        if engine.mtp_layers:  # the first MTP module: its block over its own cache, its head norm, the shared head
+            lw = engine.mtp_layers[0]
+            self._mtp_handle = self._model(engine.mtp_layers[:1], engine.mtp_caches[:1], lw.head_norm)
+            self._mtp_eh_proj = self._w.weight(lw.eh_proj)
+            self._lib.ns_model_set_mtp(self._mtp_handle, self._w.f32(lw.enorm), self._w.f32(lw.hnorm),
+                                       ctypes.byref(self._mtp_eh_proj))
+
+    def _model(self, layer_weights: list, caches: list[torch.Tensor], norm: torch.Tensor) -> int:
+        """A C model over these blocks (LayerWeights) and their caches, with the engine's embedding, RoPE tables and
+        lm_head, and `norm` before the head."""
+        engine, cfg, w = self.engine, self.engine.config, self._w
+        layers = (_Layer * len(layer_weights))()
+        for out, lw, cache_t in zip(layers, layer_weights, caches, strict=True):
             out.attn_norm, out.q_norm = w.f32(lw.attn_norm), w.f32(lw.q_norm)
             out.kv_norm, out.ffn_norm = w.f32(lw.kv_norm), w.f32(lw.ffn_norm)
             out.wq_a_kv_a, out.wq_b, out.wo = w.weight(lw.wq_a_kv_a), w.weight(lw.wq_b), w.weight(lw.wo)
@@ -228,22 +248,22 @@ class NativeDecoder:
                 out.experts_down = w.array(lw.experts_down)
             out.cache = w.ptr(cache_t)  # the engine's tensor itself: written in place
         w.keep.append(layers)
-        self._cfg = _Config(
-            n_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, vocab=cfg.vocab_size,
+        c = _Config(
+            n_layers=len(layer_weights), hidden=cfg.hidden_size, vocab=cfg.vocab_size,
             n_heads=cfg.num_attention_heads, q_lora_rank=cfg.q_lora_rank or 0, kv_lora_rank=cfg.kv_lora_rank,
             nope=cfg.qk_nope_head_dim, rope=cfg.qk_rope_head_dim, v_head=cfg.v_head_dim,
             n_routed=cfg.n_routed_experts, n_group=cfg.n_group, topk_group=cfg.topk_group,
             top_k=cfg.num_experts_per_tok, norm_topk_prob=int(cfg.norm_topk_prob),
             rope_interleave=int(cfg.rope_interleave), max_batch=engine.max_batch_size,
-            rows=engine.caches[0].shape[1], eps=cfg.rms_norm_eps, softmax_scale=cfg.softmax_scale,
+            rows=caches[0].shape[1], eps=cfg.rms_norm_eps, softmax_scale=cfg.softmax_scale,
             routed_scaling_factor=cfg.routed_scaling_factor)
-        self._lm_head = w.weight(engine.lm_head)
-        self._lib = library()
-        self._handle = self._lib.ns_model_new(ctypes.byref(self._cfg), layers, w.ptr(engine.embed),
-                                              w.ptr(engine.norm), ctypes.byref(self._lm_head), w.f32(engine.cos),
-                                              w.f32(engine.sin), ISAS.index(isa))
-        if not self._handle:
-            raise NanoseekError(f"native kernels: could not create the model ({isa}; out of memory?)")
+        self.max_batch, self.hidden_size, self.vocab_size = engine.max_batch_size, cfg.hidden_size, cfg.vocab_size
+        handle = self._lib.ns_model_new(ctypes.byref(c), layers, w.ptr(engine.embed), w.f32(norm),
+                                        ctypes.byref(self._lm_head), w.f32(engine.cos), w.f32(engine.sin),
+                                        ISAS.index(self.isa))
+        if not handle:
+            raise NanoseekError(f"native kernels: could not create the model ({self.isa}; out of memory?)")
+        return handle
 
     def kv_b_heads(self, lw) -> tuple[list, list]:
         """The per-head W_UK^T [c, nope] and W_UV [v, c] of a layer as this decoder runs them (fp32 tensors, or
@@ -257,34 +277,53 @@ class NativeDecoder:
         return w_uk, w_uv
 
     def __del__(self):
-        handle, self._handle = getattr(self, "_handle", None), None
-        if handle:
-            self._lib.ns_model_free(handle)
+        for name in ("_handle", "_mtp_handle"):
+            handle = getattr(self, name, None)
+            setattr(self, name, None)
+            if handle:
+                self._lib.ns_model_free(handle)
 
-    def _threads(self) -> int:
-        return self.threads or torch.get_num_threads()
+    def _run(self, handle: int, tokens: torch.Tensor, lengths, h_in: torch.Tensor | None, pick,
+             want_hidden: bool, want_logits: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        tokens = tokens.to(torch.int64).contiguous()
+        n, s = tokens.shape
+        lens = torch.as_tensor(lengths, dtype=torch.int64).contiguous()
+        if lens.shape != (n,) or n > self.max_batch:
+            raise NanoseekError(f"native decode: {n} slots (max_batch_size {self.max_batch}) with lengths of shape "
+                                f"{tuple(lens.shape)}")
+        picks = None if pick is None else torch.as_tensor(pick, dtype=torch.int64).contiguous()
+        hidden = torch.empty(n, s, self.hidden_size) if want_hidden else None
+        logits = (torch.empty(n, self.vocab_size) if picks is not None else torch.empty(n, s, self.vocab_size)
+                  ) if want_logits else None
+        h_in = None if h_in is None else h_in.float().contiguous()
+        step = _Step(n, s, tokens.data_ptr(), lens.data_ptr(), None if picks is None else picks.data_ptr(),
+                     None if h_in is None else h_in.data_ptr(), None if hidden is None else hidden.data_ptr(),
+                     None if logits is None else logits.data_ptr())
+        rc = self._lib.ns_forward(handle, ctypes.byref(step), self.threads or torch.get_num_threads())
+        if rc:
+            why = {-1: "out of memory", -2: "a position past the cache", -3: "a token id outside the vocabulary",
+                   -5: "a pick outside the slot's tokens"}
+            raise NanoseekError(f"native decode failed: {why.get(rc, rc)}")
+        return hidden, logits
 
     def forward(self, tokens: torch.Tensor, lengths, want_hidden: bool = True, want_logits: bool = True
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """tokens [n, S] for slots 0..n-1 at positions lengths[i] + 0..S-1 -> (hidden [n, S, D] before the final
         norm, fp32 logits [n, S, V]); writes the latents into the engine's caches (lengths are left alone)."""
-        tokens = tokens.to(torch.int64).contiguous()
-        n, s = tokens.shape
-        lens = torch.as_tensor(lengths, dtype=torch.int64).contiguous()
-        assert lens.shape == (n,) and n <= self._cfg.max_batch
-        hidden = torch.empty(n, s, self._cfg.hidden) if want_hidden else None
-        logits = torch.empty(n, s, self._cfg.vocab) if want_logits else None
-        rc = self._lib.ns_forward(self._handle, n, s, tokens.data_ptr(), lens.data_ptr(),
-                                  hidden.data_ptr() if want_hidden else None,
-                                  logits.data_ptr() if want_logits else None, self._threads())
-        if rc:
-            why = {-1: "out of memory", -2: "a position past the cache", -3: "a token id outside the vocabulary"}
-            raise NanoseekError(f"native decode failed: {why.get(rc, rc)}")
-        return hidden, logits
+        return self._run(self._handle, tokens, lengths, None, None, want_hidden, want_logits)
 
     def decode(self, tokens: torch.Tensor, lengths) -> torch.Tensor:
         """One token per slot for slots 0..n-1 (tokens [n]) -> fp32 logits [n, V], as Engine.decode."""
-        return self.forward(tokens.view(-1, 1), lengths, want_hidden=False)[1][:, 0]
+        return self._run(self._handle, tokens.view(-1, 1), lengths, None, None, False, True)[1][:, 0]
+
+    def mtp(self, hidden: torch.Tensor, next_tokens: torch.Tensor, lengths, pick=None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first MTP module, as Engine._mtp / _mtp_logits: position j of slot i pairs the main model's hidden
+        state hidden[i, j] (before the final norm) with next_tokens[i, j], at positions lengths[i] + j of the MTP
+        cache -> (h' [n, S, D], fp32 logits [n, S, V], or [n, V] at position pick[i] of each slot)."""
+        if self._mtp_handle is None:
+            raise NanoseekError("native kernels: this checkpoint has no MTP module")
+        return self._run(self._mtp_handle, next_tokens, lengths, hidden, pick, True, True)
 
     PHASES = ("q/kv projections", "attention", "o_proj", "router", "FFN gate/up", "FFN down", "lm_head", "other")
 
@@ -301,7 +340,7 @@ class NativeDecoder:
         x = x.float().contiguous()
         y = torch.empty(x.shape[0], w.n)
         if self._lib.ns_linear(self._handle, ctypes.byref(w), x.data_ptr(), x.shape[0], y.data_ptr(),
-                               self._threads()):
+                               self.threads or torch.get_num_threads()):
             raise NanoseekError("native linear failed (out of memory, or m x K too large for the scratch)")
         return y
 

@@ -847,8 +847,9 @@ static void moe(const ctx_t *c, const ns_layer *L, const act_t *in, int M) {
 /* --- the step ----------------------------------------------------------------------------------------------------- */
 static int is_quantised(const ns_weight *w) { return w->n && w->type != NS_F32; }
 
-int NS_FN(ns_forward)(ns_model *md, int n, int s_tok, const int64_t *tokens, const int64_t *lens, float *hidden,
-                      float *logits, int nthreads) {
+int NS_FN(ns_forward)(ns_model *md, const ns_step *st, int nthreads) {
+    const int n = st->n, s_tok = st->s;
+    const int64_t *tokens = st->tokens, *lens = st->lens;
     const ns_config *cf = &md->cfg;
     ns_scratch *s = &md->s;
     ctx_t c = {md, nthreads};
@@ -856,7 +857,17 @@ int NS_FN(ns_forward)(ns_model *md, int n, int s_tok, const int64_t *tokens, con
     int qk = cf->nope + r, lat = cr + r, qa = cf->q_lora_rank ? cf->q_lora_rank : H * qk, na = qa + lat;
     float eps = cf->eps;
     if (md->profile) md->prof_t = ns_now();
-    for (int m = 0; m < M; m++) memcpy(s->x + (size_t)m * D, md->embed + (size_t)tokens[m] * D, sizeof(float) * D);
+    if (st->h_in) { /* the MTP module: x = eh_proj [enorm(embed(token)) ; hnorm(h_in)] */
+        for (int m = 0; m < M; m++) {
+            rmsnorm(s->cat + (size_t)m * 2 * D, md->embed + (size_t)tokens[m] * D, md->enorm, D, eps);
+            rmsnorm(s->cat + (size_t)m * 2 * D + D, st->h_in + (size_t)m * D, md->hnorm, D, eps);
+        }
+        act_t a = operand(&c, s->cat, 2 * D, M, 2 * D, is_quantised(&md->eh_proj));
+        out_t o = {s->x, D, NULL, NULL, 0};
+        project(&c, &a, &md->eh_proj, &o);
+    } else {
+        for (int m = 0; m < M; m++) memcpy(s->x + (size_t)m * D, md->embed + (size_t)tokens[m] * D, sizeof(float) * D);
+    }
     for (int l = 0; l < cf->n_layers; l++) {
         const ns_layer *L = &md->layers[l];
         /* attention: [q_a ; c_kv ; k_pe] = RMSNorm(x) W^T */
@@ -921,12 +932,16 @@ int NS_FN(ns_forward)(ns_model *md, int n, int s_tok, const int64_t *tokens, con
             ffn(&c, &hin, &dense, 1);
         }
     }
-    if (hidden) memcpy(hidden, s->x, sizeof(float) * M * D);
-    if (logits) {
-        for (int m = 0; m < M; m++) rmsnorm(s->logit_h + (size_t)m * D, s->x + (size_t)m * D, md->norm, D, eps);
-        act_t a = operand(&c, s->logit_h, D, M, D, md->lm_head.type != NS_F32);
+    if (st->hidden) memcpy(st->hidden, s->x, sizeof(float) * M * D);
+    if (st->logits) { /* all M rows, or row pick[i] of each slot */
+        int rows = st->pick ? n : M;
+        for (int i = 0; i < rows; i++) {
+            int m = st->pick ? i * s_tok + (int)st->pick[i] : i;
+            rmsnorm(s->logit_h + (size_t)i * D, s->x + (size_t)m * D, md->norm, D, eps);
+        }
+        act_t a = operand(&c, s->logit_h, D, rows, D, md->lm_head.type != NS_F32);
         PROF(md, NS_PROF_OTHER);
-        out_t o = {logits, cf->vocab, NULL, NULL, 0};
+        out_t o = {st->logits, cf->vocab, NULL, NULL, 0};
         project(&c, &a, &md->lm_head, &o);
         PROF(md, NS_PROF_HEAD);
     }

@@ -207,7 +207,7 @@ NS_API ns_model *ns_model_new(const ns_config *cfg, const ns_layer *layers, cons
 static void scratch_free(ns_scratch *s) {
     void *bufs[] = {s->x,   s->h,      s->a,        s->qn,       s->q,          s->qf,          s->o,   s->scores,
                     s->olat, s->gu,    s->act,      s->route,    s->logit_h,    s->aq,          s->ad,  s->axs,
-                    s->pair_tok, s->pair_w, s->expert_start, s->expert_count, s->sel};
+                    s->pair_tok, s->pair_w, s->expert_start, s->expert_count, s->sel, s->cat};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
     memset(s, 0, sizeof *s);
 }
@@ -244,11 +244,13 @@ int ns_scratch_reserve(ns_model *md, int m) {
     int inter = ffn / 2;
     int kq = max3(round64(d), round64(qa), round64(h * c->v_head));
     kq = max3(kq, h * round64(c->nope), h * round64(c->kv_lora_rank)); /* per-head q_nope and o_lat rows */
+    kq = kq > round64(2 * d) ? kq : round64(2 * d);                      /* the MTP module's eh_proj input */
     size_t qrows = (size_t)m * kq > (size_t)pairs * round64(inter) ? (size_t)m * kq : (size_t)pairs * round64(inter);
     scratch_free(s);
     s->x = alloc64(sizeof(float) * m * d);
     s->h = alloc64(sizeof(float) * m * d);
     s->logit_h = alloc64(sizeof(float) * m * d);
+    s->cat = alloc64(sizeof(float) * m * 2 * d);
     s->a = alloc64(sizeof(float) * m * na);
     s->qn = alloc64(sizeof(float) * m * qa);
     s->q = alloc64(sizeof(float) * m * h * qk);
@@ -269,7 +271,7 @@ int ns_scratch_reserve(ns_model *md, int m) {
     s->expert_start = alloc64(sizeof(int32_t) * (c->n_routed + 1));
     s->expert_count = alloc64(sizeof(int32_t) * (c->n_routed + 1));
     s->sel = alloc64(sizeof(int32_t) * m * (c->top_k ? c->top_k : 1) * 2);
-    if (!s->x || !s->h || !s->logit_h || !s->a || !s->qn || !s->q || !s->qf || !s->o || !s->scores || !s->olat ||
+    if (!s->x || !s->h || !s->logit_h || !s->cat || !s->a || !s->qn || !s->q || !s->qf || !s->o || !s->scores || !s->olat ||
         !s->gu || !s->act || !s->route || !s->aq || !s->ad || !s->axs || !s->pair_tok || !s->pair_w ||
         !s->expert_start || !s->expert_count || !s->sel) {
         scratch_free(s);
@@ -279,15 +281,23 @@ int ns_scratch_reserve(ns_model *md, int m) {
     return 0;
 }
 
-/* Returns 0, or -1 (out of memory), -2 (a position past the cache), -3 (a token id out of range). */
-NS_API int ns_forward(ns_model *md, int n, int s, const int64_t *tokens, const int64_t *lens, float *hidden, float *logits,
-               int nthreads) {
-    for (int i = 0; i < n; i++)
-        if (lens[i] < 0 || lens[i] + s > md->cfg.rows) return -2;
-    for (int i = 0; i < n * s; i++)
-        if (tokens[i] < 0 || tokens[i] >= md->cfg.vocab) return -3;
-    if (ns_scratch_reserve(md, n * s)) return -1;
-    return FORWARD[md->isa](md, n, s, tokens, lens, hidden, logits, nthreads < 1 ? 1 : nthreads);
+/* The MTP module's extras: its input norms and eh_proj (a model made of its block, with its head norm as `norm`). */
+NS_API void ns_model_set_mtp(ns_model *md, const float *enorm, const float *hnorm, const ns_weight *eh_proj) {
+    md->enorm = enorm, md->hnorm = hnorm, md->eh_proj = *eh_proj;
+}
+
+/* Returns 0, or -1 (out of memory), -2 (a position past the cache), -3 (a token id out of range), -4 (an MTP input
+ * missing or given to the main model), -5 (a pick outside the slot's tokens). */
+NS_API int ns_forward(ns_model *md, const ns_step *st, int nthreads) {
+    for (int i = 0; i < st->n; i++)
+        if (st->lens[i] < 0 || st->lens[i] + st->s > md->cfg.rows) return -2;
+    for (int i = 0; i < st->n * st->s; i++)
+        if (st->tokens[i] < 0 || st->tokens[i] >= md->cfg.vocab) return -3;
+    if (!st->h_in != !md->enorm) return -4;
+    for (int i = 0; st->pick && i < st->n; i++)
+        if (st->pick[i] < 0 || st->pick[i] >= st->s) return -5;
+    if (ns_scratch_reserve(md, st->n * st->s)) return -1;
+    return FORWARD[md->isa](md, st, nthreads < 1 ? 1 : nthreads);
 }
 
 NS_API int ns_linear(ns_model *md, const ns_weight *w, const float *x, int m, float *y, int nthreads) {

@@ -68,7 +68,7 @@ void ns_pool_run(ns_pool *pool, int nthreads, int ntasks, ns_task_fn fn, void *c
 typedef struct {
     int m_cap, t_cap;
     size_t q_cap; /* bytes of aq */
-    float *x, *h, *a, *qn, *q, *qf, *o, *scores, *olat, *gu, *act, *route, *logit_h;
+    float *x, *h, *a, *qn, *q, *qf, *o, *scores, *olat, *gu, *act, *route, *logit_h, *cat;
     int8_t *aq;  /* quantised activations [rows, kq] */
     float *ad;   /* [rows, kq/32] block scales */
     float *axs;  /* [rows, kq/32] exact block sums (int4's zero term) */
@@ -91,19 +91,29 @@ struct ns_model {
     ns_scratch s;
     int profile;
     double prof[NS_PROF_COUNT], prof_t;
+    const float *enorm, *hnorm; /* the MTP module's input norms [D] (ns_model_set_mtp), else NULL */
+    ns_weight eh_proj;          /* [D, 2D] */
 };
 double ns_now(void); /* seconds, monotonic */
 extern int ns_prefetch_min; /* the kernels' minimum prefetch distance in bytes (ns_tune 0) */
 extern int ns_par_min;      /* multiply-adds below which a job runs on the calling thread alone (ns_tune 1) */
 
-/* The decode step of one instruction set (forward.h): M = n * s tokens, s consecutive new tokens for each of the
- * slots 0..n-1 at positions lens[i] + 0..s-1. Writes the latents into every layer's cache, the hidden states before
- * the final norm into hidden [M, D] (when not NULL) and the logits into logits [M, V] (when not NULL). */
-typedef int (*ns_forward_fn)(ns_model *md, int n, int s, const int64_t *tokens, const int64_t *lens, float *hidden,
-                             float *logits, int nthreads);
-int ns_forward_generic(ns_model *, int, int, const int64_t *, const int64_t *, float *, float *, int);
-int ns_forward_avx2(ns_model *, int, int, const int64_t *, const int64_t *, float *, float *, int);
-int ns_forward_avx512(ns_model *, int, int, const int64_t *, const int64_t *, float *, float *, int);
+/* One step (forward.h): M = n * s tokens, s consecutive new tokens for each of the slots 0..n-1 at positions
+ * lens[i] + 0..s-1. Writes the latents into every layer's cache, the hidden states before the final norm into
+ * hidden [M, D] (when not NULL) and the logits into logits [M, V] (when not NULL; with pick, only row i * s + pick[i]
+ * of each slot: logits [n, V]). For the MTP module's model (ns_model_set_mtp), h_in [M, D] is the main model's hidden
+ * state paired with each token: x = eh_proj [enorm(embed(token)) ; hnorm(h_in)]. */
+typedef struct {
+    int32_t n, s;
+    const int64_t *tokens, *lens, *pick;
+    const float *h_in;
+    float *hidden, *logits;
+} ns_step;
+
+typedef int (*ns_forward_fn)(ns_model *md, const ns_step *st, int nthreads);
+int ns_forward_generic(ns_model *, const ns_step *, int);
+int ns_forward_avx2(ns_model *, const ns_step *, int);
+int ns_forward_avx512(ns_model *, const ns_step *, int);
 
 /* One projection, for tests: y [m, n] = x [m, k] W^T with the ISA's kernels (int8/int4 quantise x as forward does). */
 typedef int (*ns_linear_fn)(ns_model *md, const ns_weight *w, const float *x, int m, float *y, int nthreads);
