@@ -24,6 +24,9 @@ through ctypes (how NativeDecoder calls the library), of the same call wrapped a
 a C++ op through PyTorch's dispatcher (torch.ops.aten.add.out on 1-element tensors: what a C++ torch.library op
 would cost at least; building one needs torch's headers and a C++ compile of minutes, which the install rules out).
 
+Profile (`--profile`): where a native step's time goes (NativeDecoder.profile: seconds per phase, summed over
+--new steps at each batch and precision, in this process with --threads[0] threads), printed as a table.
+
 Writes benchmarks/results/bench_kernels_<name>.json and rebuilds docs/bench_kernels.md from every such file.
 """
 
@@ -291,6 +294,41 @@ def call_overhead() -> dict[str, float]:
                 lambda: torch.ops.aten.add.out(a, b, out=a))}
 
 
+def profile(model: Path, threads: int, steps: int, prompt_len: int) -> None:
+    """Per-phase share of a native step for each precision and batch (module docstring), as a markdown table."""
+    import torch
+
+    from nanoseek.engine import Engine
+    from nanoseek.kernels import NativeDecoder
+
+    torch.set_num_threads(threads)
+    rows = []
+    for prec in NANOSEEK:
+        engine = Engine.from_pretrained(model, quant=None if prec == "fp32" else prec, max_batch_size=max(BATCHES),
+                                        max_seq_len=prompt_len + steps + 8)
+        native = NativeDecoder(engine)
+        g = torch.Generator().manual_seed(0)
+        for b in BATCHES:
+            engine.prefill(torch.randint(10, 1000, (b, prompt_len), generator=g).tolist())
+            tok = torch.randint(10, 1000, (b,), generator=g)
+            lens = [prompt_len] * b
+            native.decode(tok, lens)
+            native.profile(True)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                native.decode(tok, lens)
+            ms = (time.perf_counter() - t0) / steps * 1e3
+            phases = native.profile(False)
+            total = sum(phases.values())
+            rows.append((f"{prec} b{b}", ms, {k: v / total for k, v in phases.items()}))
+        del native, engine
+    print(f"| step ({threads} thread{'s' if threads > 1 else ''}) | ms | "
+          + " | ".join(NativeDecoder.PHASES) + " |")
+    print("|---|---:|" + "---:|" * len(NativeDecoder.PHASES))
+    for name, ms, share in rows:
+        print(f"| {name} | {ms:.2f} | " + " | ".join(f"{100 * share[k]:.0f}%" for k in NativeDecoder.PHASES) + " |")
+
+
 # --- the driver ------------------------------------------------------------------------------------------------------
 def prepare_model(args: argparse.Namespace, work: Path) -> Path:
     """The checkpoint to run: --model as it is, or --config / the cpu preset with random weights saved to work/
@@ -365,6 +403,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None,
                     help="scratch: model, GGUFs (default /tmp/bench_kernels_NAME)")
     ap.add_argument("--overhead", action="store_true", help="only measure the call overhead, print it and exit")
+    ap.add_argument("--profile", action="store_true", help="only print the per-phase profile of native steps")
     args = ap.parse_args()
     if args.worker:
         return worker_main(args.worker)
@@ -379,6 +418,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     t_start, load = time.perf_counter(), [os.getloadavg()[0]]
     model = prepare_model(args, work)
+    if args.profile:
+        return profile(model, args.threads[0], args.new, args.prompt_len)
     import random
 
     from nanoseek.config import ModelConfig

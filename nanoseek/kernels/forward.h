@@ -22,6 +22,7 @@
  * with AVX-512 VNNI (vpdpbusd), AVX2 (vpmaddubsw) or scalar C. */
 #include <math.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "native.h"
@@ -249,13 +250,23 @@ INLINE void kern_q8(const int8_t *w, int k, const int8_t *const *xq, const float
 
 /* --- int4 (groups of 32, asymmetric) x q8 activations ------------------------------------------------------------- */
 #if defined(NS_AVX512)
-/* two bf16 values (consecutive blocks) -> [first x 8 lanes, second x 8 lanes] as fp32 */
-INLINE __m512 bf16_pair(const uint16_t *p) {
-    uint32_t u;
-    memcpy(&u, p, 4);
-    const __m512i shift = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16, 16, 16, 16, 16, 16);
-    __m512i v = _mm512_sllv_epi32(_mm512_set1_epi32((int)u), shift);
-    return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
+/* two bf16 values (consecutive blocks) -> [first x 8 lanes, second x 8 lanes] as fp32: one vpermw puts each into
+ * the high half of its lanes and zeroes the low halves (the broadcast-shift-and it replaces took 3-4 ops) */
+INLINE __m512 bf16_pair(const uint16_t *p, int two) {
+    uint32_t u = p[0]; /* the second block's value only when it exists (the last block of an odd count has none) */
+    if (two) memcpy(&u, p, 4);
+    const __m512i idx = _mm512_set_epi16(1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+                                         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512i v = _mm512_castsi128_si512(_mm_cvtsi32_si128((int)u));
+    return _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xaaaaaaaau, idx, v));
+}
+
+/* four bf16 values (blocks b..b+3) -> [v0 x 4 lanes, v1 x 4, v2 x 4, v3 x 4] as fp32 */
+INLINE __m512 bf16_quad(const uint16_t *p) {
+    const __m512i idx = _mm512_set_epi16(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2,
+                                         1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512i v = _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)p));
+    return _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xaaaaaaaau, idx, v));
 }
 #endif
 
@@ -267,8 +278,41 @@ INLINE void kern_q4(const uint8_t *w, const uint16_t *s4, const uint16_t *z4, in
     for (int i = 0; i < NRR; i++)
         for (int j = 0; j < MRR; j++) acc[i][j] = _mm512_setzero_ps();
     const __m512i zero = _mm512_setzero_si512();
+    int b = 0;
+    /* 4 blocks (128 inputs, 64 bytes of codes) a step: the low nibbles of the 64 bytes are the first 16 codes of each
+     * block, the high nibbles the last 16, so that one dpbusd of each against the activation's matching 16-byte
+     * lanes (shuffled once per token, shared by every row) sums each block into 4 int32 lanes: half the vector ops
+     * per weight of the 2-block step below, which only takes the last 1-3 blocks of a row */
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    const __m512i idx4 = _mm512_set_epi32(24, 24, 24, 24, 16, 16, 16, 16, 8, 8, 8, 8, 0, 0, 0, 0);
+    for (; b + 4 <= nb; b += 4) {
+        __m512i xlo[MR], xhi[MR];
+        __m512 dv[MR], sv[MR];
+        for (int j = 0; j < MRR; j++) {
+            __m512i x0 = _mm512_loadu_si512(xq[j] + b * 32), x1 = _mm512_loadu_si512(xq[j] + b * 32 + 64);
+            xlo[j] = _mm512_shuffle_i64x2(x0, x1, _MM_SHUFFLE(2, 0, 2, 0));
+            xhi[j] = _mm512_shuffle_i64x2(x0, x1, _MM_SHUFFLE(3, 1, 3, 1));
+            dv[j] = _mm512_permutex2var_ps(_mm512_loadu_ps(xd[j] + b * 8), idx4, _mm512_loadu_ps(xd[j] + b * 8 + 16));
+            sv[j] = _mm512_mul_ps(_mm512_set1_ps(2.0f), /* each block's term now lands in 4 lanes, not 8 */
+                                  _mm512_permutex2var_ps(_mm512_loadu_ps(xs[j] + b * 8), idx4,
+                                                         _mm512_loadu_ps(xs[j] + b * 8 + 16)));
+        }
+        for (int i = 0; i < NRR; i++) {
+            const uint8_t *wp = w + (size_t)i * nb * 16 + b * 16;
+            PREFETCH(wp + pf);
+            __m512i raw = _mm512_loadu_si512(wp);
+            __m512i lo = _mm512_and_si512(raw, low4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+            __m512 scale = bf16_quad(s4 + (size_t)i * nb + b), zv = bf16_quad(z4 + (size_t)i * nb + b);
+            __m512 mn = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), scale, zv);
+            for (int j = 0; j < MRR; j++) {
+                __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xlo[j]), hi, xhi[j]);
+                acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scale, dv[j]), acc[i][j]);
+                acc[i][j] = _mm512_fmadd_ps(mn, sv[j], acc[i][j]);
+            }
+        }
+    }
     const __m256i low = _mm256_set1_epi8(0x0f);
-    for (int b = 0; b < nb; b += 2) {
+    for (; b < nb; b += 2) {
         int two = b + 1 < nb;
         __m512i xv[MR];
         __m512 dv[MR], sv[MR];
@@ -287,9 +331,7 @@ INLINE void kern_q4(const uint8_t *w, const uint16_t *s4, const uint16_t *z4, in
             __m512i codes = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
             codes = _mm512_shuffle_i64x2(codes, codes, _MM_SHUFFLE(3, 1, 2, 0));
             if (!two) codes = _mm512_maskz_mov_epi8(0xffffffffull, codes);
-            const uint16_t *sp = s4 + (size_t)i * nb + b, *zp = z4 + (size_t)i * nb + b;
-            uint16_t stmp[2] = {sp[0], two ? sp[1] : 0}, ztmp[2] = {zp[0], two ? zp[1] : 0};
-            __m512 scale = bf16_pair(stmp), zv = bf16_pair(ztmp);
+            __m512 scale = bf16_pair(s4 + (size_t)i * nb + b, two), zv = bf16_pair(z4 + (size_t)i * nb + b, two);
             __m512 mn = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), scale, zv); /* z - 8 s: the weight at code 0 */
             for (int j = 0; j < MRR; j++) {
                 __m512i dot = _mm512_dpbusd_epi32(zero, codes, xv[j]);
@@ -950,9 +992,24 @@ int NS_FN(ns_forward)(ns_model *md, const ns_step *st, int nthreads) {
 
 int NS_FN(ns_linear)(ns_model *md, const ns_weight *w, const float *x, int m, float *y, int nthreads) {
     ctx_t c = {md, nthreads};
-    if (w->type != NS_F32 && (size_t)m * ((w->k + 63) & ~63) > md->s.q_cap) return -4;
+    ns_scratch *s = &md->s, saved = *s;
+    size_t need = (size_t)m * ((w->k + 63) & ~63);
+    int8_t *q = NULL;
+    float *d = NULL, *xs = NULL;
+    if (w->type != NS_F32 && need > s->q_cap) { /* wider than any of the model's inputs: buffers for this call */
+        q = malloc(need), d = malloc(sizeof(float) * need / 4), xs = malloc(sizeof(float) * need / 4);
+        if (!q || !d || !xs) {
+            free(q), free(d), free(xs);
+            return -4;
+        }
+        s->aq = q, s->ad = d, s->axs = xs;
+    }
     act_t a = operand(&c, x, w->k, m, w->k, w->type != NS_F32);
     out_t o = {y, w->n, NULL, NULL, 0};
     project(&c, &a, w, &o);
+    if (q) {
+        s->aq = saved.aq, s->ad = saved.ad, s->axs = saved.axs;
+        free(q), free(d), free(xs);
+    }
     return 0;
 }
