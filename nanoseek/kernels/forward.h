@@ -73,11 +73,11 @@ typedef struct {
 
 INLINE int row_of(const act_t *a, int i) { return a->idx ? a->idx[i] : i; }
 
-INLINE void store(const out_t *o, int m0, int mr, int n0, int nr, float res[NR][MR]) {
+INLINE void store(const out_t *o, int m0, int mr, int n0, int nr, float res[MR][NR]) {
     for (int j = 0; j < mr; j++) {
         float *y = o->y + (size_t)(o->idx ? o->idx[m0 + j] : m0 + j) * o->ldy + n0;
         float al = o->alpha ? o->alpha[m0 + j] : 1.0f;
-        for (int i = 0; i < nr; i++) y[i] = o->accumulate ? y[i] + al * res[i][j] : al * res[i][j];
+        for (int i = 0; i < nr; i++) y[i] = o->accumulate ? y[i] + al * res[j][i] : al * res[j][i];
     }
 }
 
@@ -86,8 +86,55 @@ INLINE float bf16(uint16_t b) {
     return v.f;
 }
 
+/* Sums of 4 accumulators (4 weight rows, one token) -> [sum a0, sum a1, sum a2, sum a3], written to out[0..3]: one
+ * shuffle tree instead of 4 horizontal reductions (with short rows, e.g. 80-float cache rows, they cost as much
+ * as the multiply-adds) */
+#if defined(NS_AVX512)
+INLINE void hsum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3, float *out) {
+    __m512 t01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xee));
+    __m512 t23 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0x44), _mm512_shuffle_f32x4(a2, a3, 0xee));
+    __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(t01, t23, 0x88), _mm512_shuffle_f32x4(t01, t23, 0xdd));
+    u = _mm512_add_ps(u, _mm512_permute_ps(u, 0x4e)); /* 128-bit lane i now holds a_i's 4 partial sums: add them */
+    u = _mm512_add_ps(u, _mm512_permute_ps(u, 0xb1));
+    const __m512i first = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0);
+    _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_permutexvar_ps(first, u)));
+}
+
+/* res[j][i] = the sum of acc[i][j] */
+#define REDUCE(acc, NRR, MRR, res)                                                                                 \
+    do {                                                                                                           \
+        for (int j = 0; j < (MRR); j++) {                                                                          \
+            if ((NRR) == 4)                                                                                        \
+                hsum4(acc[0][j], acc[1][j], acc[2][j], acc[3][j], res[j]);                                         \
+            else                                                                                                   \
+                for (int i = 0; i < (NRR); i++) res[j][i] = _mm512_reduce_add_ps(acc[i][j]);                       \
+        }                                                                                                          \
+    } while (0)
+#elif defined(NS_AVX2)
+INLINE void hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3, float *out) {
+    __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+}
+
+INLINE float hsum(__m256 a) {
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+}
+
+#define REDUCE(acc, NRR, MRR, res)                                                                                 \
+    do {                                                                                                           \
+        for (int j = 0; j < (MRR); j++) {                                                                          \
+            if ((NRR) == 4)                                                                                        \
+                hsum4(acc[0][j], acc[1][j], acc[2][j], acc[3][j], res[j]);                                         \
+            else                                                                                                   \
+                for (int i = 0; i < (NRR); i++) res[j][i] = hsum(acc[i][j]);                                       \
+        }                                                                                                          \
+    } while (0)
+#endif
+
 /* --- fp32 --------------------------------------------------------------------------------------------------------- */
-/* res[i][j] = W[row i] . x[token j] over k inputs, for NRR rows and MRR tokens (compile-time counts). */
+/* res[j][i] = W[row i] . x[token j] over k inputs, for NRR rows and MRR tokens (compile-time counts). */
 /* Each kernel also prefetches pf bytes ahead of every row it reads: the same offset in the next block of rows. The
  * hardware prefetchers track streams within 4 KiB pages and lose them at every new block of short rows (int8 rows
  * of 1024 inputs: 1 KiB); measured on the 0.54B config: int8 batch-1 decode 17 -> 11 ms a step. */
@@ -95,7 +142,7 @@ INLINE float bf16(uint16_t b) {
 #define PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
 #endif
 
-INLINE void kern_f32(const float *w, int k, const float *const *xr, int NRR, int MRR, float res[NR][MR], size_t pf) {
+INLINE void kern_f32(const float *w, int k, const float *const *xr, int NRR, int MRR, float res[MR][NR], size_t pf) {
 #if defined(NS_AVX512)
     __m512 acc[NR][MR];
     for (int i = 0; i < NRR; i++)
@@ -119,8 +166,7 @@ INLINE void kern_f32(const float *w, int k, const float *const *xr, int NRR, int
             for (int j = 0; j < MRR; j++) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
         }
     }
-    for (int i = 0; i < NRR; i++)
-        for (int j = 0; j < MRR; j++) res[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+    REDUCE(acc, NRR, MRR, res);
 #elif defined(NS_AVX2)
     __m256 acc[NR][MR];
     for (int i = 0; i < NRR; i++)
@@ -135,15 +181,10 @@ INLINE void kern_f32(const float *w, int k, const float *const *xr, int NRR, int
             for (int j = 0; j < MRR; j++) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
         }
     }
-    for (int i = 0; i < NRR; i++)
-        for (int j = 0; j < MRR; j++) {
-            __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1));
-            v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-            v = _mm_add_ss(v, _mm_movehdup_ps(v));
-            float r = _mm_cvtss_f32(v);
-            for (int t = kk; t < k; t++) r += w[(size_t)i * k + t] * xr[j][t];
-            res[i][j] = r;
-        }
+    REDUCE(acc, NRR, MRR, res);
+    for (int i = 0; i < NRR; i++) /* the last k % 8 inputs */
+        for (int j = 0; j < MRR; j++)
+            for (int t = kk; t < k; t++) res[j][i] += w[(size_t)i * k + t] * xr[j][t];
 #else
     (void)pf;
     for (int i = 0; i < NRR; i++)
@@ -155,14 +196,14 @@ INLINE void kern_f32(const float *w, int k, const float *const *xr, int NRR, int
                 for (int u = 0; u < 8; u++) part[u] += wi[kk + u] * x[kk + u];
             float r = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
             for (; kk < k; kk++) r += wi[kk] * x[kk];
-            res[i][j] = r;
+            res[j][i] = r;
         }
 #endif
 }
 
 /* --- int8 (per output channel) x q8 activations ------------------------------------------------------------------- */
 INLINE void kern_q8(const int8_t *w, int k, const int8_t *const *xq, const float *const *xd, int NRR, int MRR,
-                    float res[NR][MR], size_t pf) {
+                    float res[MR][NR], size_t pf) {
 #if defined(NS_AVX512)
     /* 64 inputs = 2 blocks a step. vpdpbusd multiplies unsigned by signed bytes: |w| by x with w's sign moved onto
      * x (both within +-127, so no overflow); lanes 0-7 sum block b, lanes 8-15 block b + 1 */
@@ -190,8 +231,7 @@ INLINE void kern_q8(const int8_t *w, int k, const int8_t *const *xq, const float
             }
         }
     }
-    for (int i = 0; i < NRR; i++)
-        for (int j = 0; j < MRR; j++) res[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+    REDUCE(acc, NRR, MRR, res);
 #elif defined(NS_AVX2)
     /* one block of 32 a step: vpmaddubsw (|w| unsigned x signed x, pairs summed to int16: <= 2*127*127, no
      * saturation) then vpmaddwd by ones to int32 */
@@ -224,13 +264,7 @@ INLINE void kern_q8(const int8_t *w, int k, const int8_t *const *xq, const float
             }
         }
     }
-    for (int i = 0; i < NRR; i++)
-        for (int j = 0; j < MRR; j++) {
-            __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1));
-            v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-            v = _mm_add_ss(v, _mm_movehdup_ps(v));
-            res[i][j] = _mm_cvtss_f32(v);
-        }
+    REDUCE(acc, NRR, MRR, res);
 #else
     (void)pf;
     for (int i = 0; i < NRR; i++)
@@ -243,7 +277,7 @@ INLINE void kern_q8(const int8_t *w, int k, const int8_t *const *xq, const float
                 for (int t = 0; t < end; t++) dot += (int32_t)wi[kk + t] * xq[j][kk + t];
                 r += (float)dot * xd[j][kk / 4];
             }
-            res[i][j] = r;
+            res[j][i] = r;
         }
 #endif
 }
@@ -271,7 +305,7 @@ INLINE __m512 bf16_quad(const uint16_t *p) {
 #endif
 
 INLINE void kern_q4(const uint8_t *w, const uint16_t *s4, const uint16_t *z4, int k, const int8_t *const *xq,
-                    const float *const *xd, const float *const *xs, int NRR, int MRR, float res[NR][MR], size_t pf) {
+                    const float *const *xd, const float *const *xs, int NRR, int MRR, float res[MR][NR], size_t pf) {
     const int nb = k / 32; /* blocks per row */
 #if defined(NS_AVX512)
     __m512 acc[NR][MR];
@@ -340,8 +374,7 @@ INLINE void kern_q4(const uint8_t *w, const uint16_t *s4, const uint16_t *z4, in
             }
         }
     }
-    for (int i = 0; i < NRR; i++)
-        for (int j = 0; j < MRR; j++) res[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+    REDUCE(acc, NRR, MRR, res);
 #elif defined(NS_AVX2)
     __m256 acc[NR][MR];
     for (int i = 0; i < NRR; i++)
@@ -369,13 +402,7 @@ INLINE void kern_q4(const uint8_t *w, const uint16_t *s4, const uint16_t *z4, in
             }
         }
     }
-    for (int i = 0; i < NRR; i++)
-        for (int j = 0; j < MRR; j++) {
-            __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1));
-            v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-            v = _mm_add_ss(v, _mm_movehdup_ps(v));
-            res[i][j] = _mm_cvtss_f32(v);
-        }
+    REDUCE(acc, NRR, MRR, res);
 #else
     (void)pf;
     for (int i = 0; i < NRR; i++)
@@ -389,7 +416,7 @@ INLINE void kern_q4(const uint8_t *w, const uint16_t *s4, const uint16_t *z4, in
                 float s = bf16(s4[(size_t)i * nb + b]), z = bf16(z4[(size_t)i * nb + b]);
                 r += (float)dot * (s * xd[j][b * 8]) + (z - 8.0f * s) * (8.0f * xs[j][b * 8]);
             }
-            res[i][j] = r;
+            res[j][i] = r;
         }
 #endif
 }
@@ -427,7 +454,7 @@ static void mm_rows(const act_t *a, const ns_weight *w, int n0, int n1, const ou
         int nr = n1 - n >= NR ? NR : 1; /* blocks of NR rows, then single rows */
         for (int m = 0; m < a->m; m += MR) {
             int mr = a->m - m < MR ? a->m - m : MR;
-            float res[NR][MR] = {{0}};
+            float res[MR][NR] = {{0}};
             if (w->type == NS_F32) {
                 const float *xr[MR];
                 for (int j = 0; j < mr; j++) xr[j] = a->x + (size_t)row_of(a, m + j) * a->ldx;
@@ -448,7 +475,7 @@ static void mm_rows(const act_t *a, const ns_weight *w, int n0, int n1, const ou
                     DISPATCH_NR_MR(CALL);
 #undef CALL
                     for (int i = 0; i < nr; i++)
-                        for (int j = 0; j < mr; j++) res[i][j] *= w->scale[n + i];
+                        for (int j = 0; j < mr; j++) res[j][i] *= w->scale[n + i];
                 } else {
                     const uint8_t *wp = (const uint8_t *)w->w + (size_t)n * (k / 2);
                     const uint16_t *sp = w->s4 + (size_t)n * (k / 32), *zp = w->z4 + (size_t)n * (k / 32);
@@ -483,6 +510,98 @@ static void quantize_rows(const float *x, int ldx, int k, int r0, int r1, int8_t
             for (int u = 0; u < 8; u++) dr[b * 8 + u] = dd, sr[b * 8 + u] = dd * (float)sum * 0.125f;
         }
     }
+}
+
+/* exp, vectorised: n = round(x log2 e), r = x - n ln2 (in two parts), exp(r) by Cephes' expf polynomial, times 2^n.
+ * Within ~1 ulp of expf; the softmax over every cached row and SwiGLU's sigmoid spent most of their time in scalar
+ * expf calls (on the cpu preset ~1/5 of a quantised batch-1 step was attention, mostly that). */
+#if defined(NS_AVX512) || defined(NS_AVX2)
+#if defined(NS_AVX512)
+typedef __m512 vf;
+#define VF_W 16
+#define vf_set1 _mm512_set1_ps
+#define vf_add _mm512_add_ps
+#define vf_mul _mm512_mul_ps
+#define vf_div _mm512_div_ps
+#define vf_fma _mm512_fmadd_ps
+#define vf_fnma _mm512_fnmadd_ps
+#define vf_min _mm512_min_ps
+#define vf_max _mm512_max_ps
+#define vf_load _mm512_loadu_ps
+#define vf_store _mm512_storeu_ps
+INLINE vf vf_round(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+INLINE vf vf_pow2(vf p, vf n) { return _mm512_scalef_ps(p, n); }
+INLINE float vf_sum(vf x) { return _mm512_reduce_add_ps(x); }
+#else
+typedef __m256 vf;
+#define VF_W 8
+#define vf_set1 _mm256_set1_ps
+#define vf_add _mm256_add_ps
+#define vf_mul _mm256_mul_ps
+#define vf_div _mm256_div_ps
+#define vf_fma _mm256_fmadd_ps
+#define vf_fnma _mm256_fnmadd_ps
+#define vf_min _mm256_min_ps
+#define vf_max _mm256_max_ps
+#define vf_load _mm256_loadu_ps
+#define vf_store _mm256_storeu_ps
+INLINE vf vf_round(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+INLINE vf vf_pow2(vf p, vf n) { /* n in [-126, 127] after the clamp below */
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+INLINE float vf_sum(vf x) {
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+}
+#endif
+INLINE vf vf_exp(vf x) {
+    x = vf_max(vf_min(x, vf_set1(88.0f)), vf_set1(-87.0f));
+    vf n = vf_round(vf_mul(x, vf_set1(1.44269504088896341f)));
+    vf r = vf_fnma(n, vf_set1(0.693359375f), x);
+    r = vf_fnma(n, vf_set1(-2.12194440e-4f), r);
+    vf p = vf_set1(1.9875691500e-4f);
+    p = vf_fma(p, r, vf_set1(1.3981999507e-3f));
+    p = vf_fma(p, r, vf_set1(8.3334519073e-3f));
+    p = vf_fma(p, r, vf_set1(4.1665795894e-2f));
+    p = vf_fma(p, r, vf_set1(1.6666665459e-1f));
+    p = vf_fma(p, r, vf_set1(5.0000001201e-1f));
+    p = vf_fma(p, vf_mul(r, r), vf_add(r, vf_set1(1.0f)));
+    return vf_pow2(p, n);
+}
+#endif
+
+/* p[t] = exp((p[t] - max) * scale) / sum over t < T, in place (softmax of scale * scores, fp32) */
+static void softmax(float *p, int T, float scale) {
+    float mx = -INFINITY, sum = 0;
+    for (int t = 0; t < T; t++) mx = p[t] > mx ? p[t] : mx;
+    int t = 0;
+#if defined(NS_AVX512) || defined(NS_AVX2)
+    vf acc = vf_set1(0.0f), vmx = vf_set1(mx), vs = vf_set1(scale);
+    for (; t + VF_W <= T; t += VF_W) {
+        vf e = vf_exp(vf_mul(vf_add(vf_load(p + t), vf_mul(vmx, vf_set1(-1.0f))), vs));
+        vf_store(p + t, e);
+        acc = vf_add(acc, e);
+    }
+    sum = vf_sum(acc);
+#endif
+    for (; t < T; t++) sum += (p[t] = expf((p[t] - mx) * scale));
+    float inv = 1.0f / sum;
+    for (t = 0; t < T; t++) p[t] *= inv;
+}
+
+/* y[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u, n values */
+static void swiglu(float *y, const float *g, const float *u, int n) {
+    int i = 0;
+#if defined(NS_AVX512) || defined(NS_AVX2)
+    for (; i + VF_W <= n; i += VF_W) {
+        vf gv = vf_load(g + i);
+        vf den = vf_add(vf_set1(1.0f), vf_exp(vf_mul(gv, vf_set1(-1.0f))));
+        vf_store(y + i, vf_mul(vf_div(gv, den), vf_load(u + i)));
+    }
+#endif
+    for (; i < n; i++) y[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
 INLINE float rms_scale(const float *x, int n, float eps) {
@@ -699,13 +818,7 @@ static void attn_task(void *ctx, int task) {
     ns_weight keys = {NS_F32, T, lat, 0, cache, NULL, NULL, NULL};
     out_t o = {p, s->t_cap, NULL, NULL, 0};
     mm_rows(&a, &keys, 0, T, &o);
-    for (int g = 0; g < G; g++) { /* softmax(scale * scores) */
-        float *pg = p + (size_t)g * s->t_cap, mx = -INFINITY, sum = 0, scale = cf->softmax_scale;
-        for (int t = 0; t < T; t++) mx = pg[t] > mx ? pg[t] : mx;
-        for (int t = 0; t < T; t++) sum += (pg[t] = expf((pg[t] - mx) * scale));
-        float inv = 1.0f / sum;
-        for (int t = 0; t < T; t++) pg[t] *= inv;
-    }
+    for (int g = 0; g < G; g++) softmax(p + (size_t)g * s->t_cap, T, cf->softmax_scale);
     weighted_sum(s->olat + ((size_t)m * H + h0) * c, c, p, s->t_cap, G, cache, lat, T, c);
 }
 
@@ -741,7 +854,7 @@ static void ffn_up_task(void *ctx, int t) {
     for (int p = 0; p < e->count; p++) {
         const float *g = s->gu + (size_t)(e->start + p) * j->ldgu;
         float *y = s->act + (size_t)(e->start + p) * j->mid->ldx;
-        for (int i = i0; i < i1; i++) y[i] = g[i] / (1.0f + expf(-g[i])) * g[inter + i];
+        swiglu(y + i0, g + i0, g + inter + i0, i1 - i0);
     }
 }
 
