@@ -4,9 +4,10 @@
     native = NativeDecoder(engine)                  # reads the engine's prepared weights, caches and RoPE tables
     logits = native.decode(tokens, lengths)          # tokens [n] int64 for slots 0..n-1, lengths [n] cached per slot
     hidden, logits = native.forward(tokens, lengths) # tokens [n, S]: S new tokens per slot (the MTP verify step)
+    h, logits = native.mtp(hidden, next_tokens, lengths, pick)   # the first MTP module, over engine.mtp_caches[0]
 
-Both write the new latent rows into the engine's own cache tensors (`engine.caches`), so prefill can stay PyTorch
-and decode run natively on the same cache; neither touches `engine.lengths` (the caller advances them, as
+They write the new latent rows into the engine's own cache tensors (`engine.caches`), so prefill can stay PyTorch
+and decode run natively on the same cache; none touches `engine.lengths` (the caller advances them, as
 `Engine.forward` does). The C library (native.c, forward.h) is built by `pip install -e .` (setup.py) as an
 optional extension and loaded here with ctypes; a plain C ABI was measured cheaper to call than a torch.library op
 (docs/kernels.md).
@@ -15,7 +16,8 @@ Instruction sets: `avx512` (AVX-512 F/BW/DQ/VL + VNNI), `avx2` (AVX2 + FMA) or `
 the CPU runs unless the environment variable NANOSEEK_KERNELS says `avx512`, `avx2`, `generic` or `off`
 (`off`, or no library: the engine's PyTorch path). `status()` says which, and why.
 Weights: fp32 tensors are read in place; quant.Int8Weight's int8 codes too (plus fp32 copies of its scales);
-quant.Int4Weight's codes are repacked into blocks of 32 (16 bytes) with bf16 scales and zeros per block.
+quant.Int4Weight's codes are repacked into blocks of 32 (16 bytes) with bf16 scales and zeros per block; W_UK is
+transposed per head (a copy), and W_UK / W_UV are quantised per head when the engine is (quantize_kv_b).
 """
 
 from __future__ import annotations

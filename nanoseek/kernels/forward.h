@@ -11,15 +11,16 @@
  *   o      = (p . kv_cache) W_UV[h]^T                       [M, H, v]
  *   x     += o W_o^T
  *   x     += FFN(RMSNorm(x)): SwiGLU, or DeepSeekMoE (shared experts + the top-k routed experts, weighted)
- * then logits = RMSNorm(x) lm_head^T. Every loop over tokens, heads or output rows is split into tasks for the
- * thread pool; the thread count is the caller's.
+ * then logits = RMSNorm(x) lm_head^T. W_UK and W_UV are projections per head over all M tokens (read once a step).
+ * Every loop over tokens, heads or output rows is split into tasks for the thread pool (jobs under ns_par_min
+ * multiply-adds stay on the calling thread).
  *
  * Projections y = x W^T read W [n, k] row-major in place (rows in blocks of NR, tokens in blocks of MR, so a block
  * of weight rows is read once per MR tokens). int8 / int4 weights take activations quantised once per input row,
  * in blocks of 32 like llama.cpp's q8_0 (x ~= q * d, q int8, one d per 32 inputs), and integer dot products:
  *   int8: y[n] = scale[n] * sum_b d_b * sum_{k in b} q_x[k] q_w[n, k]
  *   int4: y[n] = sum_b (s[n,b] d_b * sum_{k in b} q_x[k] code[n, k] + (z[n,b] - 8 s[n,b]) * d_b * sum_{k in b} q_x[k])
- * with AVX-512 VNNI (vpdpbusd), AVX2 (vpmaddubsw) or scalar C. */
+ * with AVX-512 VNNI (vpdpbusd), AVX2 (vpmaddubsw) or scalar C. See docs/kernels.md. */
 #include <math.h>
 #include <stddef.h>
 #include <stdlib.h>

@@ -60,7 +60,7 @@ typedef struct {
 typedef struct ns_model ns_model;
 typedef struct ns_pool ns_pool;
 
-/* A parallel loop: fn(ctx, task) for task in [0, ntasks), spread over the pool's threads (the caller included). */
+/* A parallel loop: fn(ctx, task) for task in [0, ntasks), spread over up to nthreads threads (the caller included). */
 typedef void (*ns_task_fn)(void *ctx, int task);
 void ns_pool_run(ns_pool *pool, int nthreads, int ntasks, ns_task_fn fn, void *ctx);
 
@@ -70,8 +70,8 @@ typedef struct {
     size_t q_cap; /* bytes of aq */
     float *x, *h, *a, *qn, *q, *qf, *o, *scores, *olat, *gu, *act, *route, *logit_h, *cat;
     int8_t *aq;  /* quantised activations [rows, kq] */
-    float *ad;   /* [rows, kq/32] block scales */
-    float *axs;  /* [rows, kq/32] exact block sums (int4's zero term) */
+    float *ad;   /* [rows, kq/4]: each block of 32's scale d, 8 copies (one per int32 lane of its dot product) */
+    float *axs;  /* [rows, kq/4]: d * sum(q) / 8 per block, 8 copies (int4's zero term) */
     int32_t *pair_tok; float *pair_w; int32_t *expert_start, *expert_count;
     int32_t *sel;  /* [M, top_k] selected experts */
 } ns_scratch;
