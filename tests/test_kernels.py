@@ -62,7 +62,7 @@ def greedy(engine, decode, steps):
             logits = engine.decode(tok)  # advances the lengths itself
         else:
             logits = decode(tok, engine.slot_lengths[:n])
-            engine._set_lengths(0, [m + 1 for m in engine.slot_lengths[:n]])
+            engine.runner.set_lengths(0, [m + 1 for m in engine.slot_lengths[:n]])
         tok = logits.argmax(-1)
         out.append(tok)
     return torch.stack(out), logits
@@ -116,7 +116,7 @@ def test_mtp_module_matches_engine():
     hidden = torch.randn(4, 2, model.config.hidden_size, generator=g)
     tokens = torch.randint(0, model.config.vocab_size, (4, 2), generator=g)
     pick = torch.tensor([0, 1, 1, 0])
-    h_ref, logits_ref = ref._static_mtp(hidden, tokens, pick, torch.tensor(lens), torch.arange(max(lens) + 2),
+    h_ref, logits_ref = ref.runner._static_mtp(hidden, tokens, pick, torch.tensor(lens), torch.arange(max(lens) + 2),
                                         static=False)
     h, logits = NativeDecoder(eng).mtp(hidden, tokens, lens, pick)
     assert (h[torch.arange(4), pick] - h_ref).abs().max() < FP32_TOL
@@ -134,10 +134,10 @@ def test_engine_generate_with_native_decode(monkeypatch):
 
     def decode(tokens):
         logits = native.decode(tokens, eng.slot_lengths[:len(tokens)])
-        eng._set_lengths(0, [m + 1 for m in eng.slot_lengths[:len(tokens)]])
+        eng.runner.set_lengths(0, [m + 1 for m in eng.slot_lengths[:len(tokens)]])
         return logits
 
-    monkeypatch.setattr(eng, "decode", decode)
+    monkeypatch.setattr(eng.runner, "decode", decode)
     assert eng.generate(PROMPTS, 24, stop_token_ids=[]) == expected
 
 
@@ -192,7 +192,7 @@ def test_quantised_decode_against_dequantised_reference(quant):
             lr.experts_gate_up = [dequantize(w) for w in lq.experts_gate_up]
             lr.experts_down = [dequantize(w) for w in lq.experts_down]
             lr.grouped = False
-    ref.lm_head = dequantize(quantised.lm_head)
+    ref.runner.lm_head = dequantize(quantised.lm_head)
     native = NativeDecoder(quantised)  # W_UK / W_UV quantised too, per head (quantize_kv_b)
     for lr, lq in zip(ref.layers, quantised.layers, strict=True):
         w_uk, w_uv = native.kv_b_heads(lq)

@@ -43,6 +43,7 @@ class ModelRunner:
                  compile_backend: str | None = None):
         cfg = self.config = model.config
         self.max_batch_size, self.max_seq_len, self.prefill_mode = max_batch_size, max_seq_len, prefill_mode
+        self.quant, self.group_size = quant, group_size
         # cache rows per slot: a speculative verify step may write past max_seq_len (spare_rows = k - 1)
         self.rows = max_seq_len + spare_rows
         self.dtype, self.device = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device

@@ -124,7 +124,8 @@ def status() -> str:
 
 
 def unsupported(engine) -> str | None:
-    """Why the native path cannot run this engine (None: it can)."""
+    """Why the native path cannot run this engine (an Engine or its ModelRunner; None: it can)."""
+    engine = getattr(engine, "runner", engine)
     cfg = engine.config
     if engine.device.type != "cpu":
         return f"the engine runs on {engine.device}"
@@ -215,6 +216,7 @@ class NativeDecoder:
         why = unsupported(engine)
         if why:
             raise NanoseekError(f"native kernels: {why}")
+        engine = getattr(engine, "runner", engine)  # the engine's ModelRunner holds the weights and caches
         self.isa, self.threads, self.engine = isa, threads, engine
         # kv_b_proj's per-head W_UK / W_UV: the engine keeps them fp32 (its bmm cannot take quantised weights), which
         # at batch 1 is ~1/6 of an int8 token's weight bytes on the 0.54B config; quantised here by default when the
