@@ -70,9 +70,12 @@ def test_greedy_matches_transformers_batch1(model, hf_greedy):
     assert engine_for(model).generate([PROMPTS[0]], N_NEW, stop_token_ids=[]) == [hf_greedy[0]]
 
 
-@pytest.mark.parametrize("prefill_mode, grouped", [("naive", True), ("absorbed", True), ("naive", False)])
-def test_greedy_matches_transformers_batch8(model, hf_greedy, prefill_mode, grouped):
-    engine = engine_for(model, prefill_mode=prefill_mode)
+# native=None: the default decode path (native kernels); False: the PyTorch decode, the reference, whose MoE paths
+# (grouped or the per-expert loop that quantised weights take) only it runs
+@pytest.mark.parametrize("prefill_mode, grouped, native", [("naive", True, None), ("naive", True, False),
+                                                           ("absorbed", True, False), ("naive", False, False)])
+def test_greedy_matches_transformers_batch8(model, hf_greedy, prefill_mode, grouped, native):
+    engine = engine_for(model, prefill_mode=prefill_mode, native=native)
     moe_layers = [lw for lw in engine.layers if lw.moe]
     for lw in moe_layers:
         lw.grouped = lw.grouped and grouped  # False: the per-expert loop (the path quantised weights will take)
@@ -83,10 +86,11 @@ def test_greedy_matches_transformers_batch8(model, hf_greedy, prefill_mode, grou
     assert stats["prompt_tokens"] == sum(map(len, PROMPTS)) and stats["decode_steps"] == N_NEW - 1
 
 
-@pytest.mark.parametrize("prefill_mode", ["naive", "absorbed"])
-def test_logits_equal_full_recompute(model, prefill_mode):
-    """Absorbed decode over the latent cache (slots of different lengths) == model(ids) on the whole sequence."""
-    engine = engine_for(model, prefill_mode=prefill_mode)
+@pytest.mark.parametrize("prefill_mode, native", [("naive", None), ("naive", False), ("absorbed", False)])
+def test_logits_equal_full_recompute(model, prefill_mode, native):
+    """Absorbed decode over the latent cache (slots of different lengths) == model(ids) on the whole sequence, on
+    the native and the PyTorch decode paths (fp32: within 1e-4, summation order)."""
+    engine = engine_for(model, prefill_mode=prefill_mode, native=native)
     seqs = [list(p) for p in PROMPTS[:5]]
     logits = engine.prefill(seqs)
     for step in range(6):
@@ -442,7 +446,7 @@ def test_bad_requests_raise_and_the_engine_keeps_serving(model, prompt, params, 
 
 def test_a_failing_step_ends_its_requests_and_the_engine_keeps_serving(model, monkeypatch):
     engine = engine_for(model)
-    real, fail = engine.runner.forward, {"at": 3, "calls": 0}
+    real, fail = engine.runner.decode, {"at": 3, "calls": 0}  # the decode step, native or PyTorch
 
     def flaky(*args, **kwargs):
         fail["calls"] += 1
@@ -450,7 +454,7 @@ def test_a_failing_step_ends_its_requests_and_the_engine_keeps_serving(model, mo
             raise RuntimeError("boom")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine.runner, "forward", flaky)
+    monkeypatch.setattr(engine.runner, "decode", flaky)
     expected = alone(model, PROMPTS[0], max_new_tokens=5)
     # stepping by hand: the exception propagates, the requests in flight end with "error"
     reqs = [engine.submit(p, SamplingParams(20, stop_token_ids=[])) for p in PROMPTS[:2]]

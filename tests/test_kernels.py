@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanoseek import NanoseekError, Transformer, get_preset
-from nanoseek.engine import Engine
+from nanoseek.engine import Engine, SamplingParams
 from nanoseek.kernels import NativeDecoder, _int4_codes, choose_isa, cpu_isas, library, native_decoder, status
 from nanoseek.quant import Int4Weight, Int8Weight
 
@@ -48,7 +48,8 @@ def model(request):
 
 
 def engine_for(model, **kw):
-    return Engine(model, **{"max_batch_size": 4, "max_seq_len": 96, **kw})
+    """An engine on the PyTorch path (the reference; the tests attach NativeDecoders themselves), unless kw says."""
+    return Engine(model, **{"max_batch_size": 4, "max_seq_len": 96, "native": False, **kw})
 
 
 def greedy(engine, decode, steps):
@@ -124,21 +125,92 @@ def test_mtp_module_matches_engine():
     assert (eng.mtp_caches[0] - ref.mtp_caches[0]).abs().max() < 1e-5
 
 
-def test_engine_generate_with_native_decode(monkeypatch):
-    """Wired in as Engine.decode (what the lead will do): the scheduler's greedy output is unchanged, with requests
-    of different lengths joining and leaving."""
+# --- the engine's default path (engine/native.py) ---------------------------------------------------------------------
+def run_requests(engine, params: list) -> list:
+    """Five requests with different prompts and lengths on a 3-slot engine: they join and leave at different steps
+    (the slots are compacted) -> (tokens, logprobs) per request."""
+    reqs = [engine.submit(p, SamplingParams(**kw)) for p, kw in zip([*PROMPTS, [7, 8]], params, strict=True)]
+    events = []
+    while not all(r.finished for r in reqs):
+        events += engine.step()
+    return [(r.output_ids, [(e.logprob, e.top_logprobs) for e in events if e.request is r and e.logprob is not None])
+            for r in reqs]
+
+
+def test_engine_generate_native_equals_pytorch(model):
+    """Native is the default decode path; greedy tokens equal the PyTorch path's on every test config through
+    Engine.generate, with requests joining and leaving; seeded sampling with penalties, logit_bias and logprobs gives
+    the same tokens (logprobs within the fp32 tolerance)."""
+    native, torch_path = Engine(model, max_batch_size=3, max_seq_len=96), engine_for(model, max_batch_size=3)
+    assert native.stats()["native"] and native.stats()["decode_path"].startswith(f"native {ISAS[-1]} decode")
+    assert not torch_path.stats()["native"] and torch_path.runner.native is None
+    assert torch_path.stats()["decode_path"] == "PyTorch decode (native=False)"
+    assert native.generate(PROMPTS, 24, stop_token_ids=[]) == torch_path.generate(PROMPTS, 24, stop_token_ids=[])
+    params = [dict(max_new_tokens=n, stop_token_ids=[]) for n in (20, 6, 13, 3)] + [
+        dict(max_new_tokens=15, temperature=0.8, seed=1, presence_penalty=0.5, frequency_penalty=0.3,
+             logit_bias={5: 3.0}, logprobs=2, stop_token_ids=[])]
+    a, b = run_requests(native, params), run_requests(torch_path, params)
+    for (tokens_a, lp_a), (tokens_b, lp_b) in zip(a, b, strict=True):
+        assert tokens_a == tokens_b
+        for (x, top_x), (y, top_y) in zip(lp_a, lp_b, strict=True):
+            assert abs(x - y) < 1e-4 and [t for t, _ in top_x] == [t for t, _ in top_y]
+    assert native.stats()["decode_steps"] == torch_path.stats()["decode_steps"]
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantised_engine_decodes_natively(quant):
+    """int8/int4 engines decode natively by default: their greedy tokens are those of the NativeDecoder stepped by
+    hand (int8/int4 native and PyTorch differ by their activation rounding: q8 blocks against bf16)."""
     model = random_model()
-    expected = engine_for(model).generate(PROMPTS, 24, stop_token_ids=[])
-    eng = engine_for(model)
-    native = NativeDecoder(eng)
+    engine = engine_for(model, quant=quant, native=None)
+    assert engine.stats()["native"]
+    out = engine.generate(PROMPTS, 12, stop_token_ids=[])
+    ref = engine_for(model, quant=quant)
+    tokens, _ = greedy(ref, NativeDecoder(ref).decode, 11)
+    assert out == tokens.T.tolist()
 
-    def decode(tokens):
-        logits = native.decode(tokens, eng.slot_lengths[:len(tokens)])
-        eng.runner.set_lengths(0, [m + 1 for m in eng.slot_lengths[:len(tokens)]])
-        return logits
 
-    monkeypatch.setattr(eng.runner, "decode", decode)
-    assert eng.generate(PROMPTS, 24, stop_token_ids=[]) == expected
+@pytest.mark.parametrize("k", [1, 2])
+def test_speculative_engine_verifies_and_drafts_natively(model, k):
+    """speculative=True on the native path (verify = NativeDecoder.forward, drafts = NativeDecoder.mtp): greedy
+    output identical to plain PyTorch decoding."""
+    if not model.mtp:
+        pytest.skip("no MTP module")
+    spec = Engine(model, max_batch_size=4, max_seq_len=96, speculative=True, num_speculative_tokens=k)
+    assert spec.runner.native is not None
+    calls = {"forward": 0, "mtp": 0}
+    for name in calls:
+        real = getattr(spec.runner.native, name)
+
+        def counted(*a, name=name, real=real, **kw):
+            calls[name] += 1
+            return real(*a, **kw)
+        setattr(spec.runner.native, name, counted)
+    assert spec.generate(PROMPTS, 20, stop_token_ids=[]) == engine_for(model).generate(PROMPTS, 20, stop_token_ids=[])
+    assert calls["forward"] > 0 and calls["mtp"] >= calls["forward"]  # (k = 2: the chained draft too)
+
+
+def test_native_choice_and_fallback_reasons(monkeypatch):
+    """native=False keeps PyTorch; auto falls back with the reason in stats(); native=True refuses with it."""
+    model = random_model()
+    monkeypatch.setenv("NANOSEEK_KERNELS", "off")
+    engine = Engine(model, max_batch_size=2, max_seq_len=32)
+    assert engine.runner.native is None and engine.stats()["decode_path"] == "PyTorch decode (NANOSEEK_KERNELS=off)"
+    with pytest.raises(NanoseekError, match="native=True.*NANOSEEK_KERNELS=off"):
+        Engine(model, max_batch_size=2, max_seq_len=32, native=True)
+    monkeypatch.setenv("NANOSEEK_KERNELS", ISAS[0])
+    assert Engine(model, max_batch_size=2, max_seq_len=32, native=True).runner.native.isa == ISAS[0]
+    monkeypatch.delenv("NANOSEEK_KERNELS")
+    bf16 = Engine(random_model().to(torch.bfloat16), max_batch_size=2, max_seq_len=32)
+    assert bf16.runner.native is None and "bfloat16" in bf16.stats()["decode_path"]
+    with pytest.raises(NanoseekError, match="native=True.*bfloat16"):
+        Engine(random_model().to(torch.bfloat16), max_batch_size=2, max_seq_len=32, native=True)
+    compiled = Engine(model, max_batch_size=2, max_seq_len=32, compile=True)
+    assert compiled.runner.native is None and "compile=True" in compiled.stats()["decode_path"]
+    with pytest.raises(NanoseekError, match="compile=True"):
+        Engine(model, max_batch_size=2, max_seq_len=32, compile=True, native=True)
+    with pytest.raises(NanoseekError, match="native must be"):
+        Engine(model, native="yes")
 
 
 # --- int8 / int4 ------------------------------------------------------------------------------------------------------

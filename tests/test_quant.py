@@ -9,6 +9,7 @@ import torch
 
 from nanoseek import NanoseekError, Transformer, get_preset, load_model
 from nanoseek.engine import Engine
+from nanoseek.kernels import library
 from nanoseek.quant import Int4Weight, Int8Weight, quantize
 
 PROMPTS = [[(17 * i + 5 * j) % 500 + 7 for j in range(n)] for i, n in enumerate([5, 12, 1, 30])]
@@ -93,12 +94,15 @@ def dequantized_model(model, engine):
     return ref
 
 
+@pytest.mark.parametrize("native", [False, pytest.param(True, marks=pytest.mark.skipif(
+    library() is None, reason="the native library was not built"))])
 @pytest.mark.parametrize("quant", ["int8", "int4"])
-def test_quantised_engine_computes_with_the_dequantised_weights(model, quant):
-    """Logits of the quantised engine == the full model run on its dequantised weights, up to the bf16 rounding
-    of the kernels' activations. That rounding can flip a near-tied expert choice, which changes a whole row, so a
-    row or two out of 16 may differ."""
-    engine = Engine(model, max_batch_size=4, max_seq_len=64, quant=quant)
+def test_quantised_engine_computes_with_the_dequantised_weights(model, quant, native):
+    """Logits of the quantised engine == the full model run on its dequantised weights, up to the rounding of the
+    kernels' activations: bf16 in PyTorch's kernels (within 5% of the logits' std), q8 blocks of 32 in the native
+    decode, which also quantises W_UK / W_UV per head (docs/kernels.md; measured 4-8%, so within 10%). That rounding
+    can flip a near-tied expert choice, which changes a whole row, so a row or two out of 16 may differ."""
+    engine = Engine(model, max_batch_size=4, max_seq_len=64, quant=quant, native=native)
     lw = engine.layers[1]
     assert lw.moe and not lw.grouped and lw.experts_gate_up_3d is None
     for w in [lw.wq_a_kv_a, lw.wq_b, lw.wo, lw.mlp_gate_up, lw.mlp_down, engine.lm_head,
@@ -115,7 +119,7 @@ def test_quantised_engine_computes_with_the_dequantised_weights(model, quant):
     for _ in range(4):
         with torch.no_grad():
             expected = torch.stack([ref(torch.tensor([s]))[0, -1] for s in seqs])
-        close += ((logits - expected).abs().amax(-1) < 0.05 * expected.std()).tolist()
+        close += ((logits - expected).abs().amax(-1) < (0.1 if native else 0.05) * expected.std()).tolist()
         tokens = expected.argmax(-1)
         for s, t in zip(seqs, tokens.tolist(), strict=True):
             s.append(t)

@@ -66,6 +66,10 @@ class ModelRunner:
         # tokens cached per slot, as a tensor (for positions) and a list (for shapes, without syncs)
         self.lengths = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
         self.slot_lengths = [0] * max_batch_size
+        # a kernels.NativeDecoder when decode / verify / MTP-draft steps run natively, and the line saying which path
+        # runs and why (set by the Engine: engine/native.py)
+        self.native = None
+        self.decode_path = "PyTorch decode"
         self.compiled = compile_backend is not None
         self.graphs: dict[tuple[str, int, int], float] = {}  # (graph, batch 1 or more, tokens per row) -> compile s
         if self.compiled:
@@ -187,6 +191,11 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token per slot for slots 0..n-1 (tokens [n]); returns logits [n,V]."""
+        if self.native is not None:  # one C call (docs/kernels.md); it leaves the lengths to us
+            lens = self.slot_lengths[:len(tokens)]
+            logits = self.native.decode(tokens, lens)
+            self.set_lengths(0, [m + 1 for m in lens])
+            return logits
         if self.compiled:
             _, logits = self._run_graph("decode", tokens[:, None])
             self.set_lengths(0, [m + 1 for m in self.slot_lengths[:len(tokens)]])
@@ -196,6 +205,8 @@ class ModelRunner:
     def verify_forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [n,S] for slots 0..n-1 at their lengths -> (hidden [n,S,D], fp32 logits [n,S,V]). Writes the
         cache and leaves the lengths alone: speculative verification sets them once it knows what it accepts."""
+        if self.native is not None:
+            return self.native.forward(tokens, self.slot_lengths[:tokens.shape[0]])
         if self.compiled:
             return self._run_graph("decode", tokens)
         hidden = self._forward(tokens, self.batch(0, tokens.shape[0], tokens.shape[1], fresh=False))
@@ -240,7 +251,10 @@ class ModelRunner:
                  start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The MTP module over hidden [n,S,D] and next_tokens [n,S] at positions lens[i] + 0..S-1 of slots
         start..start+n-1 -> (h' [n,D], logits [n,V]) at position pick[i] of each row (the compiled graph for
-        slots 0..)."""
+        slots 0.., and the native one)."""
+        if self.native is not None and start == 0:
+            h, logits = self.native.mtp(hidden, next_tokens, lens, pick)
+            return h[torch.arange(h.shape[0]), pick], logits
         if self.compiled and start == 0:
             return self._run_graph("mtp", hidden, next_tokens, pick, lens=lens)
         t_index = torch.arange(max(lens) + hidden.shape[1], device=self.device)

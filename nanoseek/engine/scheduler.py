@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanoseek.engine import native as native_path
 from nanoseek.engine.forward import ModelRunner
 from nanoseek.engine.request import Event, Request, SamplingParams, is_int
 from nanoseek.engine.sampling import Logprobs, sample
@@ -40,11 +41,13 @@ class Engine:
     """Continuous-batching inference over a Transformer's weights: up to max_batch_size requests of prompt + output
     <= max_seq_len tokens. prefill_mode "naive" (expanded k/v, fused SDPA) or "absorbed" (the decode attention);
     quant "int8" / "int4" weight-only (quant.py); speculative=True drafts num_speculative_tokens with the MTP module;
-    compile=True runs decode steps as compiled graphs (docs/engine.md)."""
+    compile=True runs decode steps as compiled graphs; native=None (auto) runs them through the native CPU kernels
+    where they can run, True insists, False keeps the PyTorch path (docs/engine.md)."""
 
     def __init__(self, model: Transformer, max_batch_size: int = 8, max_seq_len: int | None = None,
                  prefill_mode: str = "naive", quant: str | None = None, group_size: int = 32,
-                 speculative: bool = False, num_speculative_tokens: int = 1, compile: bool = False):
+                 speculative: bool = False, num_speculative_tokens: int = 1, compile: bool = False,
+                 native: bool | None = None):
         cfg = model.config
         if max_seq_len is None:
             max_seq_len = min(cfg.max_position_embeddings, 4096)
@@ -85,6 +88,9 @@ class Engine:
         self.runner = ModelRunner(model, max_batch_size, max_seq_len,
                                   num_speculative_tokens - 1 if speculative else 0, prefill_mode, quant, group_size,
                                   backend)
+        # decode steps (and speculative verify / MTP drafts) through the native kernels where they can run: native
+        # None = auto, True = refuse where they cannot, False = the PyTorch path (engine/native.py)
+        self.runner.native, self.runner.decode_path = native_path.choose(self.runner, native, self.compile)
         self.speculator = Speculator(self.runner, num_speculative_tokens) if self.speculative else None
         self.dtype, self.device = self.runner.dtype, self.runner.device
         # scheduler state: `active[i]` owns slot i; `_waiting` is fed by submit() from any thread
@@ -451,6 +457,8 @@ class Engine:
             "max_batch_size": self.max_batch_size,
             "max_seq_len": self.max_seq_len,
             **c,
+            "decode_path": self.runner.decode_path,
+            "native": self.runner.native is not None,
             "compiled_graphs": len(self.runner.graphs),
             "compile_seconds": sum(self.runner.graphs.values()),
             "active_slots": len(self.active),
