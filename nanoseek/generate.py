@@ -104,4 +104,4 @@ def run(args: argparse.Namespace) -> None:
     spec = (f", draft acceptance {stats['acceptance_rate']:.0%}, {stats['tokens_per_verify_step']:.2f} tokens per "
             f"verify step" if args.speculate else "")
     print(f"[{len(ids)} prompt tokens, {n} new tokens in {t1 - t0:.2f} s: first token after {(first or t1) - t0:.3f} "
-          f"s, then {decode_rate:.1f} tok/s{spec}]", file=sys.stderr)
+          f"s, then {decode_rate:.1f} tok/s{spec}; {stats['decode_path']}]", file=sys.stderr)

@@ -584,9 +584,11 @@ def test_cli_generate(tiny_dir, capsys, chat):
     model = load_model(path)
     ids = (tok.apply_chat_template([{"role": "user", "content": "The quick"}], add_generation_prompt=True) if chat
            else tok.encode("The quick"))
-    expected = Engine(model, max_batch_size=1).generate([ids], 12, stop_token_ids=[tok.eos_id])[0]
+    engine = Engine(model, max_batch_size=1)
+    expected = engine.generate([ids], 12, stop_token_ids=[tok.eos_id])[0]
     assert out == tok.decode(expected) + "\n"
     assert f"{len(ids)} prompt tokens, {len(expected)} new tokens" in err and "tok/s" in err
+    assert f"; {engine.stats()['decode_path']}]" in err  # which decode path ran, and why
 
 
 def test_cli_generate_errors(tiny_dir, tmp_path):

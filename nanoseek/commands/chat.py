@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> None:
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
     if tty_in:
-        print(f"nanoseek chat: {args.model} ({engine.max_seq_len} tokens of context). /reset, /exit.")
+        print(f"nanoseek chat: {args.model} ({engine.max_seq_len} tokens of context; "
+              f"{engine.stats()['decode_path']}). /reset, /exit.")
     while True:
         try:
             line = input("you> ") if tty_in else sys.stdin.readline()

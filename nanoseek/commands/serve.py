@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> None:
                      max_body_bytes=args.max_body_bytes, read_timeout=args.read_timeout,
                      allow_origins=args.allow_origin, docs=args.docs)
     print(f"nanoseek serve: {args.model} on http://{args.host}:{args.port}/ (web chat at /, API at /v1"
-          f"{', key required' if api_key else ''})", flush=True)
+          f"{', key required' if api_key else ''}); {engine.stats()['decode_path']}", flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             http=http_protocol(args.read_timeout, args.max_connections))
     try:
