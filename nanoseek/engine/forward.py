@@ -25,6 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from nanoseek.engine import compile_cache
 from nanoseek.engine.layers import Batch, block, linear, rms_norm
 from nanoseek.engine.request import is_int
 from nanoseek.engine.weights import LayerWeights
@@ -36,11 +37,13 @@ from nanoseek.quant import quantize, weight_bytes
 class ModelRunner:
     """Weights, latent caches and the forward for `max_batch_size` slots of `rows` cache positions each.
 
-    `compile_backend`: None runs eagerly; a torch.compile backend ("inductor") runs decode steps as compiled graphs."""
+    `compile_backend`: None runs eagerly; a torch.compile backend ("inductor") runs decode steps as compiled graphs.
+    `draft_quant`: the MTP module (its block, eh_proj, and an lm_head copy for its logits) quantised to "int8" /
+    "int4" whatever `quant` the main model has: drafts only propose tokens, so they may be cheaper and coarser."""
 
     def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int, spare_rows: int = 0,
                  prefill_mode: str = "naive", quant: str | None = None, group_size: int = 32,
-                 compile_backend: str | None = None):
+                 compile_backend: str | None = None, draft_quant: str | None = None):
         cfg = self.config = model.config
         self.max_batch_size, self.max_seq_len, self.prefill_mode = max_batch_size, max_seq_len, prefill_mode
         self.quant, self.group_size = quant, group_size
@@ -55,10 +58,17 @@ class ModelRunner:
             self.lm_head = model.lm_head.weight
             # RoPE tables for every cache position, fp32 as model.RotaryEmbedding makes them: [rows, r/2]
             self.cos, self.sin = model.rotary(torch.arange(self.rows, device=self.device))
-            if quant is not None:  # the embedding is a row gather and stays as it is; the router stays fp32
-                for lw in self.layers + self.mtp_layers:
-                    lw.quantize(lambda w: quantize(w, quant, group_size))
+            # the embedding is a row gather and stays as it is; the router stays fp32
+            for mode, layers in ((quant, self.layers), (draft_quant or quant, self.mtp_layers)):
+                for lw in layers if mode is not None else []:
+                    lw.quantize(lambda w, mode=mode: quantize(w, mode, group_size))
+            if quant is not None:
                 self.lm_head = quantize(self.lm_head, quant, group_size)
+            # the MTP module's logits (drafts): the shared lm_head, or a copy in draft_quant
+            self.draft_lm_head = self.lm_head
+            if draft_quant not in (None, quant) and self.mtp_layers:
+                self.draft_lm_head = quantize(model.lm_head.weight, draft_quant, group_size)
+        self.draft_quant = draft_quant if self.mtp_layers else None
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         self.caches = [torch.zeros(max_batch_size, self.rows, width, dtype=self.dtype, device=self.device)
                        for _ in self.layers]
@@ -71,12 +81,15 @@ class ModelRunner:
         self.native = None
         self.decode_path = "PyTorch decode"
         self.compiled = compile_backend is not None
+        self.compile_cache = None  # the directory inductor caches compiled graphs in (compile=True)
         self.graphs: dict[tuple[str, int, int], float] = {}  # (graph, batch 1 or more, tokens per row) -> compile s
         if self.compiled:
             # every engine compiles its own graphs of the same code: more than dynamo's default limit of 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             # inductor's C++ wrapper calls the kernels from C++ instead of Python (~10% at batch 1)
             kw = dict(options={"cpp_wrapper": True}) if compile_backend == "inductor" else {}
+            if compile_backend == "inductor":  # compiled graphs cached on disk across runs (compile_cache.py)
+                self.compile_cache = compile_cache.configure()
             self._decode_graph = torch.compile(self._static_decode, fullgraph=True, dynamic=False,
                                                backend=compile_backend, **kw)
             self._mtp_graph = torch.compile(self._static_mtp, fullgraph=True, dynamic=False, backend=compile_backend,
@@ -92,7 +105,10 @@ class ModelRunner:
         return self.caches[layer][..., self.config.kv_lora_rank:]
 
     def set_lengths(self, start: int, lens: list[int]) -> None:
-        self.lengths[start:start + len(lens)] = torch.tensor(lens, device=self.device)
+        if self.device.type == "cpu":  # through a numpy view: ~1 us against ~8 (a native step can take 10)
+            self.lengths.numpy()[start:start + len(lens)] = lens
+        else:
+            self.lengths[start:start + len(lens)] = torch.tensor(lens, device=self.device)
         self.slot_lengths[start:start + len(lens)] = lens
 
     def move_slot(self, src: int, dst: int) -> None:
@@ -104,7 +120,9 @@ class ModelRunner:
         self.slot_lengths[dst] = n
 
     def weight_bytes(self) -> int:
-        return weight_bytes([vars(lw) for lw in self.layers + self.mtp_layers] + [self.embed, self.norm, self.lm_head])
+        return weight_bytes([vars(lw) for lw in self.layers + self.mtp_layers]
+                            + [self.embed, self.norm, self.lm_head]
+                            + ([self.draft_lm_head] if self.draft_lm_head is not self.lm_head else []))
 
     # --- batches --------------------------------------------------------------------------------------------------
     def batch(self, start: int, bsz: int, seqlen: int, fresh: bool) -> Batch:
@@ -188,7 +206,6 @@ class ModelRunner:
         hidden, _, _, lens = self.prefill_hidden(prompts, start)
         return self.logits(hidden[torch.arange(len(prompts), device=self.device), lens - 1])
 
-    @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token per slot for slots 0..n-1 (tokens [n]); returns logits [n,V]."""
         if self.native is not None:  # one C call (docs/kernels.md); it leaves the lengths to us
@@ -196,11 +213,12 @@ class ModelRunner:
             logits = self.native.decode(tokens, lens)
             self.set_lengths(0, [m + 1 for m in lens])
             return logits
-        if self.compiled:
-            _, logits = self._run_graph("decode", tokens[:, None])
-            self.set_lengths(0, [m + 1 for m in self.slot_lengths[:len(tokens)]])
-            return logits[:, -1]
-        return self.logits(self.forward(tokens[:, None], 0)[:, -1])
+        with torch.inference_mode():  # (here, not as a decorator: entering it costs more than a small native step)
+            if self.compiled:
+                _, logits = self._run_graph("decode", tokens[:, None])
+                self.set_lengths(0, [m + 1 for m in self.slot_lengths[:len(tokens)]])
+                return logits[:, -1]
+            return self.logits(self.forward(tokens[:, None], 0)[:, -1])
 
     def verify_forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [n,S] for slots 0..n-1 at their lengths -> (hidden [n,S,D], fp32 logits [n,S,V]). Writes the
@@ -245,16 +263,17 @@ class ModelRunner:
     def mtp_logits(self, h: torch.Tensor, matvec: bool = False) -> torch.Tensor:
         """The MTP module's block output h [..., D] -> fp32 logits [..., V] (shared_head.norm, the shared lm_head)."""
         lw = self.mtp_layers[0]
-        return linear(rms_norm(h, lw.head_norm, self.config.rms_norm_eps), self.lm_head, matvec).float()
+        return linear(rms_norm(h, lw.head_norm, self.config.rms_norm_eps), self.draft_lm_head, matvec).float()
 
-    def mtp_step(self, hidden: torch.Tensor, next_tokens: torch.Tensor, pick: torch.Tensor, lens: list[int],
-                 start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def mtp_step(self, hidden: torch.Tensor, next_tokens: torch.Tensor, pick: torch.Tensor | list[int],
+                 lens: list[int], start: int = 0, want_h: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The MTP module over hidden [n,S,D] and next_tokens [n,S] at positions lens[i] + 0..S-1 of slots
         start..start+n-1 -> (h' [n,D], logits [n,V]) at position pick[i] of each row (the compiled graph for
-        slots 0.., and the native one)."""
+        slots 0.., and the native one, which returns h' None unless want_h: only chained drafts read it)."""
         if self.native is not None and start == 0:
             h, logits = self.native.mtp(hidden, next_tokens, lens, pick)
-            return h[torch.arange(h.shape[0]), pick], logits
+            return (h[torch.arange(h.shape[0]), torch.as_tensor(pick)] if want_h else None), logits
+        pick = torch.as_tensor(pick, device=self.device)
         if self.compiled and start == 0:
             return self._run_graph("mtp", hidden, next_tokens, pick, lens=lens)
         t_index = torch.arange(max(lens) + hidden.shape[1], device=self.device)

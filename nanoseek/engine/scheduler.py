@@ -40,14 +40,15 @@ from nanoseek.quant import QuantizedWeight, check_mode
 class Engine:
     """Continuous-batching inference over a Transformer's weights: up to max_batch_size requests of prompt + output
     <= max_seq_len tokens. prefill_mode "naive" (expanded k/v, fused SDPA) or "absorbed" (the decode attention);
-    quant "int8" / "int4" weight-only (quant.py); speculative=True drafts num_speculative_tokens with the MTP module;
+    quant "int8" / "int4" weight-only (quant.py); speculative=True drafts num_speculative_tokens with the MTP module
+    (draft_quant: that module in int8 / int4 whatever the main model's precision);
     compile=True runs decode steps as compiled graphs; native=None (auto) runs them through the native CPU kernels
     where they can run, True insists, False keeps the PyTorch path (docs/engine.md)."""
 
     def __init__(self, model: Transformer, max_batch_size: int = 8, max_seq_len: int | None = None,
                  prefill_mode: str = "naive", quant: str | None = None, group_size: int = 32,
                  speculative: bool = False, num_speculative_tokens: int = 1, compile: bool = False,
-                 native: bool | None = None):
+                 native: bool | None = None, draft_quant: str | None = None):
         cfg = model.config
         if max_seq_len is None:
             max_seq_len = min(cfg.max_position_embeddings, 4096)
@@ -68,6 +69,14 @@ class Engine:
         if not is_int(num_speculative_tokens) or not 1 <= num_speculative_tokens <= 8:
             raise NanoseekError(f"engine: num_speculative_tokens must be an integer in [1, 8], got "
                                 f"{num_speculative_tokens!r}")
+        if draft_quant is not None:
+            check_mode(draft_quant, group_size)
+            if not speculative:
+                raise NanoseekError("engine: draft_quant quantises the MTP module that drafts for speculative=True; "
+                                    "this engine does not speculate")
+            if compile:
+                raise NanoseekError(f"engine: compile=True runs full-precision weights only, not "
+                                    f"draft_quant={draft_quant!r}")
         if compile and quant is not None:
             raise NanoseekError(f"engine: compile=True runs full-precision weights only, not quant={quant!r}")
         self.speculative = bool(speculative)
@@ -87,7 +96,7 @@ class Engine:
         # (their tokens are never emitted: the request's length limit ends it first)
         self.runner = ModelRunner(model, max_batch_size, max_seq_len,
                                   num_speculative_tokens - 1 if speculative else 0, prefill_mode, quant, group_size,
-                                  backend)
+                                  backend, draft_quant)
         # decode steps (and speculative verify / MTP drafts) through the native kernels where they can run: native
         # None = auto, True = refuse where they cannot, False = the PyTorch path (engine/native.py)
         self.runner.native, self.runner.decode_path = native_path.choose(self.runner, native, self.compile)
@@ -461,6 +470,7 @@ class Engine:
             "native": self.runner.native is not None,
             "compiled_graphs": len(self.runner.graphs),
             "compile_seconds": sum(self.runner.graphs.values()),
+            "compile_cache": None if self.runner.compile_cache is None else str(self.runner.compile_cache),
             "active_slots": len(self.active),
             "waiting": waiting,
             "tokens_per_second": c["generated_tokens"] / max(c["decode_seconds"] + c["prefill_seconds"], 1e-9),
@@ -468,6 +478,7 @@ class Engine:
             "weight_bytes": self.runner.weight_bytes(),
             "speculative": self.speculative,
             "num_speculative_tokens": self.num_speculative_tokens if self.speculative else 0,
+            "draft_quant": self.runner.draft_quant,
             "acceptance_rate": c["accepted_draft_tokens"] / max(c["draft_tokens"], 1),
             # tokens each verify step emits on average: 1 + accepted drafts (V3: ~1.85 with one MTP draft)
             "tokens_per_verify_step": 1 + c["accepted_draft_tokens"] * self.num_speculative_tokens

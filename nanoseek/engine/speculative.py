@@ -83,6 +83,10 @@ class Speculator:
         runner = self.runner
         for r in reqs:
             r.draft_probs = []
+        if self.k == 1 and all(r.generator is None for r in reqs):  # greedy, one draft: its argmax
+            for r, d in zip(reqs, logits.argmax(-1).tolist(), strict=True):
+                r.drafts = [d]
+            return
         cols = [self.draft_one(logits, reqs)]
         for j in range(1, self.k):
             # a request that has just finished may sit past its limit: clamp its (discarded) position into the cache
@@ -114,10 +118,16 @@ class Speculator:
         tokens = torch.tensor([[r.output_ids[-1], *r.drafts] for r in reqs], device=runner.device)  # [n,k+1]
         lens = runner.slot_lengths[:len(reqs)]
         hidden, logits = runner.verify_forward(tokens)
-        out, accepted = verify(logits, tokens[:, 1:], reqs)
-        h, mtp_logits = runner.mtp_step(hidden, out, accepted, lens)
-        acc = accepted.tolist()
+        if any(r.generator is not None for r in reqs):
+            out, accepted = verify(logits, tokens[:, 1:], reqs)
+            rows, acc = out.tolist(), accepted.tolist()
+        else:  # greedy: the same rule on lists (a few small tensor ops cost as much as a native step of a small model)
+            out = logits.argmax(-1)
+            rows = out.tolist()
+            acc = [next((j for j, (d, o) in enumerate(zip(r.drafts, row, strict=False)) if d != o), self.k)
+                   for r, row in zip(reqs, rows, strict=True)]
+        h, mtp_logits = runner.mtp_step(hidden, out, acc, lens, want_h=self.k > 1)
         new_lens = [m + 1 + a for m, a in zip(lens, acc, strict=True)]
         runner.set_lengths(0, new_lens)
         self.draft(h, mtp_logits, new_lens, reqs)
-        return [row[:a + 1] for row, a in zip(out.tolist(), acc, strict=True)]
+        return [row[:a + 1] for row, a in zip(rows, acc, strict=True)]

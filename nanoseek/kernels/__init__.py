@@ -29,6 +29,7 @@ from ctypes import POINTER, Structure, c_float, c_int, c_int32, c_void_p
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from nanoseek.errors import NanoseekError
@@ -222,27 +223,35 @@ class NativeDecoder:
         # at batch 1 is ~1/6 of an int8 token's weight bytes on the 0.54B config; quantised here by default when the
         # engine's other weights are (as llama.cpp's q8_0 / q4_0 quantise attn_k_b / attn_v_b)
         self.quantize_kv_b = engine.quant is not None if quantize_kv_b is None else quantize_kv_b
+        self._kv_b_choice = quantize_kv_b  # None: as each model's weights (the MTP module's may be draft_quant)
         self._lib, self._w = library(), _Weights()
-        self._lm_head = self._w.weight(engine.lm_head)
-        self._handle = self._model(engine.layers, engine.caches, engine.norm)
+        # the lengths and picks of a step, written in place each call (numpy: a list is copied in ~1 us, where
+        # torch.as_tensor takes ~5: at batch 1 on small models the wrapper's Python is as long as the step itself)
+        self._lens = np.zeros(engine.max_batch_size, dtype=np.int64)
+        self._pick = np.zeros(engine.max_batch_size, dtype=np.int64)
+        self._lens_ptr, self._pick_ptr = self._lens.ctypes.data, self._pick.ctypes.data
+        self._handle = self._model(engine.layers, engine.caches, engine.norm, engine.lm_head, engine.quant)
         self._mtp_handle = None
         if engine.mtp_layers:  # the first MTP module: its block over its own cache, its head norm, the shared head
-            lw = engine.mtp_layers[0]
-            self._mtp_handle = self._model(engine.mtp_layers[:1], engine.mtp_caches[:1], lw.head_norm)
+            lw = engine.mtp_layers[0]  # (or the engine's draft_quant copies of them)
+            draft = getattr(engine, "draft_quant", None) or engine.quant
+            self._mtp_handle = self._model(engine.mtp_layers[:1], engine.mtp_caches[:1], lw.head_norm,
+                                           getattr(engine, "draft_lm_head", engine.lm_head), draft)
             self._mtp_eh_proj = self._w.weight(lw.eh_proj)
             self._lib.ns_model_set_mtp(self._mtp_handle, self._w.f32(lw.enorm), self._w.f32(lw.hnorm),
                                        ctypes.byref(self._mtp_eh_proj))
 
-    def _model(self, layer_weights: list, caches: list[torch.Tensor], norm: torch.Tensor) -> int:
-        """A C model over these blocks (LayerWeights) and their caches, with the engine's embedding, RoPE tables and
-        lm_head, and `norm` before the head."""
+    def _model(self, layer_weights: list, caches: list[torch.Tensor], norm: torch.Tensor, lm_head,
+               quant: str | None) -> int:
+        """A C model over these blocks (LayerWeights, quantised in `quant` mode) and their caches, with the engine's
+        embedding and RoPE tables, and `norm` and `lm_head` after them."""
         engine, cfg, w = self.engine, self.engine.config, self._w
         layers = (_Layer * len(layer_weights))()
         for out, lw, cache_t in zip(layers, layer_weights, caches, strict=True):
             out.attn_norm, out.q_norm = w.f32(lw.attn_norm), w.f32(lw.q_norm)
             out.kv_norm, out.ffn_norm = w.f32(lw.kv_norm), w.f32(lw.ffn_norm)
             out.wq_a_kv_a, out.wq_b, out.wo = w.weight(lw.wq_a_kv_a), w.weight(lw.wq_b), w.weight(lw.wo)
-            w_uk, w_uv = self.kv_b_heads(lw)
+            w_uk, w_uv = self.kv_b_heads(lw, quant)
             out.w_uk, out.w_uv = w.array(w_uk), w.array(w_uv)
             out.ffn_gate_up, out.ffn_down = w.weight(lw.mlp_gate_up), w.weight(lw.mlp_down)
             out.moe = int(lw.moe)
@@ -262,20 +271,23 @@ class NativeDecoder:
             rows=caches[0].shape[1], eps=cfg.rms_norm_eps, softmax_scale=cfg.softmax_scale,
             routed_scaling_factor=cfg.routed_scaling_factor)
         self.max_batch, self.hidden_size, self.vocab_size = engine.max_batch_size, cfg.hidden_size, cfg.vocab_size
+        head = w.weight(lm_head)
         handle = self._lib.ns_model_new(ctypes.byref(c), layers, w.ptr(engine.embed), w.f32(norm),
-                                        ctypes.byref(self._lm_head), w.f32(engine.cos), w.f32(engine.sin),
+                                        ctypes.byref(head), w.f32(engine.cos), w.f32(engine.sin),
                                         ISAS.index(self.isa))
         if not handle:
             raise NanoseekError(f"native kernels: could not create the model ({self.isa}; out of memory?)")
         return handle
 
-    def kv_b_heads(self, lw) -> tuple[list, list]:
-        """The per-head W_UK^T [c, nope] and W_UV [v, c] of a layer as this decoder runs them (fp32 tensors, or
-        quant.Int8Weight / Int4Weight when quantize_kv_b)."""
+    def kv_b_heads(self, lw, quant: str | None = "engine") -> tuple[list, list]:
+        """The per-head W_UK^T [c, nope] and W_UV [v, c] of a layer as this decoder runs them: fp32 tensors, or
+        quant.Int8Weight / Int4Weight when quantize_kv_b (default: when the layer's weights are quantised, in their
+        mode `quant`, by default the engine's)."""
+        quant = self.engine.quant if quant == "engine" else quant
         w_uk = list(lw.w_uk.transpose(1, 2).contiguous().unbind(0))
         w_uv = list(lw.w_uv.unbind(0))
-        if self.quantize_kv_b:
-            mode = self.engine.quant or "int8"
+        if quant is not None if self._kv_b_choice is None else self._kv_b_choice:
+            mode = quant or "int8"
             w_uk = [quantize(m, mode, self.engine.group_size) for m in w_uk]
             w_uv = [quantize(m, mode, self.engine.group_size) for m in w_uv]
         return w_uk, w_uv
@@ -289,18 +301,21 @@ class NativeDecoder:
 
     def _run(self, handle: int, tokens: torch.Tensor, lengths, h_in: torch.Tensor | None, pick,
              want_hidden: bool, want_logits: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        tokens = tokens.to(torch.int64).contiguous()
+        if tokens.dtype != torch.int64 or not tokens.is_contiguous():
+            tokens = tokens.to(torch.int64).contiguous()
         n, s = tokens.shape
-        lens = torch.as_tensor(lengths, dtype=torch.int64).contiguous()
-        if lens.shape != (n,) or n > self.max_batch:
-            raise NanoseekError(f"native decode: {n} slots (max_batch_size {self.max_batch}) with lengths of shape "
-                                f"{tuple(lens.shape)}")
-        picks = None if pick is None else torch.as_tensor(pick, dtype=torch.int64).contiguous()
+        if n > self.max_batch or len(lengths) != n:
+            raise NanoseekError(f"native decode: {n} slots (max_batch_size {self.max_batch}) with {len(lengths)} "
+                                f"lengths")
+        self._lens[:n] = lengths
+        if pick is not None:
+            self._pick[:n] = pick
         hidden = torch.empty(n, s, self.hidden_size) if want_hidden else None
-        logits = (torch.empty(n, self.vocab_size) if picks is not None else torch.empty(n, s, self.vocab_size)
+        logits = (torch.empty(n, self.vocab_size) if pick is not None else torch.empty(n, s, self.vocab_size)
                   ) if want_logits else None
-        h_in = None if h_in is None else h_in.float().contiguous()
-        step = _Step(n, s, tokens.data_ptr(), lens.data_ptr(), None if picks is None else picks.data_ptr(),
+        if h_in is not None and (h_in.dtype != torch.float32 or not h_in.is_contiguous()):
+            h_in = h_in.float().contiguous()
+        step = _Step(n, s, tokens.data_ptr(), self._lens_ptr, None if pick is None else self._pick_ptr,
                      None if h_in is None else h_in.data_ptr(), None if hidden is None else hidden.data_ptr(),
                      None if logits is None else logits.data_ptr())
         rc = self._lib.ns_forward(handle, ctypes.byref(step), self.threads or torch.get_num_threads())
