@@ -139,18 +139,11 @@ def test_compiled_speculative_greedy_identical(trained, monkeypatch):
     assert engine.stats()["compiled_graphs"] == 6
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_mtp_cache_equals_full_recompute(trained, k):
-    """After speculative steps (accepted and rejected drafts), the MTP module's latent cache holds, at every
-    position i the main model has read, the latent of eh_proj([enorm(emb(t_{i+1})) ; hnorm(h_i)]): the rows the
-    chained drafts wrote with guesses are overwritten once the main model has read those positions."""
-    model, prompts = trained
-    engine = engine_for(model, speculative=True, num_speculative_tokens=k)
-    reqs = [engine.submit(p, SamplingParams(30, stop_token_ids=[])) for p in prompts[:3]]
-    for _ in range(6):
-        engine.step()
-    assert engine.stats()["accepted_draft_tokens"] < engine.stats()["draft_tokens"]
+def check_mtp_cache(engine, model, reqs):
+    """The MTP module's latent cache of each request holds, at every position i the main model has read, the latent
+    of eh_proj([enorm(emb(t_{i+1})) ; hnorm(h_i)]), recomputed here from the whole sequence."""
     cfg, mtp = model.config, model.mtp[0]
+    cache = engine.runner.slot_view(engine.mtp_caches[0])  # [slots, rows, c+r] through the block tables
     for r in reqs:
         seq = r.prompt_ids + r.output_ids  # the last output is not read by the main model yet
         n = len(seq) - 1
@@ -162,8 +155,47 @@ def test_mtp_cache_equals_full_recompute(trained, k):
             c_kv, k_pe = mtp.self_attn.project_kv_latent(mtp.input_layernorm(x))
             cos, sin = model.rotary(torch.arange(n))
             k_pe = apply_rope(k_pe, cos, sin, cfg.rope_interleave)
-        torch.testing.assert_close(engine.mtp_caches[0][r.slot, :n, :cfg.kv_lora_rank], c_kv[0], atol=2e-5, rtol=0)
-        torch.testing.assert_close(engine.mtp_caches[0][r.slot, :n, cfg.kv_lora_rank:], k_pe[0], atol=2e-5, rtol=0)
+        torch.testing.assert_close(cache[r.slot, :n, :cfg.kv_lora_rank], c_kv[0], atol=2e-5, rtol=0)
+        torch.testing.assert_close(cache[r.slot, :n, cfg.kv_lora_rank:], k_pe[0], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_mtp_cache_equals_full_recompute(trained, k):
+    """After speculative steps (accepted and rejected drafts), the MTP cache equals a full recompute at every
+    position the main model has read: the rows the chained drafts wrote with guesses are overwritten once the main
+    model has read those positions."""
+    model, prompts = trained
+    engine = engine_for(model, speculative=True, num_speculative_tokens=k)
+    reqs = [engine.submit(p, SamplingParams(30, stop_token_ids=[])) for p in prompts[:3]]
+    for _ in range(6):
+        engine.step()
+    assert engine.stats()["accepted_draft_tokens"] < engine.stats()["draft_tokens"]
+    check_mtp_cache(engine, model, reqs)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_prefix_cache_with_speculation(trained, k):
+    """Speculation over cached prefixes (a chat whose turns re-send the history): the MTP cache at a cached prefix's
+    last position pairs it with the request's own next token, so that position is recomputed into a copy of its
+    block. Output, drafts and acceptance equal an engine without the cache; the MTP cache equals a recompute."""
+    model, prompts = trained
+    engines = [engine_for(model, speculative=True, num_speculative_tokens=k, prefix_cache=c, prefill_chunk=chunk)
+               for c, chunk in ((False, None), (True, None), (True, 5))]
+    history = prompts[4]
+    for _ in range(3):
+        outs = [e.generate([history], 16, stop_token_ids=[])[0] for e in engines]
+        assert outs[0] == outs[1] == outs[2] == plain(model, [history], 16)[0]
+        history = history + outs[0]
+    stats = [e.stats() for e in engines]
+    # turns of 36 and 52 tokens read 2 and 3 whole blocks, less the last position, recomputed
+    assert [s["cached_prompt_tokens"] for s in stats] == [0, 31 + 47, 31 + 47]
+    assert len({(s["draft_tokens"], s["accepted_draft_tokens"]) for s in stats}) == 1
+    # the history again, and a prompt that leaves it right after its second block (another token follows there)
+    reqs = [engines[1].submit(p, SamplingParams(30, stop_token_ids=[])) for p in (history, history[:32] + [5, 6])]
+    for _ in range(4):
+        engines[1].step()
+    assert [r.cached_tokens for r in reqs] == [63, 31]
+    check_mtp_cache(engines[1], model, reqs)
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -184,7 +216,7 @@ def test_stop_tokens_and_length_limits(trained, k):
     for extra in (9, 10, 11):
         engine = engine_for(model, max_seq_len=len(prompts[1]) + extra, speculative=True, num_speculative_tokens=k)
         assert engine.generate([prompts[1]], 100, stop_token_ids=[])[0] == full[:extra]
-        assert engine.caches[0].shape[1] == len(prompts[1]) + extra + k - 1
+        assert engine.runner.rows == len(prompts[1]) + extra + k - 1
 
 
 # --- sampling -------------------------------------------------------------------------------------------------------
