@@ -8,10 +8,10 @@
 
 They write the new latent rows into the engine's own paged cache tensors (`engine.caches`, [num_blocks, block_size,
 c + r]) and read them through its block table (`engine.block_table`, int32, read at every call), so prefill can stay
-PyTorch and decode run natively on the same cache, prefix-cached blocks shared between slots included; none touches `engine.lengths` (the caller advances them, as
-`Engine.forward` does). The C library (native.c, forward.h) is built by `pip install -e .` (setup.py) as an
-optional extension and loaded here with ctypes; a plain C ABI was measured cheaper to call than a torch.library op
-(docs/kernels.md).
+PyTorch and decode run natively on the same cache, prefix-cached blocks shared between slots included; none
+touches `engine.lengths` (the caller advances them, as `Engine.forward` does). The C library (native.c,
+forward.h) is built by `pip install -e .` (setup.py) as an optional extension and loaded here with ctypes; a plain
+C ABI was measured cheaper to call than a torch.library op (docs/kernels.md).
 
 Instruction sets: `avx512` (AVX-512 F/BW/DQ/VL + VNNI), `avx2` (AVX2 + FMA) or `generic` (portable C), the best
 the CPU runs unless the environment variable NANOSEEK_KERNELS says `avx512`, `avx2`, `generic` or `off`
