@@ -137,12 +137,15 @@ def test_multi_turn_chat_reuses_its_history(model):
     assert hits == [0, 16, 32, 48]
 
 
-def test_suffix_prefill_over_a_cached_prefix_equals_full_prefill(model):
+@pytest.mark.parametrize("expand", [True, False])
+def test_suffix_prefill_over_a_cached_prefix_equals_full_prefill(model, expand):
+    """Both forms of the attention over cached positions: keys and values expanded (masked SDPA) and absorbed."""
     prompt = rand(70, 4)
     for mode in ("naive", "absorbed"):
         ref = Engine(model, max_batch_size=1, max_seq_len=128, prefill_mode=mode)
         full = ref.prefill([prompt])
         eng = Engine(model, max_batch_size=1, max_seq_len=128, prefill_mode=mode)
+        eng.runner.expand_pays = lambda seqlen: expand  # noqa: B023 (the test preset would always absorb)
         eng.prefill([prompt[:32]])
         hidden, _, _, _ = eng.runner.prefill_hidden([prompt[32:]], 0, [32])
         suffix = eng.logits(hidden[:, -1])

@@ -95,6 +95,26 @@ def gather(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return cache.view(-1, width).index_select(0, index.flatten()).view(*index.shape, width)
 
 
+def expand_kv(kv_lat: torch.Tensor, lw: LayerWeights, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-head keys and values from latents kv_lat [B,T,c+r] for the naive prefill: (k [B,H,T,qk], v' [B,H,T,qk],
+    j) with the values in columns j..j+v of v'. CPU flash attention needs one head dim for q, k and v (5x faster
+    than the math fallback at 1000 tokens), so v is widened to qk_head_dim: by the k_nope columns before it in
+    kv_b_proj's output when there are enough (an output column depends on its own value column only, so what fills
+    the others does not matter, and nothing is copied), else by zeros."""
+    bsz, t, _ = kv_lat.shape
+    h, nope, r, c, v, qk = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank,
+                            cfg.v_head_dim, cfg.qk_head_dim)
+    kvx = linear(kv_lat[..., :c], lw.wkv_b).view(bsz, t, h, nope + v).transpose(1, 2)  # [B,H,T,nope+v]
+    k = kvx.new_empty(bsz, h, t, qk)
+    k[..., :nope] = kvx[..., :nope]
+    k[..., nope:] = kv_lat[:, None, :, c:]  # the shared RoPE key, for every head
+    if v >= qk:
+        return k, kvx[..., nope:], 0
+    if v >= r:  # the last qk columns of [k_nope ; v]: v at their end
+        return k, kvx[..., nope + v - qk:], qk - v
+    return k, F.pad(kvx[..., nope:], (0, qk - v)), 0
+
+
 def attention(x: torch.Tensor, lw: LayerWeights, cache: torch.Tensor, b: Batch, cfg: ModelConfig) -> torch.Tensor:
     """x [B,S,D] (normed) for slots b.start.. of this layer's paged cache [num_blocks, bs, c+r] -> [B,S,D]; writes
     the new tokens' latents to the cache."""
@@ -118,15 +138,10 @@ def attention(x: torch.Tensor, lw: LayerWeights, cache: torch.Tensor, b: Batch, 
         # (right padding never leaks back), or over the slot's cached positions 0..T-1 with the mask (a suffix
         # over a cached prefix, a prompt's next chunk; masked SDPA measured 2-3x faster than the absorbed form)
         kv_lat = latent if not b.expand else gather(cache, b.read_index)  # [B,S or T,c+r]
-        t = kv_lat.shape[1]
-        k_nope, val = linear(kv_lat[..., :c], lw.wkv_b).view(bsz, t, h, nope + v).split([nope, v], dim=-1)
         qf = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B,H,S,qk]
-        kf = torch.cat([k_nope, kv_lat[:, :, None, c:].expand(-1, -1, h, -1)], dim=-1).transpose(1, 2)
-        # CPU flash attention needs one head dim for q, k and v: zero-pad v from v_head_dim to qk_head_dim
-        # (5x faster than the math fallback at 1000 tokens), then drop the padded output columns
-        vf = F.pad(val, (0, cfg.qk_head_dim - v)).transpose(1, 2) if v < cfg.qk_head_dim else val.transpose(1, 2)
+        kf, vf, first = expand_kv(kv_lat, lw, cfg)
         o = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=b.mask, is_causal=b.mask is None,
-                                           scale=cfg.softmax_scale)[..., :v]
+                                           scale=cfg.softmax_scale)[..., first:first + v]
         return linear(o.transpose(1, 2).reshape(bsz, seqlen, h * v), lw.wo)
     # absorb W_UK into the query: q_lat[h] = q_nope[h] W_UK[h]   [H, N, nope] @ [H, nope, c] -> [H, N, c]
     q_lat = bmm(q_nope.reshape(bsz * seqlen, h, nope).transpose(0, 1), lw.w_uk, b.matvec)

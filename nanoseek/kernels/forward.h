@@ -450,7 +450,9 @@ INLINE void kern_q4(const uint8_t *w, const uint16_t *s4, const uint16_t *z4, in
  * rows is short and quick (int4 rows of 1024 inputs: 2 KiB a block of 4); any distance touches every line once. */
 static inline size_t pf_bytes(size_t block) { return block > (size_t)ns_prefetch_min ? block : (size_t)ns_prefetch_min; }
 
-static void mm_rows(const act_t *a, const ns_weight *w, int n0, int n1, const out_t *o) {
+/* pf_to: 0, or (fp32 weights) the prefetch distance in bytes to use instead of pf_bytes: the attention's scores
+ * read the cache one block of rows at a time and prefetch the same rows of the slot's next block. */
+static void mm_rows_pf(const act_t *a, const ns_weight *w, int n0, int n1, const out_t *o, ptrdiff_t pf_to) {
     const int k = w->k;
     for (int n = n0; n < n1;) {
         int nr = n1 - n >= NR ? NR : 1; /* blocks of NR rows, then single rows */
@@ -461,7 +463,7 @@ static void mm_rows(const act_t *a, const ns_weight *w, int n0, int n1, const ou
                 const float *xr[MR];
                 for (int j = 0; j < mr; j++) xr[j] = a->x + (size_t)row_of(a, m + j) * a->ldx;
                 const float *wp = (const float *)w->w + (size_t)n * k;
-#define CALL(R, C) kern_f32(wp, k, xr, R, C, res, pf_bytes((size_t)nr * k * 4))
+#define CALL(R, C) kern_f32(wp, k, xr, R, C, res, pf_to ? (size_t)pf_to : pf_bytes((size_t)nr * k * 4))
                 DISPATCH_NR_MR(CALL);
 #undef CALL
             } else {
@@ -490,6 +492,10 @@ static void mm_rows(const act_t *a, const ns_weight *w, int n0, int n1, const ou
         }
         n += nr;
     }
+}
+
+static void mm_rows(const act_t *a, const ns_weight *w, int n0, int n1, const out_t *o) {
+    mm_rows_pf(a, w, n0, n1, o, 0);
 }
 
 /* --- activations -------------------------------------------------------------------------------------------------- */
@@ -831,9 +837,12 @@ static void attn_task(void *ctx, int task) {
     act_t a = f32_rows(s->qf + ((size_t)m * H + h0) * lat, lat, G, lat);
     for (int t0 = 0; t0 < T; t0 += bs) {
         int rows = T - t0 < bs ? T - t0 : bs;
-        ns_weight keys = {NS_F32, rows, lat, 0, cache_row(j->L->cache, tab, bs, lat, t0), NULL, NULL, NULL};
+        const float *blk = cache_row(j->L->cache, tab, bs, lat, t0);
+        /* the blocks lie anywhere: prefetch the next one's rows, not the memory after this one */
+        const float *next = t0 + bs < T ? cache_row(j->L->cache, tab, bs, lat, t0 + bs) : blk;
+        ns_weight keys = {NS_F32, rows, lat, 0, blk, NULL, NULL, NULL};
         out_t o = {p + t0, s->t_cap, NULL, NULL, 0};
-        mm_rows(&a, &keys, 0, rows, &o);
+        mm_rows_pf(&a, &keys, 0, rows, &o, next != blk ? (const char *)next - (const char *)blk : 1);
     }
     for (int g = 0; g < G; g++) softmax(p + (size_t)g * s->t_cap, T, cf->softmax_scale);
     weighted_sum(s->olat + ((size_t)m * H + h0) * c, c, p, s->t_cap, G, j->L->cache, tab, bs, lat, T, c);
