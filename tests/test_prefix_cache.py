@@ -325,3 +325,14 @@ def test_native_decode_matches_pytorch_on_shared_blocks(model):
             e.output_ids.append(t)
     for a, b in zip(eng.caches, ref.caches, strict=True):
         assert (a - b).abs().max() < 1e-5
+
+
+def test_compiled_decode_over_shared_blocks(model, monkeypatch):
+    """compile=True's graphs read the cache through the same per-position map of the block table."""
+    import nanoseek.engine
+
+    monkeypatch.setattr(nanoseek.engine, "COMPILE_BACKEND", "aot_eager")  # graph capture without codegen: seconds
+    engine = cached(model, max_batch_size=4, compile=True)
+    engine.generate([PROMPTS[0]], 3, stop_token_ids=[])
+    assert engine.generate(PROMPTS, 12, stop_token_ids=[]) == plain(model, PROMPTS)
+    assert engine.stats()["cached_prompt_tokens"] == 4 * 48
