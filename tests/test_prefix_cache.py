@@ -203,13 +203,17 @@ def test_eviction_under_a_small_budget(model):
 
 def test_cancel_mid_prefill_and_errors(model):
     engine = cached(model, prefill_chunk=8)
+    busy = engine.submit(rand(3, 50), SamplingParams(20, stop_token_ids=[]))
+    engine.step()  # decoding from now on: prompts are prefilled 8 tokens a step
     req = engine.submit(PROMPTS[3], SamplingParams(5))
     engine.step()
     engine.step()  # 16 tokens prefilled
     req.cancel()
     engine.step()
-    assert req.finish_reason == "cancelled" and engine.stats()["active_slots"] == 0
+    assert req.finish_reason == "cancelled" and engine.stats()["active_slots"] == 1
     assert engine.stats()["prefix_cache_blocks"] == 1  # the block it had completed is cached
+    busy.cancel()
+    engine.step()
     assert engine.generate([PROMPTS[3]], 6, stop_token_ids=[]) == plain(model, [PROMPTS[3]], 6)
     with pytest.raises(NanoseekError, match="cache_dir needs prefix_cache"):
         Engine(model, cache_dir="/tmp/x")
@@ -239,6 +243,9 @@ def test_chunked_prefill_keeps_decoding(model):
         engine.step()
     assert [r.output_ids for r in reqs + [slow]] == plain(model, short, 20) + plain(model, [long], 5)
     assert engine.stats()["prefill_steps"] == 1 + 8
+    alone = engine.submit(long, SamplingParams(2, stop_token_ids=[]))  # nobody decoding: prefilled whole
+    engine.step()
+    assert alone.output_ids and engine.stats()["prefill_steps"] == 1 + 8 + 1
 
 
 # --- the disk tier ---------------------------------------------------------------------------------------------------

@@ -179,23 +179,34 @@ def test_prefix_cache_with_speculation(trained, k):
     last position pairs it with the request's own next token, so that position is recomputed into a copy of its
     block. Output, drafts and acceptance equal an engine without the cache; the MTP cache equals a recompute."""
     model, prompts = trained
-    engines = [engine_for(model, speculative=True, num_speculative_tokens=k, prefix_cache=c, prefill_chunk=chunk)
-               for c, chunk in ((False, None), (True, None), (True, 5))]
+    engines = [engine_for(model, speculative=True, num_speculative_tokens=k, prefix_cache=c) for c in (False, True)]
     history = prompts[4]
     for _ in range(3):
         outs = [e.generate([history], 16, stop_token_ids=[])[0] for e in engines]
-        assert outs[0] == outs[1] == outs[2] == plain(model, [history], 16)[0]
+        assert outs[0] == outs[1] == plain(model, [history], 16)[0]
         history = history + outs[0]
     stats = [e.stats() for e in engines]
     # turns of 36 and 52 tokens read 2 and 3 whole blocks, less the last position, recomputed
-    assert [s["cached_prompt_tokens"] for s in stats] == [0, 31 + 47, 31 + 47]
-    assert len({(s["draft_tokens"], s["accepted_draft_tokens"]) for s in stats}) == 1
-    # the history again, and a prompt that leaves it right after its second block (another token follows there)
-    reqs = [engines[1].submit(p, SamplingParams(30, stop_token_ids=[])) for p in (history, history[:32] + [5, 6])]
-    for _ in range(4):
-        engines[1].step()
-    assert [r.cached_tokens for r in reqs] == [63, 31]
-    check_mtp_cache(engines[1], model, reqs)
+    assert [s["cached_prompt_tokens"] for s in stats] == [0, 31 + 47]
+    assert stats[0]["draft_tokens"] == stats[1]["draft_tokens"] > 0
+    assert stats[0]["accepted_draft_tokens"] == stats[1]["accepted_draft_tokens"] > 0
+    # the history again, and a prompt that leaves it right after its second block (another token follows there),
+    # prefilled in chunks of 5 while another request decodes (each chunk fills the MTP cache too)
+    engine = engines[1]
+    engine.prefill_chunk = 5
+    busy = engine.submit(prompts[0], SamplingParams(40, stop_token_ids=[]))
+    engine.step()
+    new = [history, history[:32] + [5, 6], prompts[1] + prompts[5]]  # the last one is not cached: 4 chunks
+    reqs = [engine.submit(p, SamplingParams(30, stop_token_ids=[])) for p in new]
+    steps = engine.stats()["prefill_steps"]
+    while not all(r.output_ids for r in reqs):
+        engine.step()
+    engine.step()
+    assert [r.cached_tokens for r in reqs] == [63, 31, 0] and engine.stats()["prefill_steps"] - steps == 6
+    check_mtp_cache(engine, model, reqs + [busy])
+    while not all(r.finished for r in reqs):
+        engine.step()
+    assert [r.output_ids for r in reqs] == plain(model, new, 30)
 
 
 @pytest.mark.parametrize("k", [1, 3])

@@ -65,8 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-disk-mb", type=float, default=1024, metavar="MB",
                    help="largest size of --cache-dir; the least recently used files go first (default 1024)")
     p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, metavar="N",
-                   help=f"prefill at most N prompt tokens a step, so a long prompt does not stall the requests that "
-                        f"are decoding (default {PREFILL_CHUNK}; 0: whole prompts)")
+                   help=f"while requests are decoding, prefill at most N prompt tokens a step, so a long prompt does "
+                        f"not stall them (default {PREFILL_CHUNK}; 0: whole prompts)")
 
 
 def cache_options(args: argparse.Namespace) -> dict:

@@ -2,9 +2,9 @@
 
 - `submit` validates a request and queues it (thread-safe); `step` runs one scheduler iteration: cancelled requests
   leave, waiting ones get free slots (reusing the blocks of their longest cached prefix, prefix_cache=True), prompts
-  are prefilled together (right-padded; prefill_chunk=N: at most N prompt tokens a step, so a long prompt does not
-  stall the requests that are decoding), then every decoding slot decodes one token (or, speculative=True, verifies
-  its drafts: speculative.py); sampling.py turns logits into tokens.
+  are prefilled together (right-padded; prefill_chunk=N: at most N prompt tokens a step while others decode, so a
+  long prompt does not stall them), then every decoding slot decodes one token (or, speculative=True, verifies its
+  drafts: speculative.py); sampling.py turns logits into tokens.
 - slots are block table rows: decoding requests hold slots 0..d-1 (a decode step reads rows 0..d-1), requests still
   prefilling the next ones, first come first served; when requests leave, the rows move up (a row is a list of block
   ids, so nothing is copied).
@@ -51,7 +51,8 @@ class Engine:
 
     prefix_cache=True shares the latent blocks of cached prompt prefixes across requests (prefix_cache.py), in
     cache_budget_bytes of blocks beyond the slots' own (default: as much again as the slots'), with their files in
-    cache_dir (kept under cache_disk_bytes) when given. prefill_chunk=N prefills at most N prompt tokens a step."""
+    cache_dir (kept under cache_disk_bytes) when given. prefill_chunk=N prefills at most N prompt tokens a step
+    while requests are decoding."""
 
     def __init__(self, model: Transformer, max_batch_size: int = 8, max_seq_len: int | None = None,
                  prefill_mode: str = "naive", quant: str | None = None, group_size: int = 32,
@@ -462,11 +463,13 @@ class Engine:
                 self._waiting.extendleft(reversed(later))
 
     def _prefill(self, events: list[Event]) -> None:
-        """Prefill the prompts waiting in the prefilling slots, first come first served, at most prefill_chunk
-        tokens in all (None: every prompt whole), in one right-padded batch; the requests whose prompts are
-        complete sample their first tokens (and their first drafts) and join the decoding slots."""
+        """Prefill the prompts waiting in the prefilling slots, first come first served, in one right-padded batch:
+        at most prefill_chunk tokens in all while requests are decoding (they wait for the prefill), every prompt
+        whole otherwise (chunks cost more than one pass: each attends to all the prompt before it). The requests
+        whose prompts are complete sample their first tokens (and their first drafts) and join the decoding
+        slots."""
         t0 = time.perf_counter()
-        budget = self.prefill_chunk or sys.maxsize
+        budget = self.prefill_chunk if self.prefill_chunk and self.active else sys.maxsize
         rows: list[tuple[Request, int, int]] = []  # (request, first position, tokens)
         for r in self.prefilling:
             pos = self.runner.slot_lengths[r.slot]
