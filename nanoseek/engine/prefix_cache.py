@@ -68,7 +68,7 @@ class BlockPool:
             self.tree.evict(n - len(self.free))
         if len(self.free) < n:  # the pool is sized so that every slot's row fits: a bug if it happens
             raise NanoseekError(f"engine: the latent cache has {len(self.free)} free blocks, {n} needed")
-        out = self.free[len(self.free) - n:]
+        out = self.free[len(self.free) - n:][::-1]  # ascending: a fresh pool gives a slot consecutive blocks
         del self.free[len(self.free) - n:]
         return out
 
