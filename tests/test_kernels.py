@@ -307,6 +307,9 @@ def test_bad_steps_raise():
     engine = engine_for(random_model())
     native = NativeDecoder(engine)
     with pytest.raises(NanoseekError, match="past the cache"):
-        native.decode(torch.tensor([1]), [engine.caches[0].shape[1]])
+        native.decode(torch.tensor([1]), [engine.runner.rows])
     with pytest.raises(NanoseekError, match="vocabulary"):
         native.decode(torch.tensor([10**6]), [0])
+    engine.block_table[0, 0] = engine.runner.num_blocks  # a corrupt block table is refused, not followed
+    with pytest.raises(NanoseekError, match="block table"):
+        native.decode(torch.tensor([1]), [0])

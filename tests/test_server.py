@@ -1283,3 +1283,54 @@ def test_chat_cli_piped(scripted_dir, monkeypatch):
 def test_chat_cli_dims_thinking_on_a_tty(scripted_dir, monkeypatch):
     text, _ = _run_chat(scripted_dir, "hi\n", monkeypatch, tty=True)
     assert f"\033[2m{SCRIPT_REASONING}\033[0m\n\n{SCRIPT_ANSWER}" in text
+
+
+def test_prefix_cache_usage_and_metrics(scripted_dir):
+    """With the engine's prefix cache, usage reports the prompt tokens read from it (OpenAI's
+    prompt_tokens_details.cached_tokens, DeepSeek's prompt_cache_hit_tokens / _miss_tokens), streamed or not, and
+    /metrics the hit rate and the cache's size."""
+    system = {"role": "system", "content": "You are a terse assistant who answers in one line. " * 3}
+    first = [system, {"role": "user", "content": "What is the capital of France?"}]
+    second = first + [{"role": "user", "content": "And of Spain?"}]
+    with serving(scripted_dir, engine_kw=dict(prefix_cache=True)) as (url, app):
+        ids = [post(url, {"messages": m}, "/tokenize")["tokens"] for m in (first, second)]
+        common = next(i for i, (a, b) in enumerate(zip(*ids, strict=False)) if a != b)
+        u1 = post(url, chat(messages=first, max_tokens=4))["usage"]
+        u2 = post(url, chat(messages=second, max_tokens=4))["usage"]
+        body = chat(messages=second, max_tokens=4, stream=True, stream_options={"include_usage": True})
+        u3 = sse(http.post(f"{url}/v1/chat/completions", json=body))[-1]["usage"]
+        hits = [0, 16 * (common // 16), 16 * ((len(ids[1]) - 1) // 16)]  # whole blocks of 16 tokens
+        for u, hit, n in zip((u1, u2, u3), hits, (len(ids[0]), len(ids[1]), len(ids[1])), strict=True):
+            assert u["prompt_tokens"] == n and u["prompt_tokens_details"] == {"cached_tokens": hit}
+            assert u["prompt_cache_hit_tokens"] == hit and u["prompt_cache_miss_tokens"] == n - hit
+        assert hits[1] >= 32
+        assert metric(url, "nanoseek_prompt_tokens_cached_total") == sum(hits)
+        assert metric(url, "nanoseek_prefill_tokens_total") == len(ids[0]) + 2 * len(ids[1]) - sum(hits)
+        rate = metric(url, "nanoseek_prefix_cache_hit_rate")
+        assert rate == pytest.approx(sum(hits) / (len(ids[0]) + 2 * len(ids[1])))
+        cached = metric(url, "nanoseek_prefix_cache_tokens")
+        assert cached % 16 == 0 and cached >= len(ids[1]) - 16
+        assert metric(url, "nanoseek_prefix_cache_bytes") == cached * app.state.server.engine.block_bytes // 16
+
+
+def test_serve_cache_flags(scripted_dir, tmp_path, monkeypatch, capsys):
+    from nanoseek.cli import main
+
+    for argv, why in ((["--prefill-chunk", "-1"], "--prefill-chunk"), (["--prefix-cache-mb", "-2"], "-mb"),
+                      (["--no-prefix-cache", "--cache-dir", str(tmp_path)], "contradicts")):
+        with pytest.raises(SystemExit) as e:
+            main(["serve", "--model", str(scripted_dir), *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and why in err
+    import uvicorn as uv
+
+    seen = []
+    monkeypatch.setattr(uv.Server, "run", lambda self: seen.append(self.config.app.state.server.engine.stats()))
+    main(["serve", "--model", str(scripted_dir)])
+    main(["serve", "--model", str(scripted_dir), "--cache-dir", str(tmp_path), "--prefix-cache-mb", "0",
+          "--prefill-chunk", "0"])
+    main(["serve", "--model", str(scripted_dir), "--no-prefix-cache"])
+    out = capsys.readouterr().out
+    assert [(s["prefix_cache"], s["prefill_chunk"], s["prefix_cache_budget_bytes"] > 0) for s in seen] == [
+        (True, 256, True), (True, None, False), (False, 256, False)]
+    assert "prefix cache: " in out and f"files in {tmp_path} up to 1024 MB" in out and "prefix cache off" in out

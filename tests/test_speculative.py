@@ -139,18 +139,11 @@ def test_compiled_speculative_greedy_identical(trained, monkeypatch):
     assert engine.stats()["compiled_graphs"] == 6
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_mtp_cache_equals_full_recompute(trained, k):
-    """After speculative steps (accepted and rejected drafts), the MTP module's latent cache holds, at every
-    position i the main model has read, the latent of eh_proj([enorm(emb(t_{i+1})) ; hnorm(h_i)]): the rows the
-    chained drafts wrote with guesses are overwritten once the main model has read those positions."""
-    model, prompts = trained
-    engine = engine_for(model, speculative=True, num_speculative_tokens=k)
-    reqs = [engine.submit(p, SamplingParams(30, stop_token_ids=[])) for p in prompts[:3]]
-    for _ in range(6):
-        engine.step()
-    assert engine.stats()["accepted_draft_tokens"] < engine.stats()["draft_tokens"]
+def check_mtp_cache(engine, model, reqs):
+    """The MTP module's latent cache of each request holds, at every position i the main model has read, the latent
+    of eh_proj([enorm(emb(t_{i+1})) ; hnorm(h_i)]), recomputed here from the whole sequence."""
     cfg, mtp = model.config, model.mtp[0]
+    cache = engine.runner.slot_view(engine.mtp_caches[0])  # [slots, rows, c+r] through the block tables
     for r in reqs:
         seq = r.prompt_ids + r.output_ids  # the last output is not read by the main model yet
         n = len(seq) - 1
@@ -162,8 +155,58 @@ def test_mtp_cache_equals_full_recompute(trained, k):
             c_kv, k_pe = mtp.self_attn.project_kv_latent(mtp.input_layernorm(x))
             cos, sin = model.rotary(torch.arange(n))
             k_pe = apply_rope(k_pe, cos, sin, cfg.rope_interleave)
-        torch.testing.assert_close(engine.mtp_caches[0][r.slot, :n, :cfg.kv_lora_rank], c_kv[0], atol=2e-5, rtol=0)
-        torch.testing.assert_close(engine.mtp_caches[0][r.slot, :n, cfg.kv_lora_rank:], k_pe[0], atol=2e-5, rtol=0)
+        torch.testing.assert_close(cache[r.slot, :n, :cfg.kv_lora_rank], c_kv[0], atol=2e-5, rtol=0)
+        torch.testing.assert_close(cache[r.slot, :n, cfg.kv_lora_rank:], k_pe[0], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_mtp_cache_equals_full_recompute(trained, k):
+    """After speculative steps (accepted and rejected drafts), the MTP cache equals a full recompute at every
+    position the main model has read: the rows the chained drafts wrote with guesses are overwritten once the main
+    model has read those positions."""
+    model, prompts = trained
+    engine = engine_for(model, speculative=True, num_speculative_tokens=k)
+    reqs = [engine.submit(p, SamplingParams(30, stop_token_ids=[])) for p in prompts[:3]]
+    for _ in range(6):
+        engine.step()
+    assert engine.stats()["accepted_draft_tokens"] < engine.stats()["draft_tokens"]
+    check_mtp_cache(engine, model, reqs)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_prefix_cache_with_speculation(trained, k):
+    """Speculation over cached prefixes (a chat whose turns re-send the history): the MTP cache at a cached prefix's
+    last position pairs it with the request's own next token, so that position is recomputed into a copy of its
+    block. Output, drafts and acceptance equal an engine without the cache; the MTP cache equals a recompute."""
+    model, prompts = trained
+    engines = [engine_for(model, speculative=True, num_speculative_tokens=k, prefix_cache=c) for c in (False, True)]
+    history = prompts[4]
+    for _ in range(3):
+        outs = [e.generate([history], 16, stop_token_ids=[])[0] for e in engines]
+        assert outs[0] == outs[1] == plain(model, [history], 16)[0]
+        history = history + outs[0]
+    stats = [e.stats() for e in engines]
+    # turns of 36 and 52 tokens read 2 and 3 whole blocks, less the last position, recomputed
+    assert [s["cached_prompt_tokens"] for s in stats] == [0, 31 + 47]
+    assert stats[0]["draft_tokens"] == stats[1]["draft_tokens"] > 0
+    assert stats[0]["accepted_draft_tokens"] == stats[1]["accepted_draft_tokens"] > 0
+    # the history again, and a prompt that leaves it right after its second block (another token follows there),
+    # prefilled in chunks of 5 while another request decodes (each chunk fills the MTP cache too)
+    engine = engines[1]
+    engine.prefill_chunk = 5
+    busy = engine.submit(prompts[0], SamplingParams(40, stop_token_ids=[]))
+    engine.step()
+    new = [history, history[:32] + [5, 6], prompts[1] + prompts[5]]  # the last one is not cached: 4 chunks
+    reqs = [engine.submit(p, SamplingParams(30, stop_token_ids=[])) for p in new]
+    steps = engine.stats()["prefill_steps"]
+    while not all(r.output_ids for r in reqs):
+        engine.step()
+    engine.step()
+    assert [r.cached_tokens for r in reqs] == [63, 31, 0] and engine.stats()["prefill_steps"] - steps == 6
+    check_mtp_cache(engine, model, reqs + [busy])
+    while not all(r.finished for r in reqs):
+        engine.step()
+    assert [r.output_ids for r in reqs] == plain(model, new, 30)
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -184,7 +227,7 @@ def test_stop_tokens_and_length_limits(trained, k):
     for extra in (9, 10, 11):
         engine = engine_for(model, max_seq_len=len(prompts[1]) + extra, speculative=True, num_speculative_tokens=k)
         assert engine.generate([prompts[1]], 100, stop_token_ids=[])[0] == full[:extra]
-        assert engine.caches[0].shape[1] == len(prompts[1]) + extra + k - 1
+        assert engine.runner.rows == len(prompts[1]) + extra + k - 1
 
 
 # --- sampling -------------------------------------------------------------------------------------------------------

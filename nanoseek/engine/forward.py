@@ -2,11 +2,15 @@
 lengths, and runs the forward over them (layers.py): prefill, decode, the MTP module, perplexity, and the
 torch.compile'd graphs of compile=True.
 
-- latent cache (V3 "absorb" mode): per layer one buffer [max_batch, rows, c + r] whose columns [:c] are `kv_cache` =
-  kv_a_layernorm(c_kv) and [c:] are `pe_cache` = RoPE(k_pe), so q.k is one matmul. A slot is one row of every layer's
-  buffer; `lengths` / `slot_lengths` say how many positions of each slot hold tokens. The MTP module has its own
-  buffers of the same shape (`mtp_caches`, speculative decoding).
-- prefill: right-padded prompts fed together from position 0 (`fresh`); decode: one token per slot at its length.
+- latent cache (V3 "absorb" mode), paged: per layer one buffer [num_blocks, block_size, c + r] whose columns [:c] are
+  `kv_cache` = kv_a_layernorm(c_kv) and [c:] are `pe_cache` = RoPE(k_pe), so q.k is one matmul. Slot i's position p
+  lives in block `block_table[i, p // block_size]` at row p % block_size; `lengths` / `slot_lengths` say how many
+  positions of each slot hold tokens. Blocks are counted by a prefix_cache.BlockPool, so a prefix tree can share
+  them between slots (the scheduler fills the table rows; `cover` gives a slot fed through the low-level API a row
+  of its own). The MTP module has its own buffers of the same shape and the same block tables (`mtp_caches`).
+- prefill: right-padded prompts fed together from position 0 (`fresh`), or from each slot's length (a prompt's
+  suffix over a cached prefix, the next chunk of a chunked prefill: `offsets`); decode: one token per slot at its
+  length.
 - compiled graphs: the decode step (and the speculative verify forward, and the MTP module) as graphs without
   data-dependent shapes (the gather MoE of layers.moe_ffn). The attended length T is a dynamic dimension, and so is
   the batch from 2 rows up (dynamo specialises sizes 0 and 1): two graphs per tokens-per-row cover every batch size
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 
 from nanoseek.engine import compile_cache
 from nanoseek.engine.layers import Batch, block, linear, rms_norm
+from nanoseek.engine.prefix_cache import BLOCK_SIZE, BlockPool
 from nanoseek.engine.request import is_int
 from nanoseek.engine.weights import LayerWeights
 from nanoseek.errors import NanoseekError
@@ -39,11 +44,13 @@ class ModelRunner:
 
     `compile_backend`: None runs eagerly; a torch.compile backend ("inductor") runs decode steps as compiled graphs.
     `draft_quant`: the MTP module (its block, eh_proj, and an lm_head copy for its logits) quantised to "int8" /
-    "int4" whatever `quant` the main model has: drafts only propose tokens, so they may be cheaper and coarser."""
+    "int4" whatever `quant` the main model has: drafts only propose tokens, so they may be cheaper and coarser.
+    The caches hold a full row of blocks for every slot plus `cache_blocks` more (the prefix cache's budget)."""
 
     def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int, spare_rows: int = 0,
                  prefill_mode: str = "naive", quant: str | None = None, group_size: int = 32,
-                 compile_backend: str | None = None, draft_quant: str | None = None):
+                 compile_backend: str | None = None, draft_quant: str | None = None, cache_blocks: int = 0,
+                 block_size: int = BLOCK_SIZE):
         cfg = self.config = model.config
         self.max_batch_size, self.max_seq_len, self.prefill_mode = max_batch_size, max_seq_len, prefill_mode
         self.quant, self.group_size = quant, group_size
@@ -70,9 +77,25 @@ class ModelRunner:
                 self.draft_lm_head = quantize(model.lm_head.weight, draft_quant, group_size)
         self.draft_quant = draft_quant if self.mtp_layers else None
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-        self.caches = [torch.zeros(max_batch_size, self.rows, width, dtype=self.dtype, device=self.device)
+        self.block_size = block_size
+        self.blocks_per_slot = -(-self.rows // block_size)
+        # block 0 (the null block) + a full row for every slot + the prefix cache's: every slot can always get its
+        # row, evicting cached prefixes if needed
+        self.num_blocks = 1 + max_batch_size * self.blocks_per_slot + cache_blocks
+        self.caches = [torch.zeros(self.num_blocks, block_size, width, dtype=self.dtype, device=self.device)
                        for _ in self.layers]
         self.mtp_caches = [torch.zeros_like(self.caches[0]) for _ in self.mtp_layers]  # the MTP module's own
+        self.pool = BlockPool(self.num_blocks)
+        # per slot, the blocks holding positions 0, bs, 2 bs, ... (int32: the native kernels read it too); entries
+        # past a slot's own blocks are 0, the null block
+        self.block_table = torch.zeros(max_batch_size, self.blocks_per_slot, dtype=torch.int32, device=self.device)
+        # the same, per position: row_map[i, p] = the row of cache.view(-1, c+r) holding slot i's position p, so a
+        # forward's write and read indices are a gather and a slice (the indices from the table took 100 us a step)
+        self.row_map = torch.zeros(max_batch_size, self.blocks_per_slot * block_size, dtype=torch.long,
+                                   device=self.device)
+        self._offsets = torch.arange(block_size, device=self.device).repeat(self.blocks_per_slot)
+        self.row_map[:] = self._offsets  # every position in the null block
+        self.slot_blocks: list[list[int]] = [[] for _ in range(max_batch_size)]  # the table rows, as lists
         # tokens cached per slot, as a tensor (for positions) and a list (for shapes, without syncs)
         self.lengths = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
         self.slot_lengths = [0] * max_batch_size
@@ -96,13 +119,18 @@ class ModelRunner:
                                             **kw)
 
     # --- cache views and bookkeeping ------------------------------------------------------------------------------
+    def slot_view(self, cache: torch.Tensor) -> torch.Tensor:
+        """A cache [num_blocks, bs, c+r] read through the block tables: [max_batch, rows, c+r], a copy."""
+        flat = cache.view(-1, cache.shape[-1])
+        return flat[self.read_index(0, self.max_batch_size, self.rows)]
+
     def kv_cache(self, layer: int) -> torch.Tensor:
-        """[max_batch, rows, kv_lora_rank]: kv_a_layernorm(c_kv) per cached token."""
-        return self.caches[layer][..., :self.config.kv_lora_rank]
+        """[max_batch, rows, kv_lora_rank]: kv_a_layernorm(c_kv) per cached token (a copy)."""
+        return self.slot_view(self.caches[layer])[..., :self.config.kv_lora_rank]
 
     def pe_cache(self, layer: int) -> torch.Tensor:
-        """[max_batch, rows, qk_rope_head_dim]: k_pe after RoPE per cached token."""
-        return self.caches[layer][..., self.config.kv_lora_rank:]
+        """[max_batch, rows, qk_rope_head_dim]: k_pe after RoPE per cached token (a copy)."""
+        return self.slot_view(self.caches[layer])[..., self.config.kv_lora_rank:]
 
     def set_lengths(self, start: int, lens: list[int]) -> None:
         if self.device.type == "cpu":  # through a numpy view: ~1 us against ~8 (a native step can take 10)
@@ -111,13 +139,53 @@ class ModelRunner:
             self.lengths[start:start + len(lens)] = torch.tensor(lens, device=self.device)
         self.slot_lengths[start:start + len(lens)] = lens
 
-    def move_slot(self, src: int, dst: int) -> None:
-        """Copy slot src's cached tokens (main and MTP caches) and length to slot dst."""
-        n = self.slot_lengths[src]
+    def assign(self, slot: int, blocks: list[int]) -> None:
+        """Point slot's table row at blocks (one reference held on each), releasing the row it held."""
+        self.pool.hold(blocks)
+        self.pool.drop(self.slot_blocks[slot])
+        self.slot_blocks[slot] = list(blocks)
+        self.block_table[slot] = 0
+        if blocks:
+            self.block_table[slot, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32, device=self.device)
+        self.row_map[slot] = self.block_table[slot].long().repeat_interleave(self.block_size) * self.block_size \
+            + self._offsets
+
+    def permute_slots(self, order: list[int]) -> None:
+        """Slot i takes what slot order[i] held (its table row and length), for i < len(order); the other slots'
+        rows are released (lengths 0). The scheduler keeps its requests in slots 0..n-1 with this."""
+        for s in set(range(self.max_batch_size)) - set(order):
+            self.assign(s, [])
+        n, idx = len(order), torch.tensor(order, dtype=torch.long, device=self.device)
+        self.slot_blocks[:n] = [self.slot_blocks[s] for s in order]
+        self.slot_blocks[n:] = [[] for _ in range(self.max_batch_size - n)]
+        self.block_table[:n] = self.block_table[idx]
+        self.block_table[n:] = 0
+        self.row_map[:n] = self.row_map[idx]
+        self.row_map[n:] = self._offsets
+        self.set_lengths(0, [self.slot_lengths[s] for s in order] + [0] * (self.max_batch_size - n))
+
+    def cover(self, start: int, needs: list[int]) -> None:
+        """Make sure slots start.. hold blocks for their first needs[i] positions: a slot fed through the low-level
+        API (prefill / forward / decode / perplexity on slots the scheduler did not fill) gets a full row of its
+        own. The scheduler reserves each request's blocks itself, so this does nothing for it."""
+        for i, need in enumerate(needs):
+            have = self.slot_blocks[start + i]
+            if len(have) * self.block_size < need:
+                self.assign(start + i, have + self.pool.allocate(self.blocks_per_slot - len(have)))
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy block src's latents (main and MTP caches) into block dst."""
         for cache in self.caches + self.mtp_caches:
-            cache[dst, :n] = cache[src, :n]
-        self.lengths[dst] = n
-        self.slot_lengths[dst] = n
+            cache[dst] = cache[src]
+
+    def block_data(self, block: int, mtp: bool) -> torch.Tensor:
+        """One block's latents over the main layers (and the MTP module's, if mtp): [L, bs, c+r], a copy."""
+        return torch.stack([c[block] for c in self.caches + (self.mtp_caches if mtp else [])]).cpu()
+
+    def set_block_data(self, block: int, data: torch.Tensor) -> None:
+        """Write latents [L, bs, c+r] (block_data's layout) into block."""
+        for c, d in zip(self.caches + self.mtp_caches, data, strict=False):
+            c[block] = d.to(device=self.device, dtype=self.dtype)
 
     def weight_bytes(self) -> int:
         return weight_bytes([vars(lw) for lw in self.layers + self.mtp_layers]
@@ -125,23 +193,47 @@ class ModelRunner:
                             + ([self.draft_lm_head] if self.draft_lm_head is not self.lm_head else []))
 
     # --- batches --------------------------------------------------------------------------------------------------
-    def batch(self, start: int, bsz: int, seqlen: int, fresh: bool) -> Batch:
-        """Positions, RoPE angles, cache write index and mask for feeding [B,S] tokens to slots start.."""
+    def write_index(self, start: int, pos: torch.Tensor) -> torch.Tensor:
+        """Rows of cache.view(-1, c+r) holding positions pos [B,S] of slots start..start+B-1, through the block
+        table: [B,S]."""
+        return self.row_map[start:start + pos.shape[0]].gather(1, pos)
+
+    def read_index(self, start: int, bsz: int, t: int | torch.Tensor) -> torch.Tensor:
+        """Rows of cache.view(-1, c+r) holding positions 0..T-1 of slots start..start+B-1: [B,T]. t is T, or
+        arange(T) (a compiled graph's dynamic T)."""
+        return self.row_map[start:start + bsz, :t if isinstance(t, int) else t.shape[0]]
+
+    def batch(self, start: int, bsz: int, seqlen: int, fresh: bool, new: list[int] | None = None,
+              expand: bool = False) -> Batch:
+        """Positions, RoPE angles, cache write / read indices and mask for feeding [B,S] tokens to slots start..
+        new[i] (default S): the real tokens of row i, the rest is right padding, written to the null block.
+        expand: a prefill over cached positions (fresh=False) in naive mode, which expands keys and values."""
         rows = slice(start, start + bsz)
         offsets = torch.arange(seqlen, device=self.device)
         pos = offsets.expand(bsz, -1) if fresh else self.lengths[rows, None] + offsets  # [B,S]
         lens = [0] * bsz if fresh else self.slot_lengths[rows]
-        slot_base = torch.arange(start, start + bsz, device=self.device)[:, None] * self.rows
-        cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # [B,S,1,r/2] fp32 (broadcast over heads)
+        new = [seqlen] * bsz if new is None else new
+        self.cover(start, [m + k for m, k in zip(lens, new, strict=True)])
+        real = pos.clamp(max=self.rows - 1)  # padding may run past the slot's last row
+        write = self.write_index(start, real)
+        if min(new) < seqlen:  # padding: to the null block (rows 0..bs-1 of the flat cache), never read unmasked
+            write = torch.where(offsets < torch.tensor(new, device=self.device)[:, None], write,
+                                offsets % self.block_size)
+        cos, sin = self.cos[real][:, :, None], self.sin[real][:, :, None]  # [B,S,1,r/2] fp32 (broadcast over heads)
+        read = None
         if fresh:
             mask, t = None, seqlen  # causal over the new tokens
             if self.prefill_mode == "absorbed":
-                mask = self.mask(pos, t)
+                mask, read = self.mask(pos, t), self.read_index(start, bsz, t)
         else:
             t = max(lens) + seqlen
-            # one token per slot and every slot at the same length: everything is visible, skip the mask
-            mask = self.mask(pos, t) if seqlen > 1 or min(lens) < max(lens) else pos.new_empty(0)
-        return Batch(start, (slot_base + pos).flatten(), cos, sin, mask, t)
+            read = self.read_index(start, bsz, t)
+            expand = expand and self.prefill_mode == "naive" and self.expand_pays(seqlen)
+            if expand:
+                mask = self.mask(pos, t, heads=False)
+            else:  # one token per slot and every slot at the same length: everything is visible, skip the mask
+                mask = self.mask(pos, t) if seqlen > 1 or min(lens) < max(lens) else pos.new_empty(0)
+        return Batch(start, write.flatten(), cos, sin, mask, t, read_index=read, expand=expand and not fresh)
 
     def static_batch(self, pos0: torch.Tensor, seqlen: int, t_index: torch.Tensor, start: int = 0,
                      static: bool = True) -> Batch:
@@ -150,16 +242,29 @@ class ModelRunner:
         is always built (no data-dependent branch). static: for a compiled graph, whose batch-1 form (a size dynamo
         specialises, so known while tracing) writes its products as loops."""
         pos = pos0[:, None] + torch.arange(seqlen, device=self.device)  # [B,S]
-        slot_base = (start + torch.arange(pos.shape[0], device=self.device))[:, None] * self.rows
         t = t_index.shape[0]
-        return Batch(start, (slot_base + pos).flatten(), self.cos[pos][:, :, None], self.sin[pos][:, :, None],
-                     self.mask(pos, t), t, static=static, matvec=static and pos.shape[0] == 1)
+        return Batch(start, self.write_index(start, pos).flatten(), self.cos[pos][:, :, None],
+                     self.sin[pos][:, :, None], self.mask(pos, t), t, static=static,
+                     matvec=static and pos.shape[0] == 1, read_index=self.read_index(start, pos.shape[0], t_index))
 
-    def mask(self, pos: torch.Tensor, t: int) -> torch.Tensor:
-        """Additive mask [B, S*H, T]: the query at position pos[b,s] sees cached keys 0..pos[b,s]."""
+    def expand_pays(self, seqlen: int) -> bool:
+        """For S new tokens per row over T cached positions: whether expanding the T keys and values (naive, masked
+        SDPA) costs fewer multiply-adds than the absorbed attention. Per head and cached position, the absorbed form
+        costs S (2c + r) (scores, weighted sum), the expanded one c (nope + v) (the expansion) + S (qk + v):
+        expanding pays from S > c (nope + v) / (2c + r - qk - v) tokens. Measured on the `cpu` preset (64 there):
+        16 tokens over 1,700 cached took 18 ms expanded, 13 ms absorbed; 160 tokens 48 and 54 ms."""
+        cfg = self.config
+        gain = 2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim - cfg.qk_head_dim - cfg.v_head_dim
+        return gain > 0 and seqlen * gain > cfg.kv_lora_rank * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+
+    def mask(self, pos: torch.Tensor, t: int, heads: bool = True) -> torch.Tensor:
+        """Additive mask [B, S*H, T] (the absorbed attention's rows; heads=False: [B, 1, S, T], SDPA's): the query
+        at position pos[b,s] sees cached keys 0..pos[b,s]."""
         bsz, seqlen = pos.shape
         hidden = torch.arange(t, device=pos.device) > pos[..., None]  # [B,S,T]
         mask = torch.zeros(hidden.shape, dtype=self.dtype, device=pos.device).masked_fill_(hidden, float("-inf"))
+        if not heads:
+            return mask[:, None]
         return mask[:, :, None].expand(-1, -1, self.config.num_attention_heads, -1).reshape(bsz, -1, t)
 
     # --- forward --------------------------------------------------------------------------------------------------
@@ -185,18 +290,23 @@ class ModelRunner:
         """hidden [..., D] -> fp32 logits [..., V]."""
         return linear(rms_norm(hidden, self.norm, self.config.rms_norm_eps), self.lm_head, matvec).float()
 
-    def prefill_hidden(self, prompts: list[list[int]], start: int
+    def prefill_hidden(self, prompts: list[list[int]], start: int, offsets: list[int] | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, Batch, torch.Tensor]:
-        """Right-padded batched prefill into slots start..: (hidden [n,S,D], tokens [n,S], its Batch, lengths [n]);
-        sets each slot's length to its prompt length."""
+        """Right-padded batched prefill into slots start..: (hidden [n,S,D], tokens [n,S], its Batch, lengths [n]).
+        Without offsets the prompts start at position 0; with them, prompts[i] continues slot start+i from
+        position offsets[i] (its length: a cached prefix, earlier chunks) and attends to what the slot holds.
+        Sets each slot's length to its offset + the tokens fed."""
         lens = [len(p) for p in prompts]
         tokens = torch.zeros(len(prompts), max(lens), dtype=torch.long)
         for i, p in enumerate(prompts):
             tokens[i, :len(p)] = torch.tensor(p)
         tokens = tokens.to(self.device)
-        b = self.batch(start, len(prompts), tokens.shape[1], fresh=True)
+        fresh = offsets is None or not any(offsets)
+        if not fresh:
+            self.set_lengths(start, offsets)
+        b = self.batch(start, len(prompts), tokens.shape[1], fresh=fresh, new=lens, expand=True)
         hidden = self._forward(tokens, b)
-        self.set_lengths(start, lens)
+        self.set_lengths(start, lens if fresh else [o + n for o, n in zip(offsets, lens, strict=True)])
         return hidden, tokens, b, torch.tensor(lens, device=self.device)
 
     @torch.inference_mode()

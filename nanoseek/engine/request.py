@@ -134,7 +134,8 @@ class Request:
     stop_array: np.ndarray | None = None  # stop_ids as an array (constrained requests)
     finish_reason: str | None = None
     error: str | None = None  # why a request ended with "error" for a reason of its own (its grammar's dead end)
-    slot: int | None = None  # the cache row it holds while active
+    slot: int | None = None  # the block table row it holds while prefilling or decoding
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of prefilled (the usage's cache hit)
     done: threading.Event = field(default_factory=threading.Event)
     _cancel: bool = False
     _engine: Engine | None = None  # the engine it was submitted to (cancel wakes its loop)

@@ -97,17 +97,18 @@ class Speculator:
         for r, ds in zip(reqs, torch.stack(cols, dim=1).tolist(), strict=True):
             r.drafts = ds
 
-    def prefill(self, hidden: torch.Tensor, tokens: torch.Tensor, b: Batch, lens: torch.Tensor, first: list[int],
+    def prefill(self, hidden: torch.Tensor, next_tokens: torch.Tensor, b: Batch, lens: torch.Tensor,
                 reqs: list[Request]) -> None:
-        """After the main prefill (hidden [n,S,D] of the prompts tokens [n,S], its Batch b, prompt lengths [n]): fill
-        the MTP cache over the same slots and positions (position i pairs h_i with the next prompt token, the last
-        with the token just sampled, first[i]) and draft the next k tokens."""
+        """After a main prefill (hidden [n,S,D] of n prompt chunks of lens [n] tokens, fed with Batch b): fill the
+        MTP cache over the same slots and positions, position i pairing h_i with next_tokens[:, i] (the prompt's
+        next token; after a complete prompt's last, the token just sampled), and draft the next k tokens for reqs,
+        the first len(reqs) rows, whose prompts are complete."""
         runner = self.runner
-        rows = torch.arange(len(reqs), device=runner.device)
-        next_tokens = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1)  # the column past each prompt is padding
-        next_tokens[rows, lens - 1] = torch.tensor(first, device=runner.device)
-        h = runner.mtp(hidden, next_tokens, b)[rows, lens - 1]
-        self.draft(h, runner.mtp_logits(h), lens.tolist(), reqs, b.start)
+        h = runner.mtp(hidden, next_tokens, b)
+        if reqs:
+            rows = torch.arange(len(reqs), device=runner.device)
+            h = h[rows, lens[:len(reqs)] - 1]
+            self.draft(h, runner.mtp_logits(h), runner.slot_lengths[b.start:b.start + len(reqs)], reqs, b.start)
 
     def decode(self, reqs: list[Request]) -> list[list[int]]:
         """One verify step for the requests in slots 0..n-1: the main model reads [last token, d_1..d_k] per slot in

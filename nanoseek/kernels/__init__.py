@@ -6,11 +6,12 @@
     hidden, logits = native.forward(tokens, lengths) # tokens [n, S]: S new tokens per slot (the MTP verify step)
     h, logits = native.mtp(hidden, next_tokens, lengths, pick)   # the first MTP module, over engine.mtp_caches[0]
 
-They write the new latent rows into the engine's own cache tensors (`engine.caches`), so prefill can stay PyTorch
-and decode run natively on the same cache; none touches `engine.lengths` (the caller advances them, as
-`Engine.forward` does). The C library (native.c, forward.h) is built by `pip install -e .` (setup.py) as an
-optional extension and loaded here with ctypes; a plain C ABI was measured cheaper to call than a torch.library op
-(docs/kernels.md).
+They write the new latent rows into the engine's own paged cache tensors (`engine.caches`, [num_blocks, block_size,
+c + r]) and read them through its block table (`engine.block_table`, int32, read at every call), so prefill can stay
+PyTorch and decode run natively on the same cache, prefix-cached blocks shared between slots included; none
+touches `engine.lengths` (the caller advances them, as `Engine.forward` does). The C library (native.c,
+forward.h) is built by `pip install -e .` (setup.py) as an optional extension and loaded here with ctypes; a plain
+C ABI was measured cheaper to call than a torch.library op (docs/kernels.md).
 
 Instruction sets: `avx512` (AVX-512 F/BW/DQ/VL + VNNI), `avx2` (AVX2 + FMA) or `generic` (portable C), the best
 the CPU runs unless the environment variable NANOSEEK_KERNELS says `avx512`, `avx2`, `generic` or `off`
@@ -52,7 +53,7 @@ class _Layer(Structure):
                 ("w_uk", POINTER(_Weight)), ("w_uv", POINTER(_Weight)),
                 ("ffn_gate_up", _Weight), ("ffn_down", _Weight), ("moe", c_int32), ("pad", c_int32),
                 ("gate_w", c_void_p), ("gate_bias", c_void_p), ("experts_gate_up", POINTER(_Weight)),
-                ("experts_down", POINTER(_Weight)), ("cache", c_void_p)]
+                ("experts_down", POINTER(_Weight)), ("cache", c_void_p), ("block_table", c_void_p)]
 
 
 class _Step(Structure):
@@ -64,7 +65,8 @@ class _Config(Structure):
     _fields_ = [(name, c_int32) for name in (
         "n_layers", "hidden", "vocab", "n_heads", "q_lora_rank", "kv_lora_rank", "nope", "rope", "v_head", "n_routed",
         "n_group", "topk_group", "top_k", "norm_topk_prob", "rope_interleave", "max_batch", "rows")] + [
-        ("eps", c_float), ("softmax_scale", c_float), ("routed_scaling_factor", c_float)]
+        ("eps", c_float), ("softmax_scale", c_float), ("routed_scaling_factor", c_float),
+        ("block_size", c_int32), ("max_blocks", c_int32), ("num_blocks", c_int32)]
 
 
 # --- the library and the instruction set -----------------------------------------------------------------------------
@@ -259,7 +261,8 @@ class NativeDecoder:
                 out.gate_w, out.gate_bias = w.f32(lw.gate_w), w.f32(lw.gate_bias)
                 out.experts_gate_up = w.array(lw.experts_gate_up)
                 out.experts_down = w.array(lw.experts_down)
-            out.cache = w.ptr(cache_t)  # the engine's tensor itself: written in place
+            out.cache = w.ptr(cache_t)  # the engine's paged cache itself [num_blocks, bs, c+r]: written in place
+            out.block_table = w.ptr(engine.block_table)  # the engine's table, read at every step (int32)
         w.keep.append(layers)
         c = _Config(
             n_layers=len(layer_weights), hidden=cfg.hidden_size, vocab=cfg.vocab_size,
@@ -268,8 +271,9 @@ class NativeDecoder:
             n_routed=cfg.n_routed_experts, n_group=cfg.n_group, topk_group=cfg.topk_group,
             top_k=cfg.num_experts_per_tok, norm_topk_prob=int(cfg.norm_topk_prob),
             rope_interleave=int(cfg.rope_interleave), max_batch=engine.max_batch_size,
-            rows=caches[0].shape[1], eps=cfg.rms_norm_eps, softmax_scale=cfg.softmax_scale,
-            routed_scaling_factor=cfg.routed_scaling_factor)
+            rows=engine.rows, eps=cfg.rms_norm_eps, softmax_scale=cfg.softmax_scale,
+            routed_scaling_factor=cfg.routed_scaling_factor, block_size=engine.block_size,
+            max_blocks=engine.blocks_per_slot, num_blocks=engine.num_blocks)
         self.max_batch, self.hidden_size, self.vocab_size = engine.max_batch_size, cfg.hidden_size, cfg.vocab_size
         head = w.weight(lm_head)
         handle = self._lib.ns_model_new(ctypes.byref(c), layers, w.ptr(engine.embed), w.f32(norm),
@@ -321,7 +325,7 @@ class NativeDecoder:
         rc = self._lib.ns_forward(handle, ctypes.byref(step), self.threads or torch.get_num_threads())
         if rc:
             why = {-1: "out of memory", -2: "a position past the cache", -3: "a token id outside the vocabulary",
-                   -5: "a pick outside the slot's tokens"}
+                   -5: "a pick outside the slot's tokens", -6: "a block table entry outside the cache"}
             raise NanoseekError(f"native decode failed: {why.get(rc, rc)}")
         return hidden, logits
 

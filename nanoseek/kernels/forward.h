@@ -5,7 +5,8 @@
  *   h      = RMSNorm(x)                                     [M, D]
  *   a      = h W_qkv^T = [q_a ; c_kv ; k_pe]                [M, q_lora_rank + c + r]   (one projection)
  *   q      = RMSNorm(q_a) W_qb^T                            [M, H, nope + r]          (or q straight from a)
- *   cache[slot, pos] = [RMSNorm(c_kv) ; RoPE(k_pe)]         the engine's latent row, written in place
+ *   cache[slot, pos] = [RMSNorm(c_kv) ; RoPE(k_pe)]         the engine's latent row, written in place (paged: row
+ *                                                            pos % bs of block block_table[slot][pos / bs])
  *   q_lat  = q_nope W_UK[h]                                 [M, H, c]
  *   p      = softmax(([q_lat ; RoPE(q_pe)] . cache[slot, 0..pos]) * softmax_scale)   fp32, the slot's own length
  *   o      = (p . kv_cache) W_UV[h]^T                       [M, H, v]
@@ -449,7 +450,9 @@ INLINE void kern_q4(const uint8_t *w, const uint16_t *s4, const uint16_t *z4, in
  * rows is short and quick (int4 rows of 1024 inputs: 2 KiB a block of 4); any distance touches every line once. */
 static inline size_t pf_bytes(size_t block) { return block > (size_t)ns_prefetch_min ? block : (size_t)ns_prefetch_min; }
 
-static void mm_rows(const act_t *a, const ns_weight *w, int n0, int n1, const out_t *o) {
+/* pf_to: 0, or (fp32 weights) the prefetch distance in bytes to use instead of pf_bytes: the attention's scores
+ * read the cache one block of rows at a time and prefetch the same rows of the slot's next block. */
+static void mm_rows_pf(const act_t *a, const ns_weight *w, int n0, int n1, const out_t *o, ptrdiff_t pf_to) {
     const int k = w->k;
     for (int n = n0; n < n1;) {
         int nr = n1 - n >= NR ? NR : 1; /* blocks of NR rows, then single rows */
@@ -460,7 +463,7 @@ static void mm_rows(const act_t *a, const ns_weight *w, int n0, int n1, const ou
                 const float *xr[MR];
                 for (int j = 0; j < mr; j++) xr[j] = a->x + (size_t)row_of(a, m + j) * a->ldx;
                 const float *wp = (const float *)w->w + (size_t)n * k;
-#define CALL(R, C) kern_f32(wp, k, xr, R, C, res, pf_bytes((size_t)nr * k * 4))
+#define CALL(R, C) kern_f32(wp, k, xr, R, C, res, pf_to ? (size_t)pf_to : pf_bytes((size_t)nr * k * 4))
                 DISPATCH_NR_MR(CALL);
 #undef CALL
             } else {
@@ -489,6 +492,10 @@ static void mm_rows(const act_t *a, const ns_weight *w, int n0, int n1, const ou
         }
         n += nr;
     }
+}
+
+static void mm_rows(const act_t *a, const ns_weight *w, int n0, int n1, const out_t *o) {
+    mm_rows_pf(a, w, n0, n1, o, 0);
 }
 
 /* --- activations -------------------------------------------------------------------------------------------------- */
@@ -752,9 +759,15 @@ static void uv_task(void *ctx, int h) {
     mm_rows(&a, &j->L->w_uv[h], 0, v, &o);
 }
 
-/* olat[g] = sum_t p[g][t] kv[t][:c] for G <= 4 heads sharing each cached row; kv rows lat apart */
-static void weighted_sum(float *olat, int ldo, const float *p, int ldp, int G, const float *kv, int lat, int T,
-                         int c) {
+/* The cached row of position t of a slot (its block table row tab): row t % bs of block tab[t / bs]. */
+INLINE const float *cache_row(const float *cache, const int32_t *tab, int bs, int lat, int t) {
+    return cache + ((size_t)tab[t / bs] * bs + t % bs) * lat;
+}
+
+/* olat[g] = sum_t p[g][t] kv[t][:c] for G <= 4 heads sharing each cached row, over positions 0..T-1 of a slot's
+ * paged cache (block table row tab, blocks of bs rows of lat floats); rows in order, as one contiguous pass would */
+static void weighted_sum(float *olat, int ldo, const float *p, int ldp, int G, const float *cache,
+                         const int32_t *tab, int bs, int lat, int T, int c) {
 #if defined(NS_AVX512) || defined(NS_AVX2)
 #if defined(NS_AVX512)
 #define VW 16
@@ -776,9 +789,12 @@ static void weighted_sum(float *olat, int ldo, const float *p, int ldp, int G, c
     int j0 = 0;
     for (; j0 + VW <= c; j0 += VW) { /* one register-wide column of the latent at a time, over every row */
         VEC acc[4] = {VZERO, VZERO, VZERO, VZERO};
-        for (int t = 0; t < T; t++) {
-            VEC r = VLOAD(kv + (size_t)t * lat + j0);
-            for (int g = 0; g < G; g++) acc[g] = VFMA(VSET1(p[(size_t)g * ldp + t]), r, acc[g]);
+        for (int t0 = 0; t0 < T; t0 += bs) { /* block by block */
+            const float *kv = cache_row(cache, tab, bs, lat, t0);
+            for (int t = t0; t < T && t < t0 + bs; t++) {
+                VEC r = VLOAD(kv + (size_t)(t - t0) * lat + j0);
+                for (int g = 0; g < G; g++) acc[g] = VFMA(VSET1(p[(size_t)g * ldp + t]), r, acc[g]);
+            }
         }
         for (int g = 0; g < G; g++) VSTORE(olat + (size_t)g * ldo + j0, acc[g]);
     }
@@ -786,7 +802,8 @@ static void weighted_sum(float *olat, int ldo, const float *p, int ldp, int G, c
         for (int g = 0; g < G; g++) memset(olat + (size_t)g * ldo + j0, 0, sizeof(float) * (c - j0));
         for (int t = 0; t < T; t++)
             for (int g = 0; g < G; g++)
-                axpy(olat + (size_t)g * ldo + j0, p[(size_t)g * ldp + t], kv + (size_t)t * lat + j0, c - j0);
+                axpy(olat + (size_t)g * ldo + j0, p[(size_t)g * ldp + t], cache_row(cache, tab, bs, lat, t) + j0,
+                     c - j0);
     }
 #undef VW
 #undef VEC
@@ -798,13 +815,15 @@ static void weighted_sum(float *olat, int ldo, const float *p, int ldp, int G, c
 #else
     for (int g = 0; g < G; g++) {
         memset(olat + (size_t)g * ldo, 0, sizeof(float) * c);
-        for (int t = 0; t < T; t++) axpy(olat + (size_t)g * ldo, p[(size_t)g * ldp + t], kv + (size_t)t * lat, c);
+        for (int t = 0; t < T; t++)
+            axpy(olat + (size_t)g * ldo, p[(size_t)g * ldp + t], cache_row(cache, tab, bs, lat, t), c);
     }
 #endif
 }
 
 /* One (token, group of <= 4 heads): scores over the slot's cached rows 0..pos (a projection with the cache rows as
- * the weight: each row read once for the group), softmax in fp32, the weighted sum of the latents. */
+ * the weight, one block of rows at a time: each row read once for the group), softmax in fp32, the weighted sum of
+ * the latents. */
 static void attn_task(void *ctx, int task) {
     const attn_job *j = ctx;
     const ns_model *md = j->c->md;
@@ -812,15 +831,21 @@ static void attn_task(void *ctx, int task) {
     ns_scratch *s = &((ns_model *)md)->s;
     int H = cf->n_heads, c = cf->kv_lora_rank, lat = c + cf->rope;
     int m = task / j->groups, h0 = (task % j->groups) * j->hg, G = h0 + j->hg < H ? j->hg : H - h0;
-    int slot = m / j->s, T = (int)j->lens[slot] + m % j->s + 1;
-    const float *cache = j->L->cache + (size_t)slot * cf->rows * lat;
+    int slot = m / j->s, T = (int)j->lens[slot] + m % j->s + 1, bs = cf->block_size;
+    const int32_t *tab = j->L->block_table + (size_t)slot * cf->max_blocks;
     float *p = s->scores + ((size_t)m * H + h0) * s->t_cap;
     act_t a = f32_rows(s->qf + ((size_t)m * H + h0) * lat, lat, G, lat);
-    ns_weight keys = {NS_F32, T, lat, 0, cache, NULL, NULL, NULL};
-    out_t o = {p, s->t_cap, NULL, NULL, 0};
-    mm_rows(&a, &keys, 0, T, &o);
+    for (int t0 = 0; t0 < T; t0 += bs) {
+        int rows = T - t0 < bs ? T - t0 : bs;
+        const float *blk = cache_row(j->L->cache, tab, bs, lat, t0);
+        /* the blocks lie anywhere: prefetch the next one's rows, not the memory after this one */
+        const float *next = t0 + bs < T ? cache_row(j->L->cache, tab, bs, lat, t0 + bs) : blk;
+        ns_weight keys = {NS_F32, rows, lat, 0, blk, NULL, NULL, NULL};
+        out_t o = {p + t0, s->t_cap, NULL, NULL, 0};
+        mm_rows_pf(&a, &keys, 0, rows, &o, next != blk ? (const char *)next - (const char *)blk : 1);
+    }
     for (int g = 0; g < G; g++) softmax(p + (size_t)g * s->t_cap, T, cf->softmax_scale);
-    weighted_sum(s->olat + ((size_t)m * H + h0) * c, c, p, s->t_cap, G, cache, lat, T, c);
+    weighted_sum(s->olat + ((size_t)m * H + h0) * c, c, p, s->t_cap, G, j->L->cache, tab, bs, lat, T, c);
 }
 
 /* --- feed-forward: dense SwiGLU, or shared + routed experts ------------------------------------------------------- */
@@ -1045,7 +1070,9 @@ int NS_FN(ns_forward)(ns_model *md, const ns_step *st, int nthreads) {
         for (int m = 0; m < M; m++) {
             int slot = m / s_tok, pos = (int)lens[slot] + m % s_tok;
             const float *cs = md->cos + (size_t)pos * (r / 2), *sn = md->sin + (size_t)pos * (r / 2);
-            float *row = L->cache + ((size_t)slot * cf->rows + pos) * lat; /* the new latent, in place */
+            /* the new latent, in place: row pos % bs of the slot's block pos / bs */
+            float *row = (float *)cache_row(L->cache, L->block_table + (size_t)slot * cf->max_blocks, cf->block_size,
+                                            lat, pos);
             const float *am = s->a + (size_t)m * na;
             rmsnorm(row, am + qa, L->kv_norm, cr, eps);
             memcpy(row + cr, am + qa + cr, sizeof(float) * r);

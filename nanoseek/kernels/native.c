@@ -287,10 +287,18 @@ NS_API void ns_model_set_mtp(ns_model *md, const float *enorm, const float *hnor
 }
 
 /* Returns 0, or -1 (out of memory), -2 (a position past the cache), -3 (a token id out of range), -4 (an MTP input
- * missing or given to the main model), -5 (a pick outside the slot's tokens). */
+ * missing or given to the main model), -5 (a pick outside the slot's tokens), -6 (a block table entry outside the
+ * cache, for a position the step reads or writes). */
 NS_API int ns_forward(ns_model *md, const ns_step *st, int nthreads) {
+    const ns_config *cf = &md->cfg;
     for (int i = 0; i < st->n; i++)
-        if (st->lens[i] < 0 || st->lens[i] + st->s > md->cfg.rows) return -2;
+        if (st->lens[i] < 0 || st->lens[i] + st->s > cf->rows || st->lens[i] + st->s > cf->max_blocks * cf->block_size)
+            return -2;
+    for (int i = 0; i < st->n; i++) /* every layer shares the engine's block table */
+        for (int b = 0; b * cf->block_size < st->lens[i] + st->s; b++) {
+            int32_t blk = md->layers[0].block_table[(size_t)i * cf->max_blocks + b];
+            if (blk < 0 || blk >= cf->num_blocks) return -6;
+        }
     for (int i = 0; i < st->n * st->s; i++)
         if (st->tokens[i] < 0 || st->tokens[i] >= md->cfg.vocab) return -3;
     if (!st->h_in != !md->enorm) return -4;

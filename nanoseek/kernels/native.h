@@ -45,7 +45,8 @@ typedef struct {
     int32_t moe, pad;
     const float *gate_w, *gate_bias;                 /* router [E, D] and e_score_correction_bias [E], fp32 */
     const ns_weight *experts_gate_up, *experts_down; /* E of each: [2I, D], [D, I] */
-    float *cache;                                    /* latent cache [max_batch, rows, c + r] fp32 */
+    float *cache;               /* paged latent cache [num_blocks, block_size, c + r] fp32 */
+    const int32_t *block_table; /* [max_batch, max_blocks]: slot i's position p is in block [i][p / block_size] */
 } ns_layer;
 
 typedef struct {
@@ -55,6 +56,7 @@ typedef struct {
     int32_t n_routed, n_group, topk_group, top_k, norm_topk_prob;
     int32_t rope_interleave, max_batch, rows; /* rows: cache positions per slot */
     float eps, softmax_scale, routed_scaling_factor;
+    int32_t block_size, max_blocks, num_blocks; /* the paged cache: positions per block, table columns, blocks */
 } ns_config;
 
 typedef struct ns_model ns_model;

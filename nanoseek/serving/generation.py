@@ -139,9 +139,10 @@ class Generation:
         m.latency.observe(time.perf_counter() - self.t0)
 
     def cached_tokens(self) -> int:
-        """Prompt tokens served from a prefix cache: the engine's to fill (Request.cached_tokens), 0 until it has one.
-        The one place usage's cache fields come from."""
-        return getattr(self.requests[0], "cached_tokens", 0) if self.requests else 0
+        """Prompt tokens read from the engine's prefix cache instead of prefilled (Request.cached_tokens, set when the
+        request got its slot; 0 without prefix_cache). The prompt is counted once for the n choices, so is its hit:
+        the first choice's. The one place usage's cache fields come from."""
+        return self.requests[0].cached_tokens if self.requests else 0
 
     def usage(self, reasoning: bool) -> dict[str, Any]:
         done = sum(self.completion_tokens)

@@ -96,6 +96,20 @@ class Metrics:
                      stats["decode_steps"])
         lines += one("nanoseek_engine_seconds_total", "counter", "Seconds the engine spent in prefill and decode.",
                      stats["prefill_seconds"] + stats["decode_seconds"])
+        # the prefix cache (docs/engine.md): prompt tokens read from it instead of prefilled, and what it holds
+        lines += one("nanoseek_prompt_tokens_cached_total", "counter",
+                     "Prompt tokens read from the prefix cache instead of prefilled.", stats["cached_prompt_tokens"])
+        lines += one("nanoseek_prefill_tokens_total", "counter", "Prompt tokens the engine computed in prefill.",
+                     stats["prefill_tokens"])
+        lines += one("nanoseek_prefix_cache_hit_rate", "gauge",
+                     "Prompt tokens read from the prefix cache / prompt tokens prefilled, since the start.",
+                     stats["prefix_cache_hit_rate"])
+        lines += one("nanoseek_prefix_cache_tokens", "gauge", "Tokens whose latents the prefix cache holds in memory.",
+                     stats["prefix_cache_tokens"])
+        lines += one("nanoseek_prefix_cache_bytes", "gauge", "Bytes of latents the prefix cache holds in memory.",
+                     stats["prefix_cache_bytes"])
+        lines += one("nanoseek_prefix_cache_disk_bytes", "gauge", "Bytes of the prefix cache's files (--cache-dir).",
+                     stats["prefix_cache_disk_bytes"])
         lines += self.ttft.render() + self.itl.render() + self.latency.render()
         lines += one("nanoseek_price_per_hour_usd", "gauge", "Configured machine price (--price-per-hour).",
                      self.price_per_hour)

@@ -134,7 +134,7 @@ class ChatCompletionRequest(SamplingFields):
     store: bool | None = None  # false only: nanoseek stores nothing
     service_tier: str | None = None  # "auto" / "default" only: there is one tier
     safety_identifier: str | None = None  # informational, like `user`
-    prompt_cache_key: str | None = None  # a caching hint; nanoseek has no prompt cache yet
+    prompt_cache_key: str | None = None  # a routing hint for caches; nanoseek's one engine caches prefixes by itself
     audio: Any = None  # refused (REFUSED)
     prediction: Any = None
     web_search_options: Any = None
@@ -193,8 +193,9 @@ REFUSED = {
     "name": "participant names are not supported by the chat template",
     "refusal": "assistant refusals cannot be sent back",
     "moderation": "no moderation model runs here",
-    "prompt_cache_options": "nanoseek has no prompt cache yet",
-    "prompt_cache_retention": "nanoseek has no prompt cache yet",
+    "prompt_cache_options": "the prefix cache is automatic; the server sizes it (serve --prefix-cache-mb, --cache-dir)",
+    "prompt_cache_retention": "the prefix cache is automatic; the server sizes it (serve --prefix-cache-mb, "
+                              "--cache-dir)",
 }
 
 
