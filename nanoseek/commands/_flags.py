@@ -8,10 +8,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from nanoseek.config import PRESETS
-from nanoseek.train.trainer import TrainConfig
+
+if TYPE_CHECKING:
+    from nanoseek.train.ablate import AblateConfig
+    from nanoseek.train.pretrain import PretrainConfig
+    from nanoseek.train.sft import FinetuneConfig
+    from nanoseek.train.trainer import TrainConfig
 
 C = TypeVar("C")
 
@@ -80,9 +85,9 @@ def add_training_arguments(p: argparse.ArgumentParser, d: TrainConfig, out: str 
                         "on-demand rate for a small 2-vCPU cloud VM; V3's cost table uses $2 per H800 GPU-hour)")
 
 
-def add_model_and_data_arguments(p: argparse.ArgumentParser, d: Any) -> None:
+def add_model_and_data_arguments(p: argparse.ArgumentParser, d: PretrainConfig | AblateConfig) -> None:
     """--preset/--config, --data and --vocab-size: the model and the corpus a pre-training run starts from (defaults
-    from `d`, a PretrainConfig or AblateConfig)."""
+    from `d`)."""
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=list(PRESETS), default=d.preset, help=f"model preset (default {d.preset})")
     src.add_argument("--config", type=Path, help="a config.json (HF DeepseekV3 field names) instead of a preset")
@@ -92,8 +97,8 @@ def add_model_and_data_arguments(p: argparse.ArgumentParser, d: Any) -> None:
                    help="tokenizer vocabulary when one is trained (default: the config's vocab_size)")
 
 
-def add_finetune_arguments(p: argparse.ArgumentParser, d: Any) -> None:
-    """--epochs and the training flags with fine-tuning's defaults (`d`, an SFTConfig or DistillConfig); --seq-len
+def add_finetune_arguments(p: argparse.ArgumentParser, d: FinetuneConfig) -> None:
+    """--epochs and the training flags with fine-tuning's defaults (`d`: an SFTConfig or DistillConfig); --seq-len
     is the longest example kept, capped at the model's context."""
     p.add_argument("--epochs", type=float, help="passes over the training examples (sets --steps)")
     add_training_arguments(p, d)

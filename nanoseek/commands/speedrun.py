@@ -46,6 +46,7 @@ from nanoseek.train.pretrain import PretrainConfig, prepare_tokenizer, pretrain
 from nanoseek.train.report import write_report_card
 from nanoseek.train.sample import SampleConfig, sample_traces
 from nanoseek.train.sft import DistillConfig, SFTConfig, distill, sft
+from nanoseek.train.trainer import TrainConfig
 
 
 @dataclass
@@ -125,12 +126,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # --- stage runners --------------------------------------------------------------------------------------------------
 def command_line(command: str, cfg: Any) -> list[str]:
     """The `nanoseek <command>` argv that builds `cfg`: a flag for every field that differs from its default (field
-    `batch_size` is `--batch-size`; True booleans are bare flags; lists are several values)."""
+    `batch_size` is `--batch-size`; True booleans are bare flags; lists are several values), the stage's own
+    settings before the shared training ones."""
     argv = [command]
-    for f in dataclasses.fields(cfg):
+    shared = {f.name for f in dataclasses.fields(TrainConfig)}
+    for f in sorted(dataclasses.fields(cfg), key=lambda f: f.name in shared):
         value = getattr(cfg, f.name)
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if value == default and default is not dataclasses.MISSING:
+        if default is not dataclasses.MISSING and value == default:
             continue
         flag = f"--{f.name.replace('_', '-')}"
         if isinstance(value, bool):

@@ -433,7 +433,8 @@ class Trainer:
     def write_report(self, record: RunRecord | None = None) -> RunRecord:
         """run.json (`record`, default run_record()) and loss.png in the run directory (written by rank 0 only;
         every rank gets the record)."""
-        record = record or self.run_record()
+        if record is None:
+            record = self.run_record()
         if not distributed.is_main():
             return record
         record.write(self.out_dir / "run.json")
