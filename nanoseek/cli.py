@@ -1,4 +1,4 @@
-"""`nanoseek <command>`: one entry point over the command modules.
+"""`nanoseek <command>`: one entry point over the stage modules.
 
 Each command lives in its own module of nanoseek/commands/, which defines `add_arguments(parser)` and `run(args)`;
 this file only dispatches, turns NanoseekError into one line on stderr with exit code 2, and Ctrl-C into exit code 130.
