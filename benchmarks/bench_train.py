@@ -242,12 +242,10 @@ Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}; {m['
 def pretrain_defaults() -> tuple[int, int, str]:
     """`nanoseek pretrain`'s default micro-batch (batch_size, seq_len), so the benchmark times the real workload."""
     try:
-        from nanoseek.pretrain import add_arguments
+        from nanoseek.train.pretrain import PretrainConfig
     except ImportError:
-        return 8, 128, "nanoseek.pretrain not importable: its documented defaults"
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    d = p.parse_args([])
+        return 8, 128, "nanoseek.train.pretrain not importable: its documented defaults"
+    d = PretrainConfig()
     return d.batch_size, d.seq_len, "as nanoseek pretrain"
 
 

@@ -1,4 +1,4 @@
-"""`nanoseek export --format gguf`: a checkpoint as one GGUF file for llama.cpp / Ollama (architecture `deepseek2`).
+"""A checkpoint as one GGUF file for llama.cpp / Ollama (architecture `deepseek2`); `nanoseek export --format gguf`.
 
 llama.cpp runs DeepSeek-V2/V3 as `deepseek2` with absorbed MLA (V3 code's "absorb" mode): it caches the latent and
 needs kv_b_proj split per head into W_UK (transposed, `attn_k_b`) and W_UV (`attn_v_b`). Everything else is a rename:
@@ -29,7 +29,6 @@ GGUF with extra blocks does not load in older llama.cpp / Ollama builds; block_c
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -358,16 +357,3 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, dtype: str = "f32",
 
 
 # --- CLI -------------------------------------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", type=Path, help="checkpoint directory (config.json, *.safetensors, tokenizer.json)")
-    p.add_argument("--format", choices=FORMATS, default="gguf", help="output format (default: gguf)")
-    p.add_argument("--dtype", choices=DTYPES, default="f32",
-                   help="weight type (default f32; norms and the router always stay f32)")
-    p.add_argument("-o", "--output", type=Path, help="output file (default: <checkpoint>/<name>-<dtype>.gguf)")
-    p.add_argument("--tokenizer", type=Path, help="directory with tokenizer.json, if not in the checkpoint")
-
-
-def run(args: argparse.Namespace) -> None:
-    out = args.output or args.checkpoint / f"{args.checkpoint.resolve().name}-{args.dtype}.gguf"
-    path = export_gguf(args.checkpoint, out, args.dtype, tokenizer_dir=args.tokenizer)
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {ARCH}, {args.dtype})")

@@ -564,7 +564,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def run_cli(argv):
-    from nanoseek import generate
+    from nanoseek.commands import generate
 
     parser = argparse.ArgumentParser()
     generate.add_arguments(parser)
@@ -597,4 +597,4 @@ def test_cli_generate_errors(tiny_dir, tmp_path):
         run_cli(["--model", str(path), "--prompt", ""])
     from nanoseek.cli import COMMANDS
 
-    assert COMMANDS["generate"][0] == "nanoseek.generate"
+    assert COMMANDS["generate"][0] == "nanoseek.commands.generate"

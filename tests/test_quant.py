@@ -160,7 +160,7 @@ def test_from_pretrained_quantised(model, tmp_path):
 
 
 def test_cli_generate_quant_and_speculate(tmp_path, capsys):
-    from nanoseek import generate
+    from nanoseek.commands import generate
     from nanoseek.tokenizer import train_tokenizer
 
     tok = train_tokenizer(["The quick brown fox jumps over the lazy dog. 12 + 30 = 42.\n" * 40], vocab_size=300,

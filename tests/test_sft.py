@@ -5,10 +5,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nanoseek import distill, sample, sft
 from nanoseek.checkpoint import load_model
+from nanoseek.commands import distill, sft
 from nanoseek.errors import NanoseekError
-from nanoseek.sft import (
+from nanoseek.tasks import EOS_TEXT, format_completion, load_task
+from nanoseek.tokenizer import Tokenizer, train_tokenizer
+from nanoseek.train import sample
+from nanoseek.train.sft import (
     IGNORE,
     Conversation,
     batch_at,
@@ -20,8 +23,6 @@ from nanoseek.sft import (
     split_validation,
     task_conversations,
 )
-from nanoseek.tasks import EOS_TEXT, format_completion, load_task
-from nanoseek.tokenizer import Tokenizer, train_tokenizer
 
 TASK = "arithmetic:min_digits=1,max_digits=2,ops=+-"
 
