@@ -37,6 +37,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from nanoseek.checkpoint import save_pretrained  # noqa: E402
 from nanoseek.config import get_preset  # noqa: E402
 from nanoseek.errors import NanoseekError  # noqa: E402
 from nanoseek.model import Transformer  # noqa: E402
@@ -73,7 +74,7 @@ def build_models(preset: str, ckpt_dir: str):
     cfg = get_preset(preset, num_nextn_predict_layers=0)
     torch.manual_seed(0)
     ours = Transformer(cfg)
-    ours.save_pretrained(ckpt_dir)
+    save_pretrained(ours, ckpt_dir)
     hf = transformers.DeepseekV3ForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32)
     return cfg, ours.train(), hf.train()
 

@@ -52,12 +52,13 @@ def make_checkpoint(path: Path) -> Path:
     import torch
 
     from nanoseek import Transformer, get_preset
+    from nanoseek.checkpoint import save_pretrained
     from nanoseek.data import corpus_dir
     from nanoseek.tokenizer import train_tokenizer
 
     torch.manual_seed(0)
     cfg = get_preset("test")
-    Transformer(cfg).save_pretrained(path)
+    save_pretrained(Transformer(cfg), path)
     text = (corpus_dir() / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:30000]
     train_tokenizer([text], vocab_size=cfg.vocab_size, out_dir=path)
     return path

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from nanoseek.checkpoint import save_pretrained
 from nanoseek.config import get_preset
 from nanoseek.engine import Engine
 from nanoseek.model import Transformer
@@ -33,7 +34,7 @@ def tiny(tmp_path_factory):
     tok = train_tokenizer(texts, vocab_size=300, out_dir=out)
     torch.manual_seed(0)
     model = Transformer(get_preset("test", vocab_size=tok.vocab_size)).eval()
-    model.save_pretrained(out, tokenizer_dir=out)
+    save_pretrained(model, out, tokenizer_dir=out)
     return task, tok, model, out
 
 

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from nanoseek.checkpoint import save_pretrained
 from nanoseek.config import get_preset
 from nanoseek.errors import NanoseekError
 from nanoseek.model import Transformer
@@ -280,7 +281,7 @@ def parity_rl_args(tok, tmp_path):
     plugin.write_text(PARITY_PLUGIN)
     tok_dir = tmp_path / "init"
     tok.save(tok_dir)
-    tiny_model(tok.vocab_size).save_pretrained(tok_dir, tokenizer_dir=tok_dir)
+    save_pretrained(tiny_model(tok.vocab_size), tok_dir, tokenizer_dir=tok_dir)
 
     def args(out, *extra):
         p = argparse.ArgumentParser()
