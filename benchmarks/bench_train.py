@@ -146,14 +146,9 @@ def time_interleaved(steps: dict[str, Callable[[], float]], warmup: int,
 
 # --- reporting -----------------------------------------------------------------------------------------------------
 def machine_info(threads: list[int]) -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from nanoseek.osutil import cpu_model
+
+    cpu = cpu_model()
     import transformers
 
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads, "python": platform.python_version(),

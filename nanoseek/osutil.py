@@ -1,5 +1,5 @@
-"""Portable machine and file helpers: CPU counts and load without Linux-only calls, and writes that never leave a
-half-written file behind.
+"""Portable machine and file helpers: CPU count, name, features and load without Linux-only calls, and writes that
+never leave a half-written file behind.
 
 `os.sched_getaffinity` and /proc exist on Linux only and `os.getloadavg` not on Windows; macOS laptops run nanoseek
 too, so every caller goes through the fallbacks here. Files are written under a temporary name in the same directory
@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import platform
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +27,27 @@ def available_cpus() -> int:
     if hasattr(os, "process_cpu_count"):  # Python >= 3.13: the affinity-aware count where the OS has one
         return max(1, os.process_cpu_count() or 1)
     return max(1, os.cpu_count() or 1)
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (platform.processor() as a fallback off Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX-BF16 in /proc/cpuinfo: bf16 matmuls run in hardware, not emulated."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def load_average() -> float | None:

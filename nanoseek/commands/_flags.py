@@ -10,7 +10,8 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from nanoseek.config import PRESETS
+from nanoseek.config import PRESETS, ModelConfig
+from nanoseek.errors import NanoseekError
 
 if TYPE_CHECKING:
     from nanoseek.train.ablate import AblateConfig
@@ -102,3 +103,36 @@ def add_finetune_arguments(p: argparse.ArgumentParser, d: FinetuneConfig) -> Non
     is the longest example kept, capped at the model's context."""
     p.add_argument("--epochs", type=float, help="passes over the training examples (sets --steps)")
     add_training_arguments(p, d)
+
+
+def set_threads(threads: int | None) -> None:
+    """--threads: torch's CPU threads (None: torch's default, one per core)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise NanoseekError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def check_speculate(k: int, model: Path) -> None:
+    """--speculate K: 0 (off) or 1..8 drafts, and a checkpoint with MTP weights, refused before it is loaded and
+    saying why. transformers' save_pretrained keeps num_nextn_predict_layers in config.json but writes no MTP
+    weights: such a checkpoint loads without MTP, and the engine's own refusal ("needs config
+    num_nextn_predict_layers >= 1") would contradict its config.json."""
+    if not 0 <= k <= 8:
+        raise NanoseekError(f"--speculate takes 1 to 8 draft tokens, got {k}")
+    if not k:
+        return
+    from nanoseek.checkpoint import checkpoint_config
+
+    if checkpoint_config(model, warn=False).num_nextn_predict_layers:
+        return
+    declared = ModelConfig.load(model).num_nextn_predict_layers
+    if declared:
+        why = (f"holds no MTP weights, though its config.json declares num_nextn_predict_layers = {declared} "
+               "(transformers' save_pretrained writes none)")
+    else:
+        why = "has none (its config.json has num_nextn_predict_layers = 0)"
+    raise NanoseekError(f"--speculate needs the checkpoint's MTP module: {model} {why}; drop --speculate")

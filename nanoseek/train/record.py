@@ -19,30 +19,9 @@ from typing import Any
 import torch
 
 from nanoseek.errors import NanoseekError
-from nanoseek.osutil import write_file_atomically, write_text_atomically
+from nanoseek.osutil import cpu_has_native_bf16, cpu_model, write_file_atomically, write_text_atomically
 
 _PEAK_CACHE: dict[tuple[str, str, int], float] = {}  # (device type, dtype, threads) -> FLOP/s, per process
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (platform.processor() as a fallback off Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX-BF16 in /proc/cpuinfo: bf16 matmuls run in hardware, not emulated."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def machine_info() -> dict[str, Any]:

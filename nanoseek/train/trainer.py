@@ -45,8 +45,8 @@ from nanoseek.checkpoint import load_model, save_pretrained
 from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
 from nanoseek.model import Transformer
-from nanoseek.osutil import available_cpus, write_file_atomically
-from nanoseek.train.record import RunRecord, cpu_has_native_bf16, machine_peak_flops, plot_losses
+from nanoseek.osutil import available_cpus, cpu_has_native_bf16, write_file_atomically
+from nanoseek.train.record import RunRecord, machine_peak_flops, plot_losses
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input ids, targets), both [B, T] int64
 LossFn = Callable[[Transformer, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
