@@ -43,7 +43,7 @@ from nanoseek.checkpoint import check_checkpoint_dir, load_model
 from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
 from nanoseek.model import MoE, Transformer, rope_frequencies
-from nanoseek.osutil import check_writable, write_failed
+from nanoseek.osutil import check_writable, read_json, write_failed
 
 FORMATS = ("gguf",)
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -169,10 +169,7 @@ def _read_vocab(tok_dir: Path, n_vocab: int, config: ModelConfig) -> dict[str, A
     tok_file = tok_dir / "tokenizer.json"
     if not tok_file.is_file():
         raise NanoseekError(f"{tok_file} not found: GGUF needs the tokenizer (pass --tokenizer DIR)")
-    try:
-        tj = json.loads(tok_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise NanoseekError(f"{tok_file}: invalid JSON (line {e.lineno}: {e.msg})") from None
+    tj = read_json(tok_file)
     bpe = tj.get("model") or {}
     if bpe.get("type") != "BPE" or tj.get("normalizer") is not None:
         raise NanoseekError(f"{tok_file}: only byte-level BPE without a normalizer exports to GGUF "
@@ -201,10 +198,7 @@ def _read_vocab(tok_dir: Path, n_vocab: int, config: ModelConfig) -> dict[str, A
     tc: dict[str, Any] = {}
     cfg_file = tok_dir / "tokenizer_config.json"
     if cfg_file.is_file():
-        try:
-            tc = json.loads(cfg_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise NanoseekError(f"{cfg_file}: invalid JSON (line {e.lineno}: {e.msg})") from None
+        tc = read_json(cfg_file)
     ids = {s: i for i, s in by_id.items()}
 
     def special_id(key: str, default: int | None) -> int | None:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import platform
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from nanoseek.errors import NanoseekError
 
@@ -56,6 +58,18 @@ def load_average() -> float | None:
         with contextlib.suppress(OSError):
             return os.getloadavg()[0]
     return None
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's value; a file that is missing, unreadable, not UTF-8 or not JSON raises one line naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise NanoseekError(f"{path}: invalid JSON (line {e.lineno}: {e.msg})") from None
+    except UnicodeDecodeError:
+        raise NanoseekError(f"{path}: not a text file (invalid UTF-8)") from None
+    except OSError as e:
+        raise NanoseekError(f"{path}: not readable ({os_error_line(e)})") from None
 
 
 def os_error_line(e: BaseException) -> str:

@@ -45,7 +45,7 @@ from nanoseek.checkpoint import load_model, save_pretrained
 from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
 from nanoseek.model import Transformer
-from nanoseek.osutil import available_cpus, cpu_has_native_bf16, write_file_atomically
+from nanoseek.osutil import available_cpus, cpu_has_native_bf16, read_json, write_file_atomically
 from nanoseek.train.record import RunRecord, machine_peak_flops, plot_losses
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input ids, targets), both [B, T] int64
@@ -449,12 +449,7 @@ def _is_number(v: Any) -> bool:
 
 def read_trainer_state(file: Path, stage: str) -> dict[str, Any]:
     """trainer_state.json, checked: the counters are numbers, the history lists of {"step", ...} objects."""
-    try:
-        state = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise NanoseekError(f"{file}: invalid JSON (line {e.lineno}: {e.msg})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise NanoseekError(f"{file}: not readable ({e})") from None
+    state = read_json(file)
 
     def bad(why: str) -> NanoseekError:
         return NanoseekError(f"{file}: {why}: not a trainer state nanoseek wrote")
