@@ -338,6 +338,7 @@ def prepare_model(args: argparse.Namespace, work: Path) -> Path:
     import torch
 
     from nanoseek import Transformer, get_preset
+    from nanoseek.checkpoint import save_pretrained
     from nanoseek.config import ModelConfig
     from nanoseek.data import corpus_dir
     from nanoseek.tokenizer import train_tokenizer
@@ -350,7 +351,7 @@ def prepare_model(args: argparse.Namespace, work: Path) -> Path:
     text = (corpus_dir() / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:200_000]
     train_tokenizer([text], min(cfg.vocab_size, 1024), tok_dir)
     torch.manual_seed(0)
-    Transformer(cfg).save_pretrained(out, tokenizer_dir=tok_dir)
+    save_pretrained(Transformer(cfg), out, tokenizer_dir=tok_dir)
     return out
 
 

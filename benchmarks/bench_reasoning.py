@@ -57,11 +57,11 @@ import torch  # noqa: E402
 from nanoseek.cli import main as nanoseek  # noqa: E402
 from nanoseek.config import ModelConfig  # noqa: E402
 from nanoseek.errors import NanoseekError  # noqa: E402
-from nanoseek.evaluate import evaluate as evaluate_engine  # noqa: E402
-from nanoseek.evaluate import load_engine, prompt_ids  # noqa: E402
-from nanoseek.sft import dense_student_config  # noqa: E402
 from nanoseek.tasks import Problem, Task, format_completion, load_task  # noqa: E402
 from nanoseek.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from nanoseek.train.evaluate import evaluate as evaluate_engine  # noqa: E402
+from nanoseek.train.rollout import load_engine, prompt_ids  # noqa: E402
+from nanoseek.train.sft import dense_student_config  # noqa: E402
 
 TASKS = {"arithmetic": "arithmetic:min_digits=2,max_digits=2,ops=+-",  # 2-digit addition and subtraction
          # 3-4 one-digit numbers, targets up to 30: ~1,180 distinct test problems (3 numbers alone have only 148)

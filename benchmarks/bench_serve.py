@@ -43,6 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from nanoseek.checkpoint import save_pretrained  # noqa: E402
 from nanoseek.config import get_preset  # noqa: E402
 from nanoseek.engine import Engine, SamplingParams  # noqa: E402
 from nanoseek.model import Transformer  # noqa: E402
@@ -70,7 +71,7 @@ def make_model(path: Path, preset: str) -> Path:
     """A random checkpoint of `preset` plus a BPE tokenizer trained on a slice of the bundled corpus."""
     torch.manual_seed(0)
     cfg = get_preset(preset)
-    Transformer(cfg).save_pretrained(path)
+    save_pretrained(Transformer(cfg), path)
     text = (ROOT / "nanoseek" / "corpus" / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
     train_tokenizer([text[:300_000]], vocab_size=cfg.vocab_size, out_dir=path)
     return path

@@ -43,8 +43,8 @@ REASONING_TASK = "arithmetic:min_digits=2,max_digits=2,ops=+-"  # the speedrun's
 
 
 def reasoning_prompts(model_dir: Path, n: int) -> tuple[list[list[int]], dict]:
-    from nanoseek.evaluate import prompt_ids
     from nanoseek.tasks import load_task
+    from nanoseek.train.rollout import prompt_ids
 
     tok = Tokenizer.from_dir(model_dir)
     problems = load_task(REASONING_TASK).problems("test", n, seed=3)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from nanoseek.checkpoint import save_pretrained  # noqa: E402
 from nanoseek.config import get_preset  # noqa: E402
 from nanoseek.errors import NanoseekError  # noqa: E402
 from nanoseek.model import Transformer  # noqa: E402
@@ -73,7 +74,7 @@ def build_models(preset: str, ckpt_dir: str):
     cfg = get_preset(preset, num_nextn_predict_layers=0)
     torch.manual_seed(0)
     ours = Transformer(cfg)
-    ours.save_pretrained(ckpt_dir)
+    save_pretrained(ours, ckpt_dir)
     hf = transformers.DeepseekV3ForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32)
     return cfg, ours.train(), hf.train()
 
@@ -145,14 +146,9 @@ def time_interleaved(steps: dict[str, Callable[[], float]], warmup: int,
 
 # --- reporting -----------------------------------------------------------------------------------------------------
 def machine_info(threads: list[int]) -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from nanoseek.osutil import cpu_model
+
+    cpu = cpu_model()
     import transformers
 
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": threads, "python": platform.python_version(),
@@ -242,12 +238,10 @@ Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}; {m['
 def pretrain_defaults() -> tuple[int, int, str]:
     """`nanoseek pretrain`'s default micro-batch (batch_size, seq_len), so the benchmark times the real workload."""
     try:
-        from nanoseek.pretrain import add_arguments
+        from nanoseek.train.pretrain import PretrainConfig
     except ImportError:
-        return 8, 128, "nanoseek.pretrain not importable: its documented defaults"
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    d = p.parse_args([])
+        return 8, 128, "nanoseek.train.pretrain not importable: its documented defaults"
+    d = PretrainConfig()
     return d.batch_size, d.seq_len, "as nanoseek pretrain"
 
 

@@ -1,6 +1,6 @@
 """nanoseek: a DeepSeek-V3/R1-style LLM system (MLA + DeepSeekMoE + MTP, GRPO) that trains and serves on a CPU.
 
-    from nanoseek import load_model, Engine, SamplingParams
+    from nanoseek import load_model, save_pretrained, Engine, SamplingParams
 
 The public names are imported on first use (module __getattr__), so `import nanoseek` and every `nanoseek <command>`
 start without torch, and only the commands that need the engine import it.
@@ -20,6 +20,7 @@ _PUBLIC = {  # name -> the module that defines it
     "NanoseekError": "nanoseek.errors",
     "Transformer": "nanoseek.model",
     "load_model": "nanoseek.checkpoint",
+    "save_pretrained": "nanoseek.checkpoint",
     "Engine": "nanoseek.engine",
     "SamplingParams": "nanoseek.engine",
 }

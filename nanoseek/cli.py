@@ -1,7 +1,7 @@
 """`nanoseek <command>`: one entry point over the stage modules.
 
-Each command lives in its own module, which defines `add_arguments(parser)` and `run(args)`; this file only
-dispatches, turns NanoseekError into one line on stderr with exit code 2, and Ctrl-C into exit code 130.
+Each command lives in its own module of nanoseek/commands/, which defines `add_arguments(parser)` and `run(args)`;
+this file only dispatches, turns NanoseekError into one line on stderr with exit code 2, and Ctrl-C into exit code 130.
 """
 
 from __future__ import annotations
@@ -14,21 +14,35 @@ from nanoseek.errors import NanoseekError
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("nanoseek.info", "print a config's or checkpoint's parameter counts and FLOPs per token"),
-    "pretrain": ("nanoseek.pretrain", "pre-train a model: tokenizer, data, V3 objective, HF checkpoint"),
-    "generate": ("nanoseek.generate", "stream a completion for one prompt from a checkpoint (tokens and tok/s)"),
-    "serve": ("nanoseek.commands.serve", "serve a checkpoint: OpenAI/DeepSeek-compatible HTTP API and web chat"),
-    "chat": ("nanoseek.commands.chat", "chat with a checkpoint in the terminal (streams the reasoning, dimmed)"),
-    "export": ("nanoseek.export", "write a checkpoint as a GGUF file for llama.cpp / Ollama (deepseek2)"),
-    "sft": ("nanoseek.sft", "supervised fine-tuning on chat JSONL and/or a task's reasoning traces"),
-    "eval": ("nanoseek.evaluate", "pass@1 (greedy, sampled), pass@k and maj@k on a task's test split, with CIs"),
-    "rl": ("nanoseek.rl", "GRPO reinforcement learning with a task's rule-based rewards"),
-    "sample": ("nanoseek.sample", "rejection sampling: k samples per problem, keep verified-correct traces"),
-    "distill": ("nanoseek.distill", "SFT of a small dense student on a teacher's verified traces"),
-    "report": ("nanoseek.report", "the cost report card: stages, FLOPs, $, MFU, evals, $/M tokens, V3-scale table"),
-    "ablate": ("nanoseek.ablate", "the V2/V3 ablations at CPU scale: balance, mla, mtp, fp8 (tables and plots)"),
-    "speedrun": ("nanoseek.speedrun", "tokenizer -> pretrain -> SFT -> GRPO -> distill -> eval -> report card, "
-                                      "one command (--quick: toy size)"),
+    "info": ("nanoseek.commands.info",
+             "print a config's or checkpoint's parameter counts and FLOPs per token"),
+    "pretrain": ("nanoseek.commands.pretrain",
+                 "pre-train a model: tokenizer, data, V3 objective, HF checkpoint"),
+    "generate": ("nanoseek.commands.generate",
+                 "stream a completion for one prompt from a checkpoint (tokens and tok/s)"),
+    "serve": ("nanoseek.commands.serve",
+              "serve a checkpoint: OpenAI/DeepSeek-compatible HTTP API and web chat"),
+    "chat": ("nanoseek.commands.chat",
+             "chat with a checkpoint in the terminal (streams the reasoning, dimmed)"),
+    "export": ("nanoseek.commands.export",
+               "write a checkpoint as a GGUF file for llama.cpp / Ollama (deepseek2)"),
+    "sft": ("nanoseek.commands.sft",
+            "supervised fine-tuning on chat JSONL and/or a task's reasoning traces"),
+    "eval": ("nanoseek.commands.eval",
+             "pass@1 (greedy, sampled), pass@k and maj@k on a task's test split, with CIs"),
+    "rl": ("nanoseek.commands.rl",
+           "GRPO reinforcement learning with a task's rule-based rewards"),
+    "sample": ("nanoseek.commands.sample",
+               "rejection sampling: k samples per problem, keep verified-correct traces"),
+    "distill": ("nanoseek.commands.distill",
+                "SFT of a small dense student on a teacher's verified traces"),
+    "report": ("nanoseek.commands.report",
+               "the cost report card: stages, FLOPs, $, MFU, evals, $/M tokens, V3-scale table"),
+    "ablate": ("nanoseek.commands.ablate",
+               "the V2/V3 ablations at CPU scale: balance, mla, mtp, fp8 (tables and plots)"),
+    "speedrun": ("nanoseek.commands.speedrun",
+                 "tokenizer -> pretrain -> SFT -> GRPO -> distill -> eval -> report card, one command (--quick: toy "
+                 "size)"),
 }
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.errors import NanoseekError
+from nanoseek.osutil import read_json
 
 
 @dataclass
@@ -298,12 +299,7 @@ class ModelConfig:
             path = path / "config.json"
         if not path.is_file():
             raise NanoseekError(f"config file not found: {path}")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise NanoseekError(f"{path}: invalid JSON (line {e.lineno}: {e.msg})") from None
-        except UnicodeDecodeError:
-            raise NanoseekError(f"{path}: not a text file (invalid UTF-8)") from None
+        d = read_json(path)
         if not isinstance(d, dict):
             raise NanoseekError(f"{path}: expected a JSON object")
         return cls.from_hf_dict(d, source=str(path))

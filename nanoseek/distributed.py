@@ -33,8 +33,8 @@ MODES = ("ddp", "fsdp")
 T = TypeVar("T")
 
 # torch.distributed.fsdp / .tensor / DDP are imported only once a process group exists: they add ~0.6 s of CPU to
-# every `import nanoseek.pretrain` (sft, rl and the tests import it too), and without a process group there is
-# nothing sharded to look for.
+# every `import nanoseek.train.trainer` (every training stage and the tests import it), and without a process group
+# there is nothing sharded to look for.
 
 
 def _dtensor(t: Any) -> bool:

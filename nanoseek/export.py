@@ -1,4 +1,4 @@
-"""`nanoseek export --format gguf`: a checkpoint as one GGUF file for llama.cpp / Ollama (architecture `deepseek2`).
+"""A checkpoint as one GGUF file for llama.cpp / Ollama (architecture `deepseek2`); `nanoseek export --format gguf`.
 
 llama.cpp runs DeepSeek-V2/V3 as `deepseek2` with absorbed MLA (V3 code's "absorb" mode): it caches the latent and
 needs kv_b_proj split per head into W_UK (transposed, `attn_k_b`) and W_UV (`attn_v_b`). Everything else is a rename:
@@ -29,7 +29,6 @@ GGUF with extra blocks does not load in older llama.cpp / Ollama builds; block_c
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -44,7 +43,7 @@ from nanoseek.checkpoint import check_checkpoint_dir, load_model
 from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
 from nanoseek.model import MoE, Transformer, rope_frequencies
-from nanoseek.osutil import check_writable, write_failed
+from nanoseek.osutil import check_writable, read_json, write_failed
 
 FORMATS = ("gguf",)
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -170,10 +169,7 @@ def _read_vocab(tok_dir: Path, n_vocab: int, config: ModelConfig) -> dict[str, A
     tok_file = tok_dir / "tokenizer.json"
     if not tok_file.is_file():
         raise NanoseekError(f"{tok_file} not found: GGUF needs the tokenizer (pass --tokenizer DIR)")
-    try:
-        tj = json.loads(tok_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise NanoseekError(f"{tok_file}: invalid JSON (line {e.lineno}: {e.msg})") from None
+    tj = read_json(tok_file)
     bpe = tj.get("model") or {}
     if bpe.get("type") != "BPE" or tj.get("normalizer") is not None:
         raise NanoseekError(f"{tok_file}: only byte-level BPE without a normalizer exports to GGUF "
@@ -202,10 +198,7 @@ def _read_vocab(tok_dir: Path, n_vocab: int, config: ModelConfig) -> dict[str, A
     tc: dict[str, Any] = {}
     cfg_file = tok_dir / "tokenizer_config.json"
     if cfg_file.is_file():
-        try:
-            tc = json.loads(cfg_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise NanoseekError(f"{cfg_file}: invalid JSON (line {e.lineno}: {e.msg})") from None
+        tc = read_json(cfg_file)
     ids = {s: i for i, s in by_id.items()}
 
     def special_id(key: str, default: int | None) -> int | None:
@@ -358,16 +351,3 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, dtype: str = "f32",
 
 
 # --- CLI -------------------------------------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", type=Path, help="checkpoint directory (config.json, *.safetensors, tokenizer.json)")
-    p.add_argument("--format", choices=FORMATS, default="gguf", help="output format (default: gguf)")
-    p.add_argument("--dtype", choices=DTYPES, default="f32",
-                   help="weight type (default f32; norms and the router always stay f32)")
-    p.add_argument("-o", "--output", type=Path, help="output file (default: <checkpoint>/<name>-<dtype>.gguf)")
-    p.add_argument("--tokenizer", type=Path, help="directory with tokenizer.json, if not in the checkpoint")
-
-
-def run(args: argparse.Namespace) -> None:
-    out = args.output or args.checkpoint / f"{args.checkpoint.resolve().name}-{args.dtype}.gguf"
-    path = export_gguf(args.checkpoint, out, args.dtype, tokenizer_dir=args.tokenizer)
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {ARCH}, {args.dtype})")

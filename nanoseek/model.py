@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -516,11 +515,6 @@ class Transformer(nn.Module):
         return {"total": total, "mtp_total": mtp, "total_with_mtp": total + mtp,
                 "active": self.config.num_params()["active"]}
 
-    def save_pretrained(self, path: str | Path, **kwargs) -> Path:
-        """Write a Hugging Face DeepseekV3ForCausalLM checkpoint directory (see checkpoint.save_pretrained)."""
-        from nanoseek.checkpoint import save_pretrained
-
-        return save_pretrained(self, path, **kwargs)
 
 
 def enable_fp8(model: Transformer, enabled: bool = True) -> int:

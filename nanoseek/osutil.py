@@ -1,5 +1,5 @@
-"""Portable machine and file helpers: CPU counts and load without Linux-only calls, and writes that never leave a
-half-written file behind.
+"""Portable machine and file helpers: CPU count, name, features and load without Linux-only calls, and writes that
+never leave a half-written file behind.
 
 `os.sched_getaffinity` and /proc exist on Linux only and `os.getloadavg` not on Windows; macOS laptops run nanoseek
 too, so every caller goes through the fallbacks here. Files are written under a temporary name in the same directory
@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
+import platform
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from nanoseek.errors import NanoseekError
 
@@ -28,12 +31,45 @@ def available_cpus() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (platform.processor() as a fallback off Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX-BF16 in /proc/cpuinfo: bf16 matmuls run in hardware, not emulated."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def load_average() -> float | None:
     """The 1-minute load average, or None where the OS does not report one (Windows)."""
     if hasattr(os, "getloadavg"):
         with contextlib.suppress(OSError):
             return os.getloadavg()[0]
     return None
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's value; a file that is missing, unreadable, not UTF-8 or not JSON raises one line naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise NanoseekError(f"{path}: invalid JSON (line {e.lineno}: {e.msg})") from None
+    except UnicodeDecodeError:
+        raise NanoseekError(f"{path}: not a text file (invalid UTF-8)") from None
+    except OSError as e:
+        raise NanoseekError(f"{path}: not readable ({os_error_line(e)})") from None
 
 
 def os_error_line(e: BaseException) -> str:

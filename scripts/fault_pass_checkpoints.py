@@ -46,6 +46,8 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from nanoseek.osutil import cpu_model  # noqa: E402
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 TRAIN = ["--preset", "test", "--vocab-size", "300", "--batch-size", "4", "--seq-len", "32", "--threads", "1",
          "--warmup-steps", "2", "--eval-every", "4", "--eval-iters", "1", "--sample-every", "0"]
@@ -626,8 +628,7 @@ def main() -> None:
     print(f"\n{passed}/{total} cases pass; {summary['tracebacks']} tracebacks, {summary['segfaults']} segfaults; "
           f"{summary['seconds']:.0f} s")
     if not args.k:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?") \
-            if Path("/proc/cpuinfo").is_file() else platform.processor()
+        cpu = cpu_model()
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({
             "date": time.strftime("%Y-%m-%d"), "command": "python scripts/fault_pass_checkpoints.py",

@@ -41,6 +41,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from nanoseek.osutil import cpu_model  # noqa: E402
+
 KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 READ_TIMEOUT = 2.0
@@ -52,12 +54,13 @@ def make_checkpoint(path: Path) -> Path:
     import torch
 
     from nanoseek import Transformer, get_preset
+    from nanoseek.checkpoint import save_pretrained
     from nanoseek.data import corpus_dir
     from nanoseek.tokenizer import train_tokenizer
 
     torch.manual_seed(0)
     cfg = get_preset("test")
-    Transformer(cfg).save_pretrained(path)
+    save_pretrained(Transformer(cfg), path)
     text = (corpus_dir() / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:30000]
     train_tokenizer([text], vocab_size=cfg.vocab_size, out_dir=path)
     return path
@@ -488,8 +491,7 @@ def main() -> None:
           f"{details['serves_after']}; slots freed: {details['slots_free_after']}")
     print(f"huge bodies: {details['huge']}\nslowloris: {details['slowloris']}\nidle: {details['idle']}")
     print(f"{'PASSED' if summary['passed'] else 'FAILED'} in {time.perf_counter() - t_start:.0f} s")
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = cpu_model()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": "python scripts/fuzz_server.py",

@@ -1,12 +1,14 @@
-import argparse
 import json
 
 import pytest
 import torch
 
-import nanoseek.pretrain
-from nanoseek.ablate import (
+import nanoseek.train.trainer
+from nanoseek.cli import main
+from nanoseek.config import get_preset
+from nanoseek.train.ablate import (
     PARAM_TOLERANCE,
+    AblateConfig,
     GQAttention,
     Variant,
     gqa_attention_params,
@@ -15,8 +17,6 @@ from nanoseek.ablate import (
     mla_variants,
     mtp_variants,
 )
-from nanoseek.cli import main
-from nanoseek.config import get_preset
 
 STEPS = 4
 FAST = ["--preset", "test", "--vocab-size", "300", "--batch-size", "4", "--seq-len", "32", "--threads", "1",
@@ -36,7 +36,7 @@ def cli(*args) -> int:
 @pytest.fixture(autouse=True)
 def no_peak_measurement(monkeypatch):
     """The Trainer measures the matmul peak (2 s per dtype) only for MFU, which these tests do not check."""
-    monkeypatch.setattr(nanoseek.pretrain, "machine_peak_flops", lambda *a, **k: 1e9)
+    monkeypatch.setattr(nanoseek.train.trainer, "machine_peak_flops", lambda *a, **k: 1e9)
 
 
 @pytest.mark.parametrize("ablation", list(EXPECTED))
@@ -151,7 +151,7 @@ def test_bad_variant_name_is_one_line_error(tmp_path, data_file, capsys):
 @pytest.mark.parametrize("preset", ["test", "cpu"])
 def test_mha_gqa_parameters_match_mla(preset):
     cfg = get_preset(preset)
-    variants = mla_variants(cfg, argparse.Namespace(kv_heads=None))
+    variants = mla_variants(cfg, AblateConfig(ablation="mla"))
     mla_attn = mla_attention_params(cfg)
     mla_model = variants[0].build(cfg, 0, torch.device("meta"))  # meta: shapes only, nothing allocated
     mla_total = sum(p.numel() for n, p in mla_model.named_parameters() if not n.startswith("mtp."))
@@ -185,7 +185,7 @@ def test_kv_cache_bytes_per_token_formulas():
     assert kv_cache_bytes_per_token(v3, "mha", 128, 128) == 2 * 128 * 128 * 61 * 2
     # the formulas agree with what the modules actually produce per token (the tensors a cache would hold)
     cpu = get_preset("cpu")
-    for v in mla_variants(cpu, argparse.Namespace(kv_heads=None)):
+    for v in mla_variants(cpu, AblateConfig(ablation="mla")):
         model = v.build(cpu, 0, torch.device("meta"))
         attn = model.layers[0].self_attn
         per_layer = (attn.kv_a_proj_with_mqa.out_features if v.attention == "mla"
@@ -217,7 +217,7 @@ def test_gqa_attention_is_causal_and_shares_kv_heads(one_thread):
 
 def test_mtp_flops_matched_steps():
     cfg = get_preset("cpu")
-    args = argparse.Namespace(mtp_lambda=0.3, seq_len=128, steps=150)
+    args = AblateConfig(ablation="mtp", mtp_lambda=0.3, seq_len=128, steps=150)
     mtp, no_mtp, matched = mtp_variants(cfg, args)
     f_mtp, f_no = Variant("x", "").flops_per_token(cfg, 128, True), Variant("x", "").flops_per_token(cfg, 128, False)
     # MTP adds one block and one pass through the shared 4096 x 256 head on top of config.flops_per_token's count

@@ -43,7 +43,7 @@ def test_hf_tensor_names(model):
 
 
 def test_roundtrip_exact_with_mtp(model, tmp_path):
-    model.save_pretrained(tmp_path / "ckpt")
+    save_pretrained(model, tmp_path / "ckpt")
     loaded = load_model(tmp_path / "ckpt")
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
@@ -67,7 +67,7 @@ def test_sharded_and_bf16(model, tmp_path):
 
 def test_fp8_block_weights_are_dequantised(model, tmp_path):
     """The official release stores e4m3 weights with one fp32 `weight_scale_inv` per 128x128 block."""
-    model.save_pretrained(tmp_path / "ckpt")
+    save_pretrained(model, tmp_path / "ckpt")
     path = tmp_path / "ckpt" / "model.safetensors"
     with safe_open(str(path), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -85,7 +85,7 @@ def test_fp8_block_weights_are_dequantised(model, tmp_path):
 
 def test_interrupted_save_keeps_previous(model, tmp_path, monkeypatch):
     target = tmp_path / "ckpt"
-    model.save_pretrained(target)
+    save_pretrained(model, target)
     before = logits(load_model(target))
     import nanoseek.checkpoint as ckpt
 
@@ -96,7 +96,7 @@ def test_interrupted_save_keeps_previous(model, tmp_path, monkeypatch):
     with torch.no_grad():
         model.lm_head.weight.mul_(2)
     with pytest.raises(KeyboardInterrupt):
-        model.save_pretrained(target)
+        save_pretrained(model, target)
     torch.testing.assert_close(logits(load_model(target)), before, rtol=0, atol=0)
 
 
@@ -106,7 +106,7 @@ def test_interrupted_save_keeps_previous(model, tmp_path, monkeypatch):
     ("extra", "does not describe"),
 ])
 def test_bad_tensors(model, tmp_path, damage, message):
-    model.save_pretrained(tmp_path / "ckpt")
+    save_pretrained(model, tmp_path / "ckpt")
     path = tmp_path / "ckpt" / "model.safetensors"
     with safe_open(str(path), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -158,7 +158,7 @@ def _tensors(path):
 def test_mtp_weights_kept_partial_mtp_refused(tmp_path):
     torch.manual_seed(0)
     two = Transformer(get_preset("test", num_nextn_predict_layers=2))
-    two.save_pretrained(tmp_path / "two")
+    save_pretrained(two, tmp_path / "two")
     assert load_model(tmp_path / "two").config.num_nextn_predict_layers == 2  # present: kept
     tensors = _tensors(tmp_path / "two" / "model.safetensors")
     save_file({k: v for k, v in tensors.items() if not k.startswith("model.layers.3.")},
@@ -175,7 +175,7 @@ def test_mtp_weights_kept_partial_mtp_refused(tmp_path):
 def test_shape_mismatch_is_found_before_the_model_is_allocated(model, tmp_path, monkeypatch):
     import nanoseek.checkpoint as ckpt
 
-    model.save_pretrained(tmp_path / "ckpt")
+    save_pretrained(model, tmp_path / "ckpt")
     cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     built_on = []
 
@@ -197,7 +197,7 @@ def test_shape_mismatch_is_found_before_the_model_is_allocated(model, tmp_path, 
 
 
 def test_integer_weights_are_refused(model, tmp_path):
-    model.save_pretrained(tmp_path / "ckpt")
+    save_pretrained(model, tmp_path / "ckpt")
     tensors = _tensors(tmp_path / "ckpt" / "model.safetensors")
     tensors["model.norm.weight"] = tensors["model.norm.weight"].long()
     save_file(tensors, str(tmp_path / "ckpt" / "model.safetensors"))
@@ -239,7 +239,7 @@ def test_index_shard_outside_the_checkpoint_is_refused(model, tmp_path, escape):
 def test_hub_cache_symlinks_into_blobs_load(model, tmp_path):
     """huggingface_hub's cache: snapshots/<rev>/<file> -> ../../blobs/<hash>."""
     repo = tmp_path / "models--x--y"
-    model.save_pretrained(tmp_path / "plain")
+    save_pretrained(model, tmp_path / "plain")
     (repo / "blobs").mkdir(parents=True)
     snap = repo / "snapshots" / "abc123"
     snap.mkdir(parents=True)
@@ -261,7 +261,7 @@ def test_hub_cache_symlinks_into_blobs_load(model, tmp_path):
                                                                   "missing"),
 ])
 def test_malformed_index_is_one_line(model, tmp_path, content, message):
-    model.save_pretrained(tmp_path / "ckpt")
+    save_pretrained(model, tmp_path / "ckpt")
     (tmp_path / "ckpt" / "model.safetensors.index.json").write_text(content)
     with pytest.raises(NanoseekError, match=message):
         load_model(tmp_path / "ckpt")

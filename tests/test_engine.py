@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from nanoseek import NanoseekError, Transformer, get_preset, load_model
+from nanoseek.checkpoint import save_pretrained
 from nanoseek.engine import Engine, SamplingParams
 
 transformers = pytest.importorskip("transformers")
@@ -35,7 +36,7 @@ def model_dir(tmp_path_factory):
         for gate in model.gates():
             gate.e_score_correction_bias.copy_(torch.randn(gate.e_score_correction_bias.shape, generator=g) * 0.5)
     path = tmp_path_factory.mktemp("engine") / "model"
-    model.save_pretrained(path)
+    save_pretrained(model, path)
     return path
 
 
@@ -565,11 +566,11 @@ def tiny_dir(tmp_path_factory):
     tok = train_tokenizer([text], vocab_size=300, out_dir=root / "tok")
     torch.manual_seed(0)
     model = Transformer(get_preset("test", vocab_size=tok.vocab_size))
-    return model.save_pretrained(root / "model", tokenizer_dir=root / "tok"), tok
+    return save_pretrained(model, root / "model", tokenizer_dir=root / "tok"), tok
 
 
 def run_cli(argv):
-    from nanoseek import generate
+    from nanoseek.commands import generate
 
     parser = argparse.ArgumentParser()
     generate.add_arguments(parser)
@@ -604,4 +605,4 @@ def test_cli_generate_errors(tiny_dir, tmp_path):
         run_cli(["--model", str(path), "--prompt", ""])
     from nanoseek.cli import COMMANDS
 
-    assert COMMANDS["generate"][0] == "nanoseek.generate"
+    assert COMMANDS["generate"][0] == "nanoseek.commands.generate"

@@ -1,24 +1,26 @@
 import json
 import math
-from argparse import Namespace
 
 import pytest
 import torch
 
+from nanoseek.checkpoint import save_pretrained
 from nanoseek.config import get_preset
 from nanoseek.engine import Engine
-from nanoseek.evaluate import (
-    bootstrap_interval,
-    compute_metrics,
-    evaluate,
-    majority_vote,
-    pass_at_k,
-    sample_completions,
-    wilson_interval,
-)
 from nanoseek.model import Transformer
 from nanoseek.tasks import Reward, distinct_problems, format_completion, load_task
 from nanoseek.tokenizer import train_tokenizer
+from nanoseek.train.evaluate import (
+    EvalConfig,
+    bootstrap_interval,
+    compute_metrics,
+    evaluate,
+    evaluate_checkpoint,
+    majority_vote,
+    pass_at_k,
+    wilson_interval,
+)
+from nanoseek.train.rollout import sample_completions
 
 TASK = "arithmetic:min_digits=1,max_digits=2,ops=+-"
 
@@ -32,7 +34,7 @@ def tiny(tmp_path_factory):
     tok = train_tokenizer(texts, vocab_size=300, out_dir=out)
     torch.manual_seed(0)
     model = Transformer(get_preset("test", vocab_size=tok.vocab_size)).eval()
-    model.save_pretrained(out, tokenizer_dir=out)
+    save_pretrained(model, out, tokenizer_dir=out)
     return task, tok, model, out
 
 
@@ -126,12 +128,9 @@ def test_evaluate_and_cli_json(tiny, tmp_path):
     assert set(result["metrics"]) >= {"pass@1_greedy", "pass@1_sampled_mean@3", "pass@3", "maj@3"}
     assert result["greedy_truncated"] == 1.0  # an untrained model never stops within 8 tokens
 
-    from nanoseek import evaluate as ev
-
     out = tmp_path / "eval.json"
-    args = Namespace(model=model_dir, task=TASK, n=5, k=2, max_new_tokens=8, temperature=0.6, top_p=0.95,
-                     batch_size=8, seed=0, threads=1, json=out)
-    ev.run(args)
+    evaluate_checkpoint(EvalConfig(model=model_dir, task=TASK, n=5, k=2, max_new_tokens=8, temperature=0.6, top_p=0.95,
+                                   batch_size=8, seed=0, threads=1, json=out))
     data = json.loads(out.read_text())
     assert data["split"] == "test" and data["n"] == 5 and data["task"] == TASK
     m = data["metrics"]["pass@1_greedy"]
@@ -140,16 +139,14 @@ def test_evaluate_and_cli_json(tiny, tmp_path):
 
 def test_cli_evaluates_each_problem_once(tiny, tmp_path, capsys):
     _, _, _, model_dir = tiny
-    from nanoseek import evaluate as ev
 
     # 1-digit additions: 55 problems up to order, about 1 in 10 of them in the test split
     spec = "arithmetic:min_digits=1,max_digits=1,ops=+"
     n_test = len(distinct_problems(load_task(spec), "test", 1000))
     assert 0 < n_test < 20
     out = tmp_path / "eval.json"
-    args = Namespace(model=model_dir, task=spec, n=50, k=0, max_new_tokens=4, temperature=0.6, top_p=0.95,
-                     batch_size=8, seed=0, threads=1, json=out)
-    ev.run(args)
+    evaluate_checkpoint(EvalConfig(model=model_dir, task=spec, n=50, k=0, max_new_tokens=4, temperature=0.6,
+                                   top_p=0.95, batch_size=8, seed=0, threads=1, json=out))
     data = json.loads(out.read_text())
     assert data["n"] == n_test and data["n_requested"] == 50
     assert f"only {n_test} different problems" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import torch
 
 gguf = pytest.importorskip("gguf", reason="GGUF export needs `pip install gguf`")
 
-from nanoseek.checkpoint import load_model  # noqa: E402
+from nanoseek.checkpoint import load_model, save_pretrained  # noqa: E402
 from nanoseek.cli import main  # noqa: E402
 from nanoseek.config import get_preset  # noqa: E402
 from nanoseek.data import corpus_dir  # noqa: E402
@@ -43,7 +43,7 @@ def tok_dir(tmp_path_factory):
 
 
 def save(model: Transformer, path, tok_dir):
-    model.save_pretrained(path, tokenizer_dir=tok_dir)
+    save_pretrained(model, path, tokenizer_dir=tok_dir)
     return path
 
 
@@ -231,7 +231,7 @@ def test_errors(ckpt, tmp_path, tok_dir, monkeypatch):
     with pytest.raises(NanoseekError, match="dtype 'q4'"):
         export_gguf(ckpt, tmp_path / "x.gguf", "q4")
     bare = tmp_path / "bare"
-    make_model().save_pretrained(bare)
+    save_pretrained(make_model(), bare)
     with pytest.raises(NanoseekError, match="tokenizer.json not found"):
         export_gguf(bare, tmp_path / "x.gguf")
     unsupported = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 1.0,

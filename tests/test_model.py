@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek import ModelConfig, NanoseekError, Transformer, get_preset, load_model
+from nanoseek.checkpoint import save_pretrained
 from nanoseek.model import MoE
 
 transformers = pytest.importorskip("transformers")
@@ -41,7 +42,7 @@ def test_parity_nanoseek_to_transformers(name, tmp_path):
     torch.manual_seed(0)
     cfg = get_preset("test", **CONFIGS[name])
     model = perturb(Transformer(cfg))
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     hf = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ids = torch.randint(0, cfg.vocab_size, (2, 48))
     with torch.no_grad():

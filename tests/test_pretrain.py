@@ -14,12 +14,13 @@ from safetensors.torch import load_file
 
 import nanoseek
 import nanoseek.checkpoint
-import nanoseek.pretrain
+import nanoseek.train.pretrain
 from nanoseek.cli import main
 from nanoseek.config import get_preset
 from nanoseek.data import TokenDataset
-from nanoseek.pretrain import lr_at, make_optimizer, read_optimizer_state, read_trainer_state, resolve_dtype, sample
 from nanoseek.tokenizer import Tokenizer
+from nanoseek.train.pretrain import sample
+from nanoseek.train.trainer import lr_at, make_optimizer, read_optimizer_state, read_trainer_state, resolve_dtype
 
 # 4 documents of ~4 KB (data.py cuts .txt files at blank lines into ~4096-character documents): 3 train, 1 val
 SMALL = ["--vocab-size", "300", "--batch-size", "4", "--seq-len", "32", "--threads", "1", "--warmup-steps", "2",
@@ -392,7 +393,7 @@ def test_read_only_or_full_writes_are_one_line_and_leave_no_temporaries(tmp_path
         from matplotlib.figure import Figure
         monkeypatch.setattr(Figure, "savefig", fail)
     elif target == "tokenizer":
-        monkeypatch.setattr(nanoseek.pretrain, "train_tokenizer", fail)
+        monkeypatch.setattr(nanoseek.train.pretrain, "train_tokenizer", fail)
     else:  # the rename that completes run.json / data/val.bin
         real_replace = os.replace
         name = "run.json" if target == "run.json" else "val.bin"
@@ -422,7 +423,7 @@ def test_unwritable_out_fails_before_training(tmp_path, data_file, monkeypatch, 
 
     monkeypatch.setattr(osutil, "open", read_only_open, raising=False)
     trained = []
-    monkeypatch.setattr(nanoseek.pretrain, "train", lambda *a, **k: trained.append(1))
+    monkeypatch.setattr(nanoseek.train.pretrain, "train", lambda *a, **k: trained.append(1))
     assert cli(*FAST, "--data", data_file, "--steps", 2, "--out", tmp_path / "run") == 2
     err = capsys.readouterr().err
     assert f"--out {tmp_path / 'run'} is not writable: Read-only file system" in err and not trained

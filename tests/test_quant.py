@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nanoseek import NanoseekError, Transformer, get_preset, load_model
+from nanoseek.checkpoint import save_pretrained
 from nanoseek.engine import Engine
 from nanoseek.kernels import library
 from nanoseek.quant import Int4Weight, Int8Weight, quantize
@@ -147,7 +148,7 @@ def test_memory_and_perplexity(model):
 
 
 def test_from_pretrained_quantised(model, tmp_path):
-    model.save_pretrained(tmp_path / "m")
+    save_pretrained(model, tmp_path / "m")
     engine = Engine.from_pretrained(tmp_path / "m", quant="int8", max_batch_size=2, max_seq_len=64)
     assert engine.model is None and isinstance(engine.lm_head, Int8Weight)
     ref = Engine(load_model(tmp_path / "m"), max_batch_size=2, max_seq_len=64, quant="int8")
@@ -164,13 +165,13 @@ def test_from_pretrained_quantised(model, tmp_path):
 
 
 def test_cli_generate_quant_and_speculate(tmp_path, capsys):
-    from nanoseek import generate
+    from nanoseek.commands import generate
     from nanoseek.tokenizer import train_tokenizer
 
     tok = train_tokenizer(["The quick brown fox jumps over the lazy dog. 12 + 30 = 42.\n" * 40], vocab_size=300,
                           out_dir=tmp_path / "tok")
     torch.manual_seed(0)
-    path = Transformer(get_preset("test", vocab_size=tok.vocab_size)).save_pretrained(tmp_path / "m",
+    path = save_pretrained(Transformer(get_preset("test", vocab_size=tok.vocab_size)), tmp_path / "m",
                                                                                      tokenizer_dir=tmp_path / "tok")
     parser = argparse.ArgumentParser()
     generate.add_arguments(parser)
@@ -190,6 +191,6 @@ def test_cli_generate_quant_and_speculate(tmp_path, capsys):
     with pytest.raises(NanoseekError, match="--speculate"):
         generate.run(parser.parse_args(argv + ["--speculate", "9"]))
     no_mtp = Transformer(get_preset("test", vocab_size=tok.vocab_size, num_nextn_predict_layers=0))
-    no_mtp.save_pretrained(tmp_path / "n", tokenizer_dir=tmp_path / "tok")
+    save_pretrained(no_mtp, tmp_path / "n", tokenizer_dir=tmp_path / "tok")
     with pytest.raises(NanoseekError, match="MTP"):
         generate.run(parser.parse_args(["--model", str(tmp_path / "n"), "--prompt", "x", "--speculate"]))

@@ -7,11 +7,11 @@ import pytest
 from nanoseek.cli import main
 from nanoseek.config import get_preset
 from nanoseek.data import corpus_dir
-from nanoseek.report import (
+from nanoseek.train.record import RunRecord
+from nanoseek.train.report import (
     H800_PEAK_FLOPS,
     V3_GPU_HOURS,
     V3_PRETRAIN_GPU_HOURS,
-    RunRecord,
     fmt_sci,
     fmt_usd,
     load_history,

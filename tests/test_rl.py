@@ -3,10 +3,13 @@ import math
 import pytest
 import torch
 
+from nanoseek.checkpoint import save_pretrained
 from nanoseek.config import get_preset
 from nanoseek.errors import NanoseekError
 from nanoseek.model import Transformer
-from nanoseek.rl import (
+from nanoseek.tasks import Problem, Reward, Task
+from nanoseek.tokenizer import train_tokenizer
+from nanoseek.train.grpo import (
     IGNORE,
     GRPOConfig,
     group_advantages,
@@ -17,8 +20,6 @@ from nanoseek.rl import (
     rollout_tensors,
     token_logprobs,
 )
-from nanoseek.tasks import Problem, Reward, Task
-from nanoseek.tokenizer import train_tokenizer
 
 
 class ParityTask(Task):
@@ -274,13 +275,13 @@ def parity_rl_args(tok, tmp_path):
     run on the parity plug-in task."""
     import argparse
 
-    from nanoseek import rl
+    from nanoseek.commands import rl
 
     plugin = tmp_path / "parity.py"
     plugin.write_text(PARITY_PLUGIN)
     tok_dir = tmp_path / "init"
     tok.save(tok_dir)
-    tiny_model(tok.vocab_size).save_pretrained(tok_dir, tokenizer_dir=tok_dir)
+    save_pretrained(tiny_model(tok.vocab_size), tok_dir, tokenizer_dir=tok_dir)
 
     def args(out, *extra):
         p = argparse.ArgumentParser()
@@ -293,8 +294,8 @@ def parity_rl_args(tok, tmp_path):
 def test_rl_cli_logs_checkpoints_and_resume(tok, tmp_path, capsys):
     import json
 
-    from nanoseek import rl
     from nanoseek.checkpoint import load_model
+    from nanoseek.commands import rl
 
     rl_args = parity_rl_args(tok, tmp_path)
     tok_dir = tmp_path / "init"
@@ -340,11 +341,12 @@ def test_rl_log_keeps_the_steps_of_a_killed_run(tok, tmp_path, monkeypatch):
     """With --save-every 0 nothing is checkpointed before the end, but the log has a line for every step done."""
     import json
 
-    from nanoseek import rl
+    from nanoseek.commands import rl
+    from nanoseek.train import grpo
 
     out = tmp_path / "rl"
     args = parity_rl_args(tok, tmp_path)(out, "--eval-every", "0", "--save-every", "0", "--steps", "5")
-    real_step, calls = rl.grpo_step, []
+    real_step, calls = grpo.grpo_step, []
 
     def dies_at_step_3(*a, **k):
         calls.append(1)
@@ -352,12 +354,78 @@ def test_rl_log_keeps_the_steps_of_a_killed_run(tok, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # the user's second Ctrl-C, or a killed job
         return real_step(*a, **k)
 
-    monkeypatch.setattr(rl, "grpo_step", dies_at_step_3)
+    monkeypatch.setattr(grpo, "grpo_step", dies_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         rl.run(args)
     rows = [json.loads(line) for line in (out / "rl_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert not (out / "checkpoints" / "latest").exists()
-    monkeypatch.setattr(rl, "grpo_step", real_step)
+    monkeypatch.setattr(grpo, "grpo_step", real_step)
     rl.run(args)  # a fresh run in the same directory (nothing to resume) starts a fresh log
     assert [json.loads(line)["step"] for line in (out / "rl_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+class Killed(BaseException):
+    """Stands in for kill -9 (not an Exception, so nothing may catch and handle it)."""
+
+
+def test_rl_killed_or_interrupted_then_resumed_equals_an_uninterrupted_run(tok, tmp_path, monkeypatch, capsys):
+    """RL on the shared loop: a run killed between checkpoints, resumed, interrupted by Ctrl-C (which saves the step
+    it finishes), resumed again, logs the same rewards and losses and ends with the same weights as one run."""
+    import json
+    import os
+    import signal
+
+    from nanoseek.checkpoint import load_model
+    from nanoseek.commands import rl
+    from nanoseek.train import grpo
+
+    rl_args = parity_rl_args(tok, tmp_path)
+    flags = ("--steps", "5", "--save-every", "2", "--eval-every", "2", "--eval-n", "3", "--lr", "1e-3")
+
+    def rows(out):  # rl_log.jsonl without the step timings
+        lines = (out / "rl_log.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k not in ("t_sample", "t_train")} for line in lines]
+
+    reference = tmp_path / "reference"
+    rl.run(rl_args(reference, *flags))
+
+    out = tmp_path / "run"
+    real_step, calls = grpo.grpo_step, []
+
+    def killed_in_step_4(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise Killed
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(grpo, "grpo_step", killed_in_step_4)
+    with pytest.raises(Killed):
+        rl.run(rl_args(out, *flags))
+    assert [r["step"] for r in rows(out)] == [1, 2, 3]  # step 3 was logged, not checkpointed
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000002"
+
+    def ctrl_c_in_step_4(*a, **k):  # the resumed run's second step is step 4
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(grpo, "grpo_step", ctrl_c_in_step_4)
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        rl.run(rl_args(out, *flags, "--resume"))
+    assert f"interrupted: saved {out / 'checkpoints' / 'step_000004'}" in capsys.readouterr().out
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000004" and not (out / "final").exists()
+    assert (out / "rl_curves.png").is_file()
+
+    monkeypatch.setattr(grpo, "grpo_step", real_step)
+    rl.run(rl_args(out, *flags, "--resume"))
+    assert rows(out) == rows(reference) and [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5]
+    state, ref_state = (json.loads((d / "checkpoints" / "step_000005" / "trainer_state.json").read_text())
+                        for d in (out, reference))
+    assert state["history"]["heldout"] == ref_state["history"]["heldout"]
+    assert [h["step"] for h in state["history"]["heldout"]] == [0, 2, 4, 5]
+    reference_weights = load_model(reference / "final").state_dict()
+    for name, value in load_model(out / "final").state_dict().items():
+        torch.testing.assert_close(value, reference_weights[name], rtol=0, atol=0, msg=name)

@@ -34,7 +34,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nanoseek import Transformer, get_preset
-from nanoseek.checkpoint import load_model
+from nanoseek.checkpoint import load_model, save_pretrained
 from nanoseek.engine import Engine
 from nanoseek.serving import TextSplitter, create_app, http_protocol
 from nanoseek.tokenizer import (
@@ -63,7 +63,7 @@ def make_random_model(path: Path, max_position_embeddings: int | None = None) ->
     cfg = get_preset("test")
     if max_position_embeddings is not None:  # room for a tools system prompt in the tiny vocabulary
         cfg = dataclasses.replace(cfg, max_position_embeddings=max_position_embeddings)
-    Transformer(cfg).save_pretrained(path)
+    save_pretrained(Transformer(cfg), path)
     train_tokenizer(_texts(), vocab_size=cfg.vocab_size, out_dir=path)
     return path
 
@@ -97,7 +97,7 @@ def make_scripted_model(path: Path, reasoning: str = SCRIPT_REASONING, answer: s
         for src, dst in zip(chain, chain[1:], strict=False):
             # logit(dst | src) = 10 * |rmsnorm(e_src)| ~ 80; any other chain logit ~ N(0, 10)
             model.lm_head.weight[dst] = 10 * emb[src] / emb[src].norm()
-    model.save_pretrained(path)  # replaces the directory, so the tokenizer is saved after it
+    save_pretrained(model, path)  # replaces the directory, so the tokenizer is saved after it
     tok.save(path)
     return path
 
@@ -1119,7 +1119,7 @@ def test_speculate_on_a_checkpoint_declaring_mtp_without_weights(random_dir, tmp
     from nanoseek.cli import main
 
     cfg = get_preset("test")
-    Transformer(dataclasses.replace(cfg, num_nextn_predict_layers=0)).save_pretrained(tmp_path)
+    save_pretrained(Transformer(dataclasses.replace(cfg, num_nextn_predict_layers=0)), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
     Tokenizer.from_dir(random_dir).save(tmp_path)

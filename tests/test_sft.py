@@ -5,10 +5,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nanoseek import distill, sample, sft
-from nanoseek.checkpoint import load_model
+from nanoseek.checkpoint import load_model, save_pretrained
+from nanoseek.commands import distill, sft
 from nanoseek.errors import NanoseekError
-from nanoseek.sft import (
+from nanoseek.tasks import EOS_TEXT, format_completion, load_task
+from nanoseek.tokenizer import Tokenizer, train_tokenizer
+from nanoseek.train import sample
+from nanoseek.train.sft import (
     IGNORE,
     Conversation,
     batch_at,
@@ -20,8 +23,6 @@ from nanoseek.sft import (
     split_validation,
     task_conversations,
 )
-from nanoseek.tasks import EOS_TEXT, format_completion, load_task
-from nanoseek.tokenizer import Tokenizer, train_tokenizer
 
 TASK = "arithmetic:min_digits=1,max_digits=2,ops=+-"
 
@@ -174,7 +175,7 @@ def test_sft_cli_from_scratch_and_finetune(tok_dir, tmp_path):
 
 def test_distill_dense_student(tok_dir, tmp_path):
     teacher = tmp_path / "teacher"
-    init_model("test", None, Tokenizer.from_dir(tok_dir).vocab_size).save_pretrained(teacher, tokenizer_dir=tok_dir)
+    save_pretrained(init_model("test", None, Tokenizer.from_dir(tok_dir).vocab_size), teacher, tokenizer_dir=tok_dir)
     traces = tmp_path / "traces.jsonl"
     convs = task_conversations(load_task(TASK), 5)
     traces.write_text("".join(json.dumps({"messages": c.messages}) + "\n" for c in convs))

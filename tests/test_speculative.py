@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nanoseek import NanoseekError, Transformer, get_preset
+from nanoseek.checkpoint import save_pretrained
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.engine.speculative import verify
 from nanoseek.model import apply_rope
@@ -311,6 +312,6 @@ def test_speculation_needs_an_mtp_module(tmp_path):
     model = Transformer(get_preset("test", num_nextn_predict_layers=0))
     with pytest.raises(NanoseekError, match="MTP"):
         Engine(model, speculative=True)
-    model.save_pretrained(tmp_path / "m")
+    save_pretrained(model, tmp_path / "m")
     with pytest.raises(NanoseekError, match="MTP"):
         Engine.from_pretrained(tmp_path / "m", speculative=True)

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from nanoseek.cli import main
-from nanoseek.speedrun import PLANS, STAGES
+from nanoseek.commands.speedrun import PLANS, STAGES
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,24 @@ def test_plan_mismatch_is_refused(quick_run, capsys):
         main(["speedrun", "--out", str(quick_run), "--threads", "1"])  # the default plan into a quick run's dir
     assert e.value.code == 2
     assert "another plan" in capsys.readouterr().err
+
+
+def test_stage_command_lines_parse_back_to_the_same_configs(tmp_path, monkeypatch):
+    """Each stage runs its library function with a typed config and logs the `nanoseek <command>` line that builds
+    the same config (torchrun pre-training runs that line)."""
+    from nanoseek.cli import build_parser
+    from nanoseek.commands import speedrun
+    from nanoseek.commands._flags import config_from_args
+
+    seen = []
+    monkeypatch.setattr(speedrun, "run_stage", lambda command, function, cfg: seen.append((command, cfg)))
+    for stage in speedrun.build_stages(PLANS["default"], tmp_path, threads=1, price=0.1):
+        if stage.name not in ("tokenizer", "report"):
+            stage.run()
+    assert [c for c, _ in seen] == ["pretrain", "eval", "sft", "eval", "rl", "eval", "sample", "distill", "eval"]
+    for command, cfg in seen:
+        argv = speedrun.command_line(command, cfg)
+        assert config_from_args(type(cfg), build_parser(command).parse_args(argv)) == cfg, argv
 
 
 def _free_port() -> int:

@@ -1,1 +1,6 @@
-"""The `nanoseek` commands: one module each, add_arguments(parser) and run(args); only nanoseek.cli imports them."""
+"""The `nanoseek <command>` modules, one per command: `add_arguments(parser)` declares the flags and `run(args)` turns
+them into the library's typed config (nanoseek.train, nanoseek.export, ...) and calls it.
+
+Only nanoseek/cli.py imports these modules; they never import each other (the flags several of them share live in
+_flags.py, which is not a command).
+"""

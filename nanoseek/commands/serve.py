@@ -10,10 +10,7 @@ import argparse
 import os
 from pathlib import Path
 
-import torch
-
-from nanoseek.checkpoint import checkpoint_config
-from nanoseek.config import ModelConfig
+from nanoseek.commands._flags import check_speculate, set_threads
 from nanoseek.engine import Engine
 from nanoseek.errors import NanoseekError
 from nanoseek.serving import MAX_CONNECTIONS, READ_TIMEOUT, check_api_key, create_app, http_protocol
@@ -103,22 +100,6 @@ def describe_cache(engine: Engine) -> str:
 
 
 
-def check_can_speculate(path: Path) -> None:
-    """--speculate needs MTP weights: refuse a checkpoint without them before loading it, saying why. transformers'
-    save_pretrained keeps num_nextn_predict_layers in config.json but writes no MTP weights; such a checkpoint loads
-    as a model without MTP, and the engine's own refusal ("needs config num_nextn_predict_layers >= 1") would
-    contradict its config.json."""
-    if checkpoint_config(path, warn=False).num_nextn_predict_layers:
-        return
-    declared = ModelConfig.load(path).num_nextn_predict_layers
-    if declared:
-        why = (f"holds no MTP weights, though its config.json declares num_nextn_predict_layers = {declared} "
-               "(transformers' save_pretrained writes none)")
-    else:
-        why = "has none (its config.json has num_nextn_predict_layers = 0)"
-    raise NanoseekError(f"--speculate needs the checkpoint's MTP module: {path} {why}; serve it without --speculate")
-
-
 def run(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -139,14 +120,8 @@ def run(args: argparse.Namespace) -> None:
         check_api_key(api_key, "--api-key")
     elif "NANOSEEK_API_KEY" in os.environ:
         api_key = check_api_key(os.environ["NANOSEEK_API_KEY"], "NANOSEEK_API_KEY")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise NanoseekError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    if not 0 <= args.speculate <= 8:
-        raise NanoseekError(f"--speculate takes 1 to 8 draft tokens, got {args.speculate}")
-    if args.speculate:
-        check_can_speculate(args.model)
+    set_threads(args.threads)
+    check_speculate(args.speculate, args.model)
     engine = Engine.from_pretrained(args.model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                                     compile=args.compile, speculative=args.speculate > 0,
                                     num_speculative_tokens=max(args.speculate, 1), **cache_options(args))

@@ -3,8 +3,10 @@
     tokenizer -> pretrain (MLA + DeepSeekMoE + MTP) -> SFT (cold start, <think> traces) -> eval -> GRPO -> eval
     -> rejection sampling from the RL model -> distillation into a small dense student -> eval -> report card
 
-Each stage is the same `nanoseek <command>` a user would type (the argv is printed in the stage's log), run in this
-process. The run directory (--out, default runs/speedrun) holds one sub-directory per stage plus:
+Each stage calls the library function of its command (nanoseek.train: pretrain, sft, evaluate_checkpoint, rl,
+sample_traces, distill, write_report_card) with a typed config, in this process; the stage's log starts with the
+equivalent `nanoseek <command>` line, so one stage can be rerun by hand. The run directory (--out, default
+runs/speedrun) holds one sub-directory per stage plus:
   logs/<stage>.log   everything the stage printed            done/<stage>   written when the stage finished
   eval/<model>.json  `nanoseek eval --json` results           report.md      the report card (+ PNGs)
 
@@ -18,8 +20,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
+import dataclasses
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -37,6 +40,13 @@ from nanoseek.data import default_corpus_files
 from nanoseek.errors import NanoseekError
 from nanoseek.osutil import check_writable, write_file_atomically, write_text_atomically
 from nanoseek.tasks import format_completion, load_task
+from nanoseek.train.evaluate import EvalConfig, evaluate_checkpoint
+from nanoseek.train.grpo import RLConfig, rl
+from nanoseek.train.pretrain import PretrainConfig, prepare_tokenizer, pretrain
+from nanoseek.train.report import write_report_card
+from nanoseek.train.sample import SampleConfig, sample_traces
+from nanoseek.train.sft import DistillConfig, SFTConfig, distill, sft
+from nanoseek.train.trainer import TrainConfig
 
 
 @dataclass
@@ -114,22 +124,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # --- stage runners --------------------------------------------------------------------------------------------------
-def nanoseek(argv: list[str]) -> None:
-    """Run `nanoseek <argv>` in this process; a NanoseekError propagates (the speedrun names the stage)."""
-    from nanoseek.cli import build_parser  # here: cli imports every command module lazily, speedrun among them
+def command_line(command: str, cfg: Any) -> list[str]:
+    """The `nanoseek <command>` argv that builds `cfg`: a flag for every field that differs from its default (field
+    `batch_size` is `--batch-size`; True booleans are bare flags; lists are several values), the stage's own
+    settings before the shared training ones."""
+    argv = [command]
+    shared = {f.name for f in dataclasses.fields(TrainConfig)}
+    for f in sorted(dataclasses.fields(cfg), key=lambda f: f.name in shared):
+        value = getattr(cfg, f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if default is not dataclasses.MISSING and value == default:
+            continue
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(value, bool):
+            argv += [flag] if value else []
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
 
-    print(f"$ nanoseek {' '.join(argv)}", flush=True)
-    args = build_parser(argv[0]).parse_args(argv)
-    importlib.import_module(args._module).run(args)
+
+def run_stage(command: str, stage: Callable[[Any], Any], cfg: Any) -> None:
+    """Print the command line of `cfg`, then run the library function of the stage with it; a NanoseekError
+    propagates (the speedrun names the stage)."""
+    print(f"$ nanoseek {shlex.join(command_line(command, cfg))}", flush=True)
+    stage(cfg)
 
 
-def torchrun_pretrain(argv: list[str], n_gpus: int) -> None:
+def torchrun_pretrain(cfg: PretrainConfig, n_gpus: int) -> None:
     """Pre-training on several GPUs: the same command under torchrun, one process per GPU (standard DDP/FSDP2)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_gpus}",
-           "-m", "nanoseek", *argv]
-    print(f"$ {' '.join(cmd)}", flush=True)
+           "-m", "nanoseek", *command_line("pretrain", cfg)]
+    print(f"$ {shlex.join(cmd)}", flush=True)
     if subprocess.run(cmd, stdout=sys.stdout, stderr=sys.stderr).returncode != 0:
-        raise NanoseekError(f"torchrun pre-training failed (see {argv[argv.index('--out') + 1]})")
+        raise NanoseekError(f"torchrun pre-training failed (see {cfg.out})")
 
 
 def write_trace_corpus(task_spec: str, n: int, path: Path) -> Path:
@@ -183,71 +212,65 @@ def eval_summary(path: Path) -> str:
 
 
 def build_stages(plan: Plan, out: Path, threads: int, price: float) -> list[Stage]:
-    """The stages, each as the nanoseek command a user would type."""
-    common = ["--threads", str(threads), "--price-per-hour", str(price)]
-    pre, sft, rl, smp, dst, ev = (out / d for d in ("pretrain", "sft", "rl", "sample", "distill", "eval"))
+    """The stages, each a library call with the config of the nanoseek command a user would type."""
+    common: dict[str, Any] = {"threads": threads, "price_per_hour": price}
+    pre, sft_dir, rl_dir, smp, dst, ev = (out / d for d in ("pretrain", "sft", "rl", "sample", "distill", "eval"))
     traces = out / "corpus" / f"{plan.task.split(':')[0]}_traces.jsonl"
     corpus = [*default_corpus_files(), traces]
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
 
     def tokenizer() -> None:
-        from nanoseek.pretrain import prepare_tokenizer
-
         traces.parent.mkdir(parents=True, exist_ok=True)
         write_trace_corpus(plan.task, plan.corpus_traces, traces)
         pre.mkdir(parents=True, exist_ok=True)
         prepare_tokenizer(corpus, pre, plan.vocab_size)  # pretrain finds and reuses pretrain/tokenizer
 
-    def pretrain() -> None:
-        argv = ["pretrain", "--preset", plan.preset, "--data", *map(str, corpus), "--vocab-size",
-                str(plan.vocab_size), "--steps", str(plan.pretrain_steps), "--batch-size", str(plan.pretrain_batch),
-                "--seq-len", str(plan.pretrain_seq_len), "--lr", str(plan.pretrain_lr), "--warmup-steps",
-                str(max(1, plan.pretrain_steps // 20)), "--eval-every", str(max(1, plan.pretrain_steps // 4)),
-                "--save-every", str(max(1, plan.pretrain_steps // 4)), "--sample-every", "0",
-                "--bias-update-speed", "0.01", "--sample-prompt", "What is 25 + 17?", "--out", str(pre),
-                *common, *resume_flag(pre)]
+    def pretraining() -> None:
+        cfg = PretrainConfig(preset=plan.preset, data=corpus, vocab_size=plan.vocab_size, steps=plan.pretrain_steps,
+                             batch_size=plan.pretrain_batch, seq_len=plan.pretrain_seq_len, lr=plan.pretrain_lr,
+                             warmup_steps=max(1, plan.pretrain_steps // 20),
+                             eval_every=max(1, plan.pretrain_steps // 4), save_every=max(1, plan.pretrain_steps // 4),
+                             sample_every=0, bias_update_speed=0.01, sample_prompt="What is 25 + 17?", out=pre,
+                             resume=resuming(pre), **common)
         if n_gpus > 1:
-            torchrun_pretrain(argv, n_gpus)
+            torchrun_pretrain(cfg, n_gpus)
         else:
-            nanoseek(argv)
+            run_stage("pretrain", pretrain, cfg)
 
     def evaluate(model: Path, name: str) -> Callable[[], None]:
         def run_eval() -> None:
             ev.mkdir(parents=True, exist_ok=True)
-            nanoseek(["eval", "--model", str(model), "--task", plan.task, "-n", str(plan.eval_n), "--k",
-                      str(plan.eval_k), "--max-new-tokens", str(plan.max_new_tokens), "--batch-size", "128",
-                      "--threads", str(threads), "--json", str(ev / f"{name}.json")])
+            run_stage("eval", evaluate_checkpoint, EvalConfig(
+                model=model, task=plan.task, n=plan.eval_n, k=plan.eval_k, max_new_tokens=plan.max_new_tokens,
+                batch_size=128, threads=threads, json=ev / f"{name}.json"))
         return run_eval
 
     def finetune() -> None:
-        nanoseek(["sft", "--model", str(pre / "final"), "--task", plan.task, "--n", str(plan.sft_n), "--steps",
-                  str(plan.sft_steps), "--batch-size", "32", "--lr", str(plan.sft_lr), "--warmup-steps", "10",
-                  "--mtp-lambda", "0.3", "--bias-update-speed", "0.01",
-                  "--save-every", str(max(1, plan.sft_steps // 3)), "--eval-every", str(max(1, plan.sft_steps // 3)),
-                  "--out", str(sft), *common, *resume_flag(sft)])
+        run_stage("sft", sft, SFTConfig(
+            model=pre / "final", task=plan.task, n=plan.sft_n, steps=plan.sft_steps, batch_size=32, lr=plan.sft_lr,
+            warmup_steps=10, mtp_lambda=0.3, bias_update_speed=0.01, save_every=max(1, plan.sft_steps // 3),
+            eval_every=max(1, plan.sft_steps // 3), out=sft_dir, resume=resuming(sft_dir), **common))
 
     def grpo() -> None:
-        nanoseek(["rl", "--model", str(sft / "final"), "--task", plan.task, "--steps", str(plan.rl_steps),
-                  "-B", str(plan.rl_prompts), "-G", str(plan.rl_group), "--max-new-tokens", str(plan.max_new_tokens),
-                  "--lr", str(plan.rl_lr), "--warmup-steps", "3", "--eval-every", "0",
-                  "--save-every", str(max(1, plan.rl_steps // 4)), "--out", str(rl), *common, *resume_flag(rl)])
+        run_stage("rl", rl, RLConfig(
+            model=sft_dir / "final", task=plan.task, steps=plan.rl_steps, prompts_per_step=plan.rl_prompts,
+            group_size=plan.rl_group, max_new_tokens=plan.max_new_tokens, lr=plan.rl_lr, warmup_steps=3,
+            eval_every=0, save_every=max(1, plan.rl_steps // 4), out=rl_dir, resume=resuming(rl_dir), **common))
 
     def sample() -> None:
         smp.mkdir(parents=True, exist_ok=True)
-        nanoseek(["sample", "--model", str(rl / "final"), "--task", plan.task, "-n", str(plan.sample_n), "-k",
-                  str(plan.sample_k), "--keep-correct", "--max-new-tokens", str(plan.max_new_tokens),
-                  "--batch-size", "128", "--threads", str(threads), "--out", str(smp / "traces.jsonl")])
+        run_stage("sample", sample_traces, SampleConfig(
+            model=rl_dir / "final", task=plan.task, n=plan.sample_n, k=plan.sample_k, keep_correct=True,
+            max_new_tokens=plan.max_new_tokens, batch_size=128, threads=threads, out=smp / "traces.jsonl"))
 
-    def distill() -> None:
-        nanoseek(["distill", "--teacher-data", str(smp / "traces.jsonl"), "--teacher", str(rl / "final"),
-                  "--student-preset", plan.student_preset, "--steps", str(plan.distill_steps), "--batch-size", "32",
-                  "--lr", str(plan.distill_lr), "--warmup-steps", "20", "--mtp-lambda", "0",
-                  "--save-every", str(max(1, plan.distill_steps // 3)), "--eval-every",
-                  str(max(1, plan.distill_steps // 3)), "--out", str(dst), *common, *resume_flag(dst)])
+    def distillation() -> None:
+        run_stage("distill", distill, DistillConfig(
+            teacher_data=[smp / "traces.jsonl"], teacher=rl_dir / "final", student_preset=plan.student_preset,
+            steps=plan.distill_steps, batch_size=32, lr=plan.distill_lr, warmup_steps=20, mtp_lambda=0.0,
+            save_every=max(1, plan.distill_steps // 3), eval_every=max(1, plan.distill_steps // 3), out=dst,
+            resume=resuming(dst), **common))
 
     def report() -> None:
-        from nanoseek.report import write_report_card
-
         path = write_report_card([out], out / "report.md", price_per_hour=price, title="nanoseek speedrun")
         with open(path, "a", encoding="utf-8") as f:
             f.write(stage_table(out, price))
@@ -256,21 +279,21 @@ def build_stages(plan: Plan, out: Path, threads: int, price: float) -> list[Stag
     return [
         Stage("tokenizer", f"byte-level BPE ({plan.vocab_size} tokens) on the corpus + {plan.corpus_traces:,} "
               f"worked problems", 0.02, tokenizer, lambda: f"{plan.vocab_size} tokens -> {pre / 'tokenizer'}"),
-        Stage("pretrain", f"{plan.preset} preset, MLA + MoE + MTP, {plan.pretrain_steps} steps", 0.40, pretrain,
+        Stage("pretrain", f"{plan.preset} preset, MLA + MoE + MTP, {plan.pretrain_steps} steps", 0.40, pretraining,
               lambda: run_summary(pre), pre),
         Stage("eval_base", f"the pre-trained model, pass@1 on {plan.eval_n} held-out problems", 0.03,
               evaluate(pre / "final", "base"), lambda: eval_summary(ev / "base.json")),
         Stage("sft", f"cold start: {plan.sft_n:,} <think> traces, {plan.sft_steps} steps", 0.17, finetune,
-              lambda: run_summary(sft), sft),
-        Stage("eval_sft", f"pass@1 on {plan.eval_n} held-out problems", 0.03, evaluate(sft / "final", "sft"),
+              lambda: run_summary(sft_dir), sft_dir),
+        Stage("eval_sft", f"pass@1 on {plan.eval_n} held-out problems", 0.03, evaluate(sft_dir / "final", "sft"),
               lambda: eval_summary(ev / "sft.json")),
         Stage("rl", f"GRPO, {plan.rl_steps} steps x {plan.rl_prompts} prompts x {plan.rl_group} samples", 0.16,
-              grpo, lambda: run_summary(rl), rl),
-        Stage("eval_rl", f"pass@1 on {plan.eval_n} held-out problems", 0.03, evaluate(rl / "final", "rl"),
+              grpo, lambda: run_summary(rl_dir), rl_dir),
+        Stage("eval_rl", f"pass@1 on {plan.eval_n} held-out problems", 0.03, evaluate(rl_dir / "final", "rl"),
               lambda: eval_summary(ev / "rl.json")),
         Stage("sample", f"rejection sampling: {plan.sample_n} problems x {plan.sample_k}, keep verified", 0.03,
               sample, lambda: f"{count_lines(smp / 'traces.jsonl')} verified traces"),
-        Stage("distill", f"dense {plan.student_preset} student, {plan.distill_steps} steps", 0.12, distill,
+        Stage("distill", f"dense {plan.student_preset} student, {plan.distill_steps} steps", 0.12, distillation,
               lambda: run_summary(dst), dst),
         Stage("eval_distill", f"pass@1 on {plan.eval_n} held-out problems", 0.03,
               evaluate(dst / "final", "distill"), lambda: eval_summary(ev / "distill.json")),
@@ -293,9 +316,9 @@ def stage_table(out: Path, price: float) -> str:
             + "\n".join(rows) + f"\n| **total** | **{_minutes(total)}** | **${total / 3600 * price:.4f}** |\n")
 
 
-def resume_flag(run_dir: Path) -> list[str]:
-    """--resume when an earlier, interrupted speedrun left a checkpoint in this stage's directory."""
-    return ["--resume"] if (run_dir / "checkpoints" / "latest").is_file() else []
+def resuming(run_dir: Path) -> bool:
+    """Resume when an earlier, interrupted speedrun left a checkpoint in this stage's directory."""
+    return (run_dir / "checkpoints" / "latest").is_file()
 
 
 # --- the command ----------------------------------------------------------------------------------------------------
@@ -335,8 +358,8 @@ def run(args: argparse.Namespace) -> None:
                 bar.update(round(stage.weight * 100))
                 bar.write(f"{label:<20} skipped (done in an earlier run) {stage.summary()}")
                 continue
-            resuming = stage.run_dir is not None and resume_flag(stage.run_dir)
-            bar.set_description_str(f"{label}: {stage.describe}{' (resuming)' if resuming else ''}")
+            resumed = stage.run_dir is not None and resuming(stage.run_dir)
+            bar.set_description_str(f"{label}: {stage.describe}{' (resuming)' if resumed else ''}")
             t0 = time.time()
             log = out / "logs" / f"{stage.name}.log"
             try:

@@ -1,8 +1,8 @@
-"""`nanoseek ablate {balance,mla,mtp,fp8}`: the DeepSeek-V2/V3 ablations, re-run at CPU scale.
+"""The DeepSeek-V2/V3 ablations, re-run at CPU scale: `nanoseek ablate {balance,mla,mtp,fp8}`, ablate(AblateConfig).
 
 Every ablation trains a few variants of the same model on the same data, seed, batches and steps, changing one
-thing, with the pre-training recipe of pretrain.py (Trainer, train(), pretrain_loss: V3 defaults for everything
-not being ablated):
+thing, with the pre-training recipe (trainer.py's Trainer and train(), pretrain.pretrain_loss: V3 defaults for
+everything not being ablated):
 
   balance  auxiliary-loss-free bias balancing (gamma > 0, alpha = 0) vs the sequence-wise balance loss only
            (gamma = 0, alpha > 0) vs no balancing: val loss and MaxVio over training      (V3 paper 2.1.2, 4.5.2)
@@ -21,7 +21,6 @@ the HF DeepseekV3 architecture.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -42,24 +41,35 @@ from nanoseek.config import ModelConfig
 from nanoseek.data import TokenDataset, default_corpus_files, read_documents
 from nanoseek.errors import NanoseekError
 from nanoseek.model import MLA, Transformer, apply_rope
-from nanoseek.osutil import available_cpus, check_writable, load_average, write_file_atomically, write_text_atomically
-from nanoseek.pretrain import (
-    Trainer,
-    _jsonable,
-    add_model_and_data_arguments,
-    add_training_arguments,
-    check_training_args,
-    load_config,
-    prepare_corpus,
-    pretrain_loss,
-    resolve_device,
-    train,
-)
-from nanoseek.report import RunRecord
+from nanoseek.osutil import check_writable, load_average, write_file_atomically, write_text_atomically
+from nanoseek.train.pretrain import load_config, prepare_corpus, pretrain_loss
+from nanoseek.train.trainer import SupervisedStep, TrainConfig, Trainer, resolve_device, set_threads, train
 
 ABLATIONS = ("balance", "mla", "mtp", "fp8")
 KV_BYTES_PER_ELEMENT = 2  # the KV cache is counted in bf16, as served (V2 paper Table 1 counts elements)
 PARAM_TOLERANCE = 0.05  # MHA/GQA attention parameters per layer within 5% of MLA's (total model: within 1%)
+
+
+@dataclass(kw_only=True)
+class AblateConfig(TrainConfig):
+    """One ablation: which, the variants' settings, the model and corpus (as PretrainConfig), and the training
+    settings every variant shares (short runs: no checkpoints, no samples)."""
+
+    ablation: str  # one of ABLATIONS
+    preset: str = "cpu"  # model preset, when no config is given
+    config: Path | None = None  # a config.json (HF DeepseekV3 field names) instead of a preset
+    data: list[Path] | None = None  # .txt / .jsonl files (None: the bundled tinyshakespeare + GSM8K train)
+    vocab_size: int | None = None  # tokenizer vocabulary when one is trained (None: the config's vocab_size)
+    gammas: list[float] = field(default_factory=lambda: [0.001, 0.01])  # balance: aux-loss-free bias speeds
+    alphas: list[float] = field(default_factory=lambda: [0.01, 0.001])  # balance: balance-loss weights
+    variants: list[str] | None = None  # run only these variants (None: all)
+    kv_heads: int | None = None  # mla: key/value heads of the GQA variant (None: num_attention_heads / 2)
+    steps: int = 150
+    eval_every: int = 25
+    eval_iters: int = 8
+    save_every: int = 0
+    sample_every: int = 0
+    out: Path | None = None  # None: runs/ablate/<ablation>
 
 
 # --- the ablation-only attention: standard MHA / GQA with RoPE on the whole head ----------------------------------
@@ -153,7 +163,7 @@ class Variant:
 
     name: str  # run directory and table row
     label: str  # legend text
-    overrides: dict[str, Any] = field(default_factory=dict)  # training args (bias_update_speed, mtp_lambda, dtype...)
+    overrides: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields: bias_update_speed, dtype...
     attention: str = "mla"  # "mla", "mha" or "gqa"
     n_kv_heads: int | None = None
     head_dim: int | None = None
@@ -212,21 +222,21 @@ class Variant:
         return model
 
 
-def balance_variants(config: ModelConfig, args: argparse.Namespace) -> list[Variant]:
+def balance_variants(config: ModelConfig, cfg: AblateConfig) -> list[Variant]:
     """Aux-loss-free (gamma, alpha 0) vs balance loss only (gamma 0, alpha) vs neither."""
     out = [Variant(f"aux-free-g{g:g}", f"aux-loss-free, gamma {g:g}", {"bias_update_speed": g, "balance_alpha": 0.0})
-           for g in args.gammas]
+           for g in cfg.gammas]
     out += [Variant(f"aux-loss-a{a:g}", f"balance loss only, alpha {a:g}", {"bias_update_speed": 0.0,
                                                                            "balance_alpha": a})
-            for a in args.alphas]
+            for a in cfg.alphas]
     out.append(Variant("none", "no balancing", {"bias_update_speed": 0.0, "balance_alpha": 0.0}))
     return out
 
 
-def mla_variants(config: ModelConfig, args: argparse.Namespace) -> list[Variant]:
+def mla_variants(config: ModelConfig, cfg: AblateConfig) -> list[Variant]:
     """MLA vs MHA vs GQA, each keeping MLA's query heads, head dim chosen to match MLA's attention parameters."""
     h = config.num_attention_heads
-    kv = args.kv_heads or max(1, h // 2)
+    kv = cfg.kv_heads or max(1, h // 2)
     if h % kv or kv >= h:
         raise NanoseekError(f"--kv-heads {kv} must divide num_attention_heads ({h}) and be smaller than it")
     hd_mha, hd_gqa = matched_head_dim(config, h), matched_head_dim(config, kv)
@@ -236,63 +246,37 @@ def mla_variants(config: ModelConfig, args: argparse.Namespace) -> list[Variant]
                     head_dim=hd_gqa)]
 
 
-def mtp_variants(config: ModelConfig, args: argparse.Namespace) -> list[Variant]:
+def mtp_variants(config: ModelConfig, cfg: AblateConfig) -> list[Variant]:
     """MTP vs none at the same steps (MTP spends more FLOPs), and none with more steps to match MTP's FLOPs."""
-    if not args.mtp_lambda > 0:
+    if not cfg.mtp_lambda > 0:
         raise NanoseekError("ablate mtp: --mtp-lambda must be > 0 (it is the weight of the MTP variant)")
     if config.num_nextn_predict_layers < 1:
         raise NanoseekError("ablate mtp: the config has no MTP module (num_nextn_predict_layers is 0)")
     base = Variant("base", "")
-    ratio = base.flops_per_token(config, args.seq_len, True) / base.flops_per_token(config, args.seq_len, False)
-    steps = round(args.steps * ratio)
-    return [Variant("mtp", f"MTP, lambda {args.mtp_lambda:g}", {"mtp_lambda": args.mtp_lambda}),
+    ratio = base.flops_per_token(config, cfg.seq_len, True) / base.flops_per_token(config, cfg.seq_len, False)
+    steps = round(cfg.steps * ratio)
+    return [Variant("mtp", f"MTP, lambda {cfg.mtp_lambda:g}", {"mtp_lambda": cfg.mtp_lambda}),
             Variant("no-mtp", "no MTP, same steps", {"mtp_lambda": 0.0}),
             Variant("no-mtp-flops", f"no MTP, same FLOPs ({steps} steps)", {"mtp_lambda": 0.0, "steps": steps})]
 
 
-def fp8_variants(config: ModelConfig, args: argparse.Namespace) -> list[Variant]:
+def fp8_variants(config: ModelConfig, cfg: AblateConfig) -> list[Variant]:
     """bf16 (the baseline, as in V3's comparison), FP8 GEMMs with the rest in bf16, and fp32 as a yardstick."""
     return [Variant("bf16", "bf16 autocast", {"dtype": "bf16"}),
             Variant("fp8", "FP8 GEMMs (e4m3, 1x128 / 128x128 scales)", {"dtype": "bf16"}, fp8=True),
             Variant("fp32", "fp32", {"dtype": "fp32"})]
 
 
-VARIANTS: dict[str, Callable[[ModelConfig, argparse.Namespace], list[Variant]]] = {
+VARIANTS: dict[str, Callable[[ModelConfig, AblateConfig], list[Variant]]] = {
     "balance": balance_variants, "mla": mla_variants, "mtp": mtp_variants, "fp8": fp8_variants}
 
 
 # --- running a variant ----------------------------------------------------------------------------------------------
-class AblationTrainer(Trainer):
-    """The pretrain Trainer with this variant's parameter and FLOP counts in run.json, and no checkpoints."""
-
-    def __init__(self, model: Transformer, args: argparse.Namespace, out_dir: Path, variant: Variant, stage: str):
-        self.variant = variant
-        super().__init__(model, args, out_dir, stage=stage)
-
-    def flops_per_token(self, seq_len: int) -> float:
-        return self.variant.flops_per_token(self.model.config, seq_len, self.args.mtp_lambda > 0)
-
-    def save_checkpoint(self) -> Path:
-        """Nothing to save: an unfinished variant is retrained from step 0 by the next run of the ablation."""
-        return self.out_dir
-
-    def interrupted(self, path: Path) -> str:
-        return (f"interrupted: nothing saved for {self.stage} (variants keep no checkpoints); running the same "
-                f"command again keeps the finished variants and retrains this one from step 0")
-
-    def run_record(self) -> RunRecord:
-        cfg = self.model.config
-        p = self.variant.params(cfg)
-        return dataclasses.replace(super().run_record(), params_total=p["total"], params_active=p["active"],
-                                   params_mtp=p["mtp_total"],
-                                   config={**cfg.to_hf_dict(), "ablation_variant": self.variant.describe(cfg)})
-
-
 def _write_json(path: Path, obj: Any) -> None:
     write_text_atomically(path, json.dumps(obj, indent=1) + "\n")
 
 
-def run_variant(variant: Variant, ablation: str, config: ModelConfig, args: argparse.Namespace, out: Path,
+def run_variant(variant: Variant, ablation: str, config: ModelConfig, cfg: AblateConfig, out: Path,
                 train_ds: TokenDataset, val_batches: list, device: torch.device) -> dict[str, Any]:
     """Train one variant into out/<name> (or read it back if finished): {"history", "record"}."""
     vdir = out / variant.name
@@ -302,19 +286,25 @@ def run_variant(variant: Variant, ablation: str, config: ModelConfig, args: argp
                 "record": json.loads((vdir / "run.json").read_text())}
     shutil.rmtree(vdir, ignore_errors=True)  # an unfinished variant starts again from step 0
     vdir.mkdir(parents=True)
-    vargs = argparse.Namespace(**{**vars(args), **variant.overrides, "save_every": 0, "sample_every": 0})
-    model = variant.build(config, args.seed, device)
-    trainer = AblationTrainer(model, vargs, vdir, variant, stage=f"{ablation}/{variant.name}")
+    vcfg = dataclasses.replace(cfg, **variant.overrides, save_every=0, sample_every=0, out=vdir)
+    model = variant.build(config, cfg.seed, device)
+    # no checkpoints: an unfinished variant is retrained from step 0 by the next run of the ablation
+    trainer = Trainer(model, vcfg, stage=f"{ablation}/{variant.name}", checkpoints=False,
+                      flops_per_token=lambda seq_len: variant.flops_per_token(config, seq_len, vcfg.mtp_lambda > 0))
     n = variant.params(config)
-    print(f"[{ablation}] {variant.name}: {variant.label} | {n['total'] / 1e6:.3f}M params | {vargs.steps} steps | "
+    print(f"[{ablation}] {variant.name}: {variant.label} | {n['total'] / 1e6:.3f}M params | {vcfg.steps} steps | "
           f"{str(trainer.amp_dtype).removeprefix('torch.')}")
 
     def get_batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return train_ds.get_batch(vargs.batch_size, vargs.seq_len, step, micro=micro, seed=vargs.seed)
+        return train_ds.get_batch(vcfg.batch_size, vcfg.seq_len, step, micro=micro, seed=vcfg.seed)
 
-    train(trainer, get_batch, pretrain_loss(vargs.mtp_lambda, vargs.balance_alpha), val_batches)
+    train(trainer, SupervisedStep(get_batch, pretrain_loss(vcfg.mtp_lambda, vcfg.balance_alpha), val_batches))
     _write_json(vdir / "history.json", trainer.history)
-    record = trainer.write_report()  # run.json last: its presence marks the variant finished
+    # this variant's parameter counts and attention in run.json; run.json last: its presence marks it finished
+    record = dataclasses.replace(trainer.run_record(), params_total=n["total"], params_active=n["active"],
+                                 params_mtp=n["mtp_total"],
+                                 config={**config.to_hf_dict(), "ablation_variant": variant.describe(config)})
+    trainer.write_report(record)
     return {"history": trainer.history, "record": record.to_dict()}
 
 
@@ -345,7 +335,7 @@ def relative_difference(history: dict, baseline: dict, window: int = 10) -> list
 
 
 def summarize(ablation: str, variants: list[Variant], results: list[dict[str, Any]], config: ModelConfig,
-              args: argparse.Namespace) -> list[dict[str, Any]]:
+              cfg: AblateConfig) -> list[dict[str, Any]]:
     """One row of numbers per variant (the table and ablation.json)."""
     rows = []
     base = results[0]
@@ -369,7 +359,7 @@ def summarize(ablation: str, variants: list[Variant], results: list[dict[str, An
             row["loss_mtp_second_half"] = _mean([r["loss_mtp"] for r in tail if "loss_mtp" in r])
         if ablation == "fp8":
             rel = relative_difference(hist, base["history"])
-            warm = [d for s, d in rel if s > args.warmup_steps]
+            warm = [d for s, d in rel if s > cfg.warmup_steps]
             row["rel_diff_train_mean"] = _mean(warm)
             row["rel_diff_train_max_abs"] = max((abs(d) for d in warm), default=None)
             bval = base["record"]["final_val_loss"]
@@ -483,77 +473,56 @@ def plot_ablation(ablation: str, rows: list[dict[str, Any]], results: list[dict[
     return write_file_atomically(path, lambda tmp: fig.savefig(tmp, dpi=80))
 
 
-# --- the command ----------------------------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ablation", choices=ABLATIONS, help="which ablation to run")
-    add_model_and_data_arguments(p)
-    a = p.add_argument_group("ablation variants")
-    a.add_argument("--gammas", type=float, nargs="+", default=[0.001, 0.01],
-                   help="balance: bias update speeds of the aux-loss-free variants (default 0.001 = V3, and 0.01)")
-    a.add_argument("--alphas", type=float, nargs="+", default=[0.01, 0.001],
-                   help="balance: sequence-wise balance-loss weights of the aux-loss-only variants (default 0.01 "
-                        "0.001)")
-    a.add_argument("--variants", nargs="+", default=None,
-                   help="run only these variants (names as in the table; relative numbers are then against the "
-                        "first one run), e.g. the baseline again with another --seed for a noise estimate")
-    a.add_argument("--kv-heads", type=int, default=None,
-                   help="mla: key/value heads of the GQA variant (default num_attention_heads / 2)")
-    add_training_arguments(p, steps=150, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=20,
-                           out="runs/ablate/<ablation>", eval_every=25, save_every=0, sample_every=0, eval_iters=8)
-    p.set_defaults(out=None)
-    # a rerun always skips finished variants and retrains unfinished ones: these pretrain flags do not apply
-    for action in p._actions:
-        if action.dest in ("resume", "save_every", "keep_last", "sample_every"):
-            action.help = argparse.SUPPRESS
-
-
-def prepare_shared_data(args: argparse.Namespace, config: ModelConfig, out: Path) -> tuple[TokenDataset,
+# --- the stage --------------------------------------------------------------------------------------------------------
+def prepare_shared_data(cfg: AblateConfig, config: ModelConfig, out: Path) -> tuple[TokenDataset,
                                                                                           TokenDataset]:
     """Tokenizer and token data in `out`, once for all variants (reused on reruns)."""
-    paths = [Path(p) for p in (args.data or default_corpus_files())]
+    paths = [Path(p) for p in (cfg.data or default_corpus_files())]
     for p in paths:
         read_documents(p)  # raises NanoseekError naming a missing or unsupported file, before any work
     check_writable(out)
     # the val split does not follow --seed: runs with other seeds (a noise estimate) are scored on the same documents
-    _, train_ds, val_ds = prepare_corpus(paths, out, config, args.vocab_size, args.seq_len, seed=0)
+    _, train_ds, val_ds = prepare_corpus(paths, out, config, cfg.vocab_size, cfg.seq_len, seed=0)
     return train_ds, val_ds
 
 
-def run(args: argparse.Namespace) -> None:
+def ablate(cfg: AblateConfig) -> Path:
+    """Train every variant of cfg.ablation (skipping finished ones), then write the table, JSON and plot; returns
+    the ablation's directory."""
     t_start = time.time()
-    threads = args.threads or available_cpus()
-    if threads < 1:
-        raise NanoseekError(f"--threads must be >= 1, got {threads}")
-    torch.set_num_threads(threads)
+    if cfg.ablation not in ABLATIONS:
+        raise NanoseekError(f"unknown ablation {cfg.ablation!r} (choose from {', '.join(ABLATIONS)})")
+    threads = set_threads(cfg.threads)
     os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
-    device = resolve_device(args.device)
-    config = load_config(args)
-    check_training_args(args, config)
-    out: Path = args.out or Path("runs/ablate") / args.ablation
-    variants = VARIANTS[args.ablation](config, args)  # argument errors before the data work
-    if args.variants:
-        unknown = sorted(set(args.variants) - {v.name for v in variants})
+    device = resolve_device(cfg.device)
+    config = load_config(cfg.preset, cfg.config)
+    cfg.check(config)
+    out: Path = cfg.out or Path("runs/ablate") / cfg.ablation
+    variants = VARIANTS[cfg.ablation](config, cfg)  # argument errors before the data work
+    if cfg.variants:
+        unknown = sorted(set(cfg.variants) - {v.name for v in variants})
         if unknown:
-            raise NanoseekError(f"--variants: {', '.join(unknown)} is not a variant of {args.ablation} (choose from "
+            raise NanoseekError(f"--variants: {', '.join(unknown)} is not a variant of {cfg.ablation} (choose from "
                                 f"{', '.join(v.name for v in variants)})")
-        variants = [v for v in variants if v.name in args.variants]
-    train_ds, val_ds = prepare_shared_data(args, config, out)
-    val_batches = [val_ds.get_batch(args.batch_size, args.seq_len, step=i, seed=0) for i in range(args.eval_iters)]
-    results = [run_variant(v, args.ablation, config, args, out, train_ds, val_batches, device) for v in variants]
+        variants = [v for v in variants if v.name in cfg.variants]
+    train_ds, val_ds = prepare_shared_data(cfg, config, out)
+    val_batches = [val_ds.get_batch(cfg.batch_size, cfg.seq_len, step=i, seed=0) for i in range(cfg.eval_iters)]
+    results = [run_variant(v, cfg.ablation, config, cfg, out, train_ds, val_batches, device) for v in variants]
 
-    rows = summarize(args.ablation, variants, results, config, args)
-    source = str(args.config) if args.config else f"preset {args.preset}"
-    title = (f"nanoseek ablate {args.ablation}: {source}, {args.steps} steps x {args.batch_size} x {args.seq_len} "
-             f"tokens, seed {args.seed}")
-    table = markdown_table(args.ablation, rows, config)
+    rows = summarize(cfg.ablation, variants, results, config, cfg)
+    source = str(cfg.config) if cfg.config else f"preset {cfg.preset}"
+    title = (f"nanoseek ablate {cfg.ablation}: {source}, {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} "
+             f"tokens, seed {cfg.seed}")
+    table = markdown_table(cfg.ablation, rows, config)
     load = load_average()
     _write_json(out / "ablation.json", {
-        "ablation": args.ablation, "config": config.to_hf_dict(), "args": _jsonable(args), "rows": rows,
+        "ablation": cfg.ablation, "config": config.to_hf_dict(), "args": cfg.to_dict(), "rows": rows,
         "histories": {v.name: r["history"] for v, r in zip(variants, results, strict=True)},
-        "note": NOTES[args.ablation], "load_average": load})
-    write_text_atomically(out / "ablation.md", f"# {title}\n\n{table}\n{NOTES[args.ablation]}\n")
-    plot_ablation(args.ablation, rows, results, out / "ablation.png", title)
-    print(f"\n{title}\n\n{table}\n{NOTES[args.ablation]}\n")
+        "note": NOTES[cfg.ablation], "load_average": load})
+    write_text_atomically(out / "ablation.md", f"# {title}\n\n{table}\n{NOTES[cfg.ablation]}\n")
+    plot_ablation(cfg.ablation, rows, results, out / "ablation.png", title)
+    print(f"\n{title}\n\n{table}\n{NOTES[cfg.ablation]}\n")
     load_text = f"load average {load:.1f}" if load is not None else "load average n/a"
     print(f"done in {(time.time() - t_start) / 60:.1f} min ({load_text}): {out / 'ablation.md'}, "
           f"{out / 'ablation.json'}, {out / 'ablation.png'}")
+    return out

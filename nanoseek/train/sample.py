@@ -1,4 +1,4 @@
-"""`nanoseek sample`: rejection sampling (R1 paper 2.3.3): k samples per train problem, keep the verified ones.
+"""Rejection sampling (R1 paper 2.3.3), `nanoseek sample`: k samples per train problem, keep the verified ones.
 
 R1 built its ~600k reasoning SFT samples this way from the RL checkpoint, then fine-tuned the base model (and the
 distilled students) on them. With --keep-correct a sample is written only if the task's rule-based verifier accepts
@@ -9,31 +9,24 @@ Output: SFT chat JSONL (`nanoseek sft --data` / `nanoseek distill --teacher-data
   {"messages": [{"role": "user", "content": prompt},
                 {"role": "assistant", "reasoning_content": text before </think>, "content": text after it}],
    "task": spec, "problem": index, "sample": j, "accuracy": 1.0, "format": 0.1}
+sample_traces(SampleConfig) is the stage.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from nanoseek.errors import NanoseekError
-from nanoseek.evaluate import (
-    EVAL_TEMPERATURE,
-    EVAL_TOP_P,
-    Completion,
-    check_positive,
-    load_engine,
-    prompt_ids,
-    sample_completions,
-    score_all,
-)
 from nanoseek.osutil import check_writable, write_text_atomically
 from nanoseek.tasks import EOS_TEXT, Problem, Reward, Task, load_task, split_completion
 from nanoseek.tokenizer import Tokenizer
+from nanoseek.train.evaluate import EVAL_TEMPERATURE, EVAL_TOP_P, check_positive
+from nanoseek.train.rollout import Completion, load_engine, prompt_ids, sample_completions, score_all
 
 
 def is_verified(reward: Reward, completion: Completion) -> bool:
@@ -85,38 +78,43 @@ def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:
     write_text_atomically(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
 
 
-# ----- CLI ----------------------------------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, required=True, help="checkpoint directory (with tokenizer files)")
-    p.add_argument("--task", required=True, help="task spec, e.g. arithmetic:max_digits=2,ops=+-")
-    p.add_argument("-n", "--n", type=int, required=True, help="problems of the train split")
-    p.add_argument("-k", "--k", type=int, default=4, help="samples per problem (default 4)")
-    p.add_argument("--keep-correct", action="store_true", help="write only verified-correct samples")
-    p.add_argument("--out", type=Path, required=True, help="output chat JSONL")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=EVAL_TEMPERATURE)
-    p.add_argument("--top-p", type=float, default=EVAL_TOP_P)
-    p.add_argument("--batch-size", type=int, default=64, help="engine batch size")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+# ----- the stage ----------------------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class SampleConfig:
+    """k samples of each of n train problems from a checkpoint, written as SFT chat JSONL to `out`."""
+
+    model: Path  # checkpoint directory (with tokenizer files)
+    task: str  # task spec, e.g. arithmetic:max_digits=2,ops=+-
+    n: int  # problems of the train split
+    out: Path  # output chat JSONL
+    k: int = 4  # samples per problem
+    keep_correct: bool = False  # write only verified-correct samples
+    max_new_tokens: int = 256
+    temperature: float = EVAL_TEMPERATURE
+    top_p: float = EVAL_TOP_P
+    batch_size: int = 64  # engine batch size
+    seed: int = 0
+    threads: int = 2
 
 
-def run(args: argparse.Namespace) -> None:
-    check_positive(n=args.n, k=args.k, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                   threads=args.threads)
-    if args.out.is_dir():
-        raise NanoseekError(f"--out {args.out} is a directory; give the JSONL file to write")
-    check_writable(args.out.parent, "--out's directory")  # before the sampling, not after it
-    if args.temperature <= 0 and args.k > 1:
+def sample_traces(cfg: SampleConfig) -> dict[str, float]:
+    """Rejection-sample cfg.model into cfg.out; prints and returns the summary counts."""
+    check_positive(n=cfg.n, k=cfg.k, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                   threads=cfg.threads)
+    if cfg.out.is_dir():
+        raise NanoseekError(f"--out {cfg.out} is a directory; give the JSONL file to write")
+    check_writable(cfg.out.parent, "--out's directory")  # before the sampling, not after it
+    if cfg.temperature <= 0 and cfg.k > 1:
         raise NanoseekError("--temperature 0 is greedy: all k samples would be identical; use k=1 or sample")
-    torch.set_num_threads(args.threads)
-    task = load_task(args.task)
-    engine = load_engine(args.model, args.batch_size)
-    tokenizer = Tokenizer.from_dir(args.model)
-    problems = task.problems("train", args.n, seed=args.seed)
-    records, summary = rejection_sample(engine, tokenizer, task, problems, args.k, args.max_new_tokens,
-                                        args.temperature, args.top_p, args.seed, args.keep_correct, args.task)
-    write_jsonl(records, args.out)
+    torch.set_num_threads(cfg.threads)
+    task = load_task(cfg.task)
+    engine = load_engine(cfg.model, cfg.batch_size)
+    tokenizer = Tokenizer.from_dir(cfg.model)
+    problems = task.problems("train", cfg.n, seed=cfg.seed)
+    records, summary = rejection_sample(engine, tokenizer, task, problems, cfg.k, cfg.max_new_tokens,
+                                        cfg.temperature, cfg.top_p, cfg.seed, cfg.keep_correct, cfg.task)
+    write_jsonl(records, cfg.out)
     print(f"{summary['verified']}/{summary['samples']} samples verified correct; "
           f"{summary['problems_with_verified']}/{summary['problems']} problems have at least one; "
-          f"wrote {summary['written']} records to {args.out}")
+          f"wrote {summary['written']} records to {cfg.out}")
+    return summary

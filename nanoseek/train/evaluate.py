@@ -1,4 +1,4 @@
-"""`nanoseek eval`: pass@1 (greedy and sampled), pass@k and maj@k of a checkpoint on a task's test split.
+"""Evaluation, `nanoseek eval`: pass@1 (greedy and sampled), pass@k and maj@k of a checkpoint on a task's test split.
 
 R1 evaluates reasoning by sampling (temperature 0.6, top-p 0.95) and averaging correctness over k samples per problem
 ("pass@1"), because greedy decoding of long chains of thought repeats itself and varies from checkpoint to
@@ -11,13 +11,12 @@ Confidence intervals (95%) are over problems: Wilson score intervals for the two
 pass@1, maj@k) and percentile bootstrap (2000 resamples of the problems) for the averaged ones (sampled pass@1,
 pass@k), whose per-problem values are fractions rather than Bernoulli outcomes.
 
-This module also holds the helpers every reasoning stage shares: chat prompts for problems, batched sampling through
-the Engine (`sample_completions`), and scoring.
+evaluate_checkpoint(EvalConfig) is the stage; evaluate() and greedy_accuracy() score an engine already built (the RL
+monitor, the benchmarks). Prompts, sampling and scoring come from rollout.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -30,55 +29,15 @@ from typing import Any
 
 import torch
 
-from nanoseek.engine import Engine, SamplingParams
+from nanoseek.engine import Engine
 from nanoseek.errors import NanoseekError
 from nanoseek.osutil import check_writable, write_text_atomically
 from nanoseek.tasks import Problem, Reward, Task, distinct_problems, load_task
 from nanoseek.tokenizer import Tokenizer
+from nanoseek.train.rollout import load_engine, prompt_ids, sample_completions, score_all
 
 EVAL_TEMPERATURE = 0.6  # R1's evaluation sampling settings
 EVAL_TOP_P = 0.95
-
-
-@dataclass
-class Completion:
-    ids: list[int]  # generated tokens, cut after the first end-of-sentence token (which is kept)
-    text: str  # decoded with special tokens kept: </think> is a special token and the scorer needs it
-    truncated: bool  # stopped by max_new_tokens before an end-of-sentence token
-
-
-# ----- prompts, sampling, scoring ---------------------------------------------------------------------------------
-def prompt_ids(tokenizer: Tokenizer, problem: Problem) -> list[int]:
-    """The R1 chat prompt for a problem: <bos><｜User｜>{prompt}<｜Assistant｜><think>\\n (no system prompt, as R1
-    advises; the generation prompt forces the model to open its reasoning)."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": problem.prompt}], add_generation_prompt=True)
-
-
-def sample_completions(engine: Engine, tokenizer: Tokenizer, prompts: list[list[int]], n: int,
-                       max_new_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = 0,
-                       seed: int = 0) -> list[list[Completion]]:
-    """n completions for each prompt, all decoded together by the engine; result[i][j] = sample j of prompt i.
-
-    Each request gets its own seed (seed * 1_000_003 + its index), so the n samples of a prompt differ and the whole
-    call is reproducible. temperature 0 is greedy decoding (then n should be 1: every sample would be the same).
-    """
-    if not prompts or n <= 0:
-        return [[] for _ in prompts]
-    stop = [tokenizer.eos_id]
-    reqs = [engine.submit(p, SamplingParams(max_new_tokens, temperature, top_p, top_k, stop, seed * 1_000_003 + i))
-            for i, p in enumerate(p for p in prompts for _ in range(n))]  # prompt-major: row i*n + j
-    while not all(r.finished for r in reqs):
-        engine.step()
-    completions = []
-    for r in reqs:
-        # the engine does not emit the stop token; put it back so the text and the RL training targets end with it
-        ids = list(r.output_ids) + ([tokenizer.eos_id] if r.finish_reason == "stop" else [])
-        completions.append(Completion(ids, tokenizer.decode(ids), r.finish_reason == "length"))
-    return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
-
-
-def score_all(task: Task, problems: list[Problem], completions: list[list[Completion]]) -> list[list[Reward]]:
-    return [[task.score(p, c.text) for c in cs] for p, cs in zip(problems, completions, strict=True)]
 
 
 # ----- metrics ------------------------------------------------------------------------------------------------------
@@ -197,24 +156,22 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# ----- CLI ----------------------------------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, required=True, help="checkpoint directory (with tokenizer files)")
-    p.add_argument("--task", required=True, help="task spec, e.g. arithmetic or arithmetic:max_digits=2,ops=+-")
-    p.add_argument("-n", "--n", type=int, default=200, help="test problems (default 200)")
-    p.add_argument("--k", type=int, default=4, help="samples per problem for sampled pass@1/pass@k/maj@k "
-                   "(default 4; 0 = greedy only)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=EVAL_TEMPERATURE)
-    p.add_argument("--top-p", type=float, default=EVAL_TOP_P)
-    p.add_argument("--batch-size", type=int, default=64, help="engine batch size (sequences decoded together)")
-    p.add_argument("--seed", type=int, default=0, help="problem draw and sampling seed")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", type=Path, help="write the result here as JSON")
+# ----- the stage ----------------------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class EvalConfig:
+    """An evaluation of a checkpoint on n distinct problems of a task's test split."""
 
-
-def load_engine(model_dir: Path, max_batch_size: int, max_seq_len: int | None = None) -> Engine:
-    return Engine.from_pretrained(model_dir, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+    model: Path  # checkpoint directory (with tokenizer files)
+    task: str  # task spec, e.g. arithmetic or arithmetic:max_digits=2,ops=+-
+    n: int = 200  # test problems
+    k: int = 4  # samples per problem for sampled pass@1 / pass@k / maj@k (0 = greedy only)
+    max_new_tokens: int = 256
+    temperature: float = EVAL_TEMPERATURE
+    top_p: float = EVAL_TOP_P
+    batch_size: int = 64  # engine batch size (sequences decoded together)
+    seed: int = 0  # problem draw and sampling seed
+    threads: int = 2
+    json: Path | None = None  # write the result here as JSON
 
 
 def check_positive(**values: int) -> None:
@@ -223,26 +180,28 @@ def check_positive(**values: int) -> None:
             raise NanoseekError(f"--{name.replace('_', '-')} must be positive, got {v}")
 
 
-def run(args: argparse.Namespace) -> None:
-    check_positive(n=args.n, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, threads=args.threads)
-    if args.json is not None:
-        if args.json.is_dir():
-            raise NanoseekError(f"--json {args.json} is a directory; give the file to write")
-        check_writable(args.json.parent, "--json's directory")  # before the evaluation, not after it
-    if args.k < 0:
-        raise NanoseekError(f"--k must be >= 0, got {args.k}")
-    torch.set_num_threads(args.threads)
-    task = load_task(args.task)
-    engine = load_engine(args.model, args.batch_size)
-    tokenizer = Tokenizer.from_dir(args.model)
-    problems = distinct_problems(task, "test", args.n, seed=args.seed)
-    if len(problems) < args.n:
-        print(f"note: the test split of {args.task} has only {len(problems)} different problems; evaluating "
-              f"those instead of {args.n}", file=sys.stderr)
-    result = {"task": args.task, "model": str(args.model), "split": "test", "n_requested": args.n}
-    result.update(evaluate(engine, tokenizer, task, problems, k=args.k, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, top_p=args.top_p, seed=args.seed))
+def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate cfg.model, print the report and write cfg.json; returns the result."""
+    check_positive(n=cfg.n, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, threads=cfg.threads)
+    if cfg.json is not None:
+        if cfg.json.is_dir():
+            raise NanoseekError(f"--json {cfg.json} is a directory; give the file to write")
+        check_writable(cfg.json.parent, "--json's directory")  # before the evaluation, not after it
+    if cfg.k < 0:
+        raise NanoseekError(f"--k must be >= 0, got {cfg.k}")
+    torch.set_num_threads(cfg.threads)
+    task = load_task(cfg.task)
+    engine = load_engine(cfg.model, cfg.batch_size)
+    tokenizer = Tokenizer.from_dir(cfg.model)
+    problems = distinct_problems(task, "test", cfg.n, seed=cfg.seed)
+    if len(problems) < cfg.n:
+        print(f"note: the test split of {cfg.task} has only {len(problems)} different problems; evaluating "
+              f"those instead of {cfg.n}", file=sys.stderr)
+    result = {"task": cfg.task, "model": str(cfg.model), "split": "test", "n_requested": cfg.n}
+    result.update(evaluate(engine, tokenizer, task, problems, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
+                           temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed))
     print(format_report(result))
-    if args.json:
-        write_text_atomically(args.json, json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    if cfg.json:
+        write_text_atomically(cfg.json, json.dumps(result, indent=2) + "\n")
+        print(f"wrote {cfg.json}")
+    return result

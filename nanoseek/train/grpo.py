@@ -1,4 +1,4 @@
-"""`nanoseek rl`: GRPO with rule-based rewards (DeepSeekMath 2402.03300; R1 paper eq. 1-3), token-level.
+"""GRPO with rule-based rewards (DeepSeekMath 2402.03300; R1 paper eq. 1-3), token-level: `nanoseek rl`.
 
 One step:
   1. sample: B train problems, G completions each from the current policy through the Engine (temperature 1, no
@@ -16,12 +16,16 @@ One step:
 With mu = 1, pi_old = pi_theta, so rho = 1, clipping never triggers, and the gradient is REINFORCE's:
 -sum(mask * A * grad log pi) / sum(mask). The ratio and clip only matter for mu > 1, but the code is the general one.
 
+rl(RLConfig) is the stage: GRPOStep runs these steps on the shared training loop (trainer.py), so an RL run has the
+Trainer's optimizer, lr schedule, checkpoints, --resume, Ctrl-C save and run record, and a resumed run (after
+Ctrl-C or a kill) continues exactly as an uninterrupted one: problems and sampling seeds are functions of the step.
+
 Shapes: B prompts per step, G group size, N = B*G sequences, T padded sequence length, V vocab.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -34,20 +38,23 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nanoseek.checkpoint import load_model
-from nanoseek.engine import Engine
+from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
-from nanoseek.evaluate import Completion, greedy_accuracy, prompt_ids, sample_completions, score_all
 from nanoseek.model import Transformer
-from nanoseek.osutil import available_cpus, check_writable, write_file_atomically, write_text_atomically
-from nanoseek.pretrain import Trainer, lr_at, resume_point
+from nanoseek.osutil import check_writable, write_file_atomically, write_text_atomically
 from nanoseek.tasks import Problem, Task, distinct_problems, load_task
 from nanoseek.tokenizer import Tokenizer
+from nanoseek.train.evaluate import greedy_accuracy
+from nanoseek.train.rollout import Completion, make_engine, prompt_ids, sample_completions, score_all
+from nanoseek.train.trainer import TrainConfig, Trainer, TrainStep, resume_point, set_threads, train
 
 IGNORE = -1
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GRPOConfig:
+    """The GRPO algorithm's settings (grpo_step)."""
+
     group_size: int = 8  # G completions per prompt
     prompts_per_step: int = 16  # B
     max_new_tokens: int = 128
@@ -59,7 +66,6 @@ class GRPOConfig:
     dr_grpo: bool = False  # advantages without /std, loss / (N * max_new_tokens) instead of / tokens
     mask_truncated: bool = False  # exclude completions cut by max_new_tokens from the loss (DAPO overlong filter)
     micro_batch: int = 32  # sequences per forward/backward (gradients accumulate; the result does not depend on it)
-    max_grad_norm: float = 1.0
     dynamic_sampling: bool = False  # DAPO: sample more problems until B groups have mixed rewards
     max_sampling_rounds: int = 4  # dynamic sampling: at most this many batches of B problems a step
 
@@ -152,12 +158,6 @@ def rollout_tensors(prompts: list[list[int]], completions: list[list[int]], pad_
 
 
 # ----- one step -----------------------------------------------------------------------------------------------------
-def make_engine(model: Transformer, rows: int, max_seq_len: int) -> Engine:
-    """A fresh engine over the current weights (the engine keeps fused copies of some weights, so one built before an
-    optimizer step would sample from the old policy)."""
-    return Engine(model, max_batch_size=rows, max_seq_len=min(max_seq_len, model.config.max_position_embeddings))
-
-
 def sample_groups(policy: Transformer, tokenizer: Tokenizer, task: Task, problems: list[Problem], cfg: GRPOConfig,
                   seed: int) -> tuple[list[list[int]], list[list[Completion]], list[list[Any]]]:
     """G completions of each problem from the current policy and their rewards: (prompts, completions, rewards)."""
@@ -170,10 +170,11 @@ def sample_groups(policy: Transformer, tokenizer: Tokenizer, task: Task, problem
 
 def grpo_step(policy: Transformer, optimizer: torch.optim.Optimizer, tokenizer: Tokenizer, task: Task,
               problems: list[Problem], cfg: GRPOConfig, seed: int, ref_model: Transformer | None = None,
-              bias_update_speed: float = 0.0,
+              bias_update_speed: float = 0.0, max_grad_norm: float = 1.0,
               more_problems: Callable[[int], list[Problem]] | None = None) -> dict[str, Any]:
-    """Sample, score, and update `policy` on one batch of problems; returns the step's metrics. With
-    cfg.dynamic_sampling, more_problems(round) supplies the fresh problems of sampling rounds 1, 2, ..."""
+    """Sample, score, and update `policy` on one batch of problems (gradients clipped to max_grad_norm, then the
+    expert-bias update at bias_update_speed); returns the step's metrics. With cfg.dynamic_sampling,
+    more_problems(round) supplies the fresh problems of sampling rounds 1, 2, ..."""
     g = cfg.group_size
     t0 = time.perf_counter()
     prompts, completions, rewards = sample_groups(policy, tokenizer, task, problems, cfg, seed)
@@ -241,7 +242,7 @@ def grpo_step(policy: Transformer, optimizer: torch.optim.Optimizer, tokenizer: 
                 for key, v in s.items():
                     sums[key] = sums.get(key, 0.0) + v
                 sums["loss"] = sums.get("loss", 0.0) + loss.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
             optimizer.step()
         policy.eval()
         stats["maxvio"] = policy.update_expert_bias(bias_update_speed)
@@ -289,6 +290,16 @@ def plot_curves(rows: list[dict[str, Any]], heldout: list[dict[str, Any]], path:
     return path
 
 
+def write_log(out: Path, rows: list[dict[str, Any]]) -> None:
+    """rl_log.jsonl (one line per step) in the run directory, replaced atomically; each step then appends its line."""
+    write_text_atomically(out / "rl_log.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_curves(out: Path, rows: list[dict[str, Any]], heldout: list[dict[str, Any]]) -> None:
+    """rl_curves.png in the run directory, replaced atomically."""
+    write_file_atomically(out / "rl_curves.png", lambda tmp: plot_curves(rows, heldout, tmp))
+
+
 def format_step(r: dict[str, Any]) -> str:
     entropy = "-" if r["entropy"] is None else f"{r['entropy']:.3f}"  # None: every group was skipped
     rounds = f" rounds {r['sampling_rounds']}" if r.get("sampling_rounds", 1) > 1 else ""  # dynamic sampling
@@ -298,88 +309,57 @@ def format_step(r: dict[str, Any]) -> str:
             f"| sample {r['t_sample']:.1f}s train {r['t_train']:.1f}s")
 
 
-
-
 # ----- the run ------------------------------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = GRPOConfig()
-    p.add_argument("--model", type=Path, required=True, help="checkpoint to start from (with tokenizer files), "
-                   "usually an SFT model's final/; also the frozen reference for --beta")
-    p.add_argument("--task", required=True, help="task spec, e.g. arithmetic:min_digits=2,max_digits=2,ops=+-")
-    g = p.add_argument_group("GRPO")
-    g.add_argument("--steps", type=int, default=50, help="GRPO steps (default 50)")
-    g.add_argument("--group-size", "-G", type=int, default=d.group_size,
-                   help=f"samples per prompt (default {d.group_size})")
-    g.add_argument("--prompts-per-step", "-B", type=int, default=d.prompts_per_step,
-                   help=f"prompts per step (default {d.prompts_per_step})")
-    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
-                   help=f"completion length cap (default {d.max_new_tokens})")
-    g.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature (default 1.0)")
-    g.add_argument("--mu", type=int, default=d.mu, help="policy updates per batch of rollouts (default 1)")
-    g.add_argument("--epsilon", type=float, default=d.epsilon, help="clip: rho >= 1 - epsilon (default 0.2)")
-    g.add_argument("--epsilon-high", type=float, help="clip: rho <= 1 + epsilon_high (default: epsilon; DAPO 0.28)")
-    g.add_argument("--beta", type=float, default=d.beta, help="k3 KL weight to the initial model (default 0)")
-    g.add_argument("--dr-grpo", action="store_true", help="Dr. GRPO: advantage r - mean, loss / (N * max tokens)")
-    g.add_argument("--mask-truncated", action="store_true", help="no loss on completions cut by --max-new-tokens")
-    g.add_argument("--dynamic-sampling", action="store_true",
-                   help="DAPO dynamic sampling: sample more fresh problems (up to --max-sampling-rounds batches of "
-                        "-B) until -B groups have mixed rewards; the sampling cost grows, every trained group "
-                        "carries signal")
-    g.add_argument("--max-sampling-rounds", type=int, default=d.max_sampling_rounds,
-                   help=f"dynamic sampling: batches of -B problems sampled at most per step (default "
-                        f"{d.max_sampling_rounds})")
-    g.add_argument("--micro-batch", type=int, default=d.micro_batch,
-                   help=f"sequences per forward/backward (default {d.micro_batch}; does not change the result)")
-    g.add_argument("--eval-every", type=int, default=10,
-                   help="held-out greedy accuracy every N steps, and before the first and after the last (0 = off)")
-    g.add_argument("--eval-n", type=int, default=100, help="held-out (test split) problems for it (default 100)")
-    t = p.add_argument_group("training")
-    t.add_argument("--lr", type=float, default=3e-5, help="peak learning rate, constant after warmup (default 3e-5)")
-    t.add_argument("--warmup-steps", type=int, default=5, help="linear warmup steps (default 5)")
-    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices (default 0)")
-    t.add_argument("--grad-clip", type=float, default=d.max_grad_norm, help="gradient-norm clip (default 1.0)")
-    t.add_argument("--bias-update-speed", type=float, default=0.0,
-                   help="expert-bias gamma during RL (default 0: routing stays as SFT left it)")
-    t.add_argument("--save-every", type=int, default=10, help="steps between checkpoints (default 10)")
-    t.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (default 2)")
-    t.add_argument("--seed", type=int, default=0, help="problem order and sampling seed (default 0)")
-    t.add_argument("--out", type=Path, default=Path("runs/rl"), help="run directory (default runs/rl)")
-    t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/latest")
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    t.add_argument("--price-per-hour", type=float, default=0.10, help="USD per machine-hour for run.json")
+@dataclass(kw_only=True)
+class RLConfig(GRPOConfig, TrainConfig):
+    """A GRPO run: the checkpoint to start from, the task, the GRPO settings and the shared training settings.
 
+    Of TrainConfig's settings rl uses steps, the lr schedule (constant after warmup by default, as DAPO), weight_decay,
+    grad_clip, bias_update_speed, eval_every (the held-out greedy accuracy; 0 = off), save_every, keep_last, seed,
+    out, resume, threads and price_per_hour. batch_size (B x G rollouts) and seq_len (the longest prompt +
+    max_new_tokens) are derived; rollouts and updates run in fp32 on the CPU, one micro-batch list per step.
+    """
 
-def config_from_args(args: argparse.Namespace) -> GRPOConfig:
-    for name in ("steps", "group_size", "prompts_per_step", "max_new_tokens", "mu", "micro_batch", "keep_last",
-                 "max_sampling_rounds"):
-        if getattr(args, name) <= 0:
-            raise NanoseekError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("eval_every", "eval_n", "save_every", "warmup_steps"):
-        if getattr(args, name) < 0:
-            raise NanoseekError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.group_size < 2:
-        raise NanoseekError("--group-size must be >= 2: GRPO's baseline is the mean reward of the group")
-    if not args.temperature > 0:
-        raise NanoseekError("--temperature must be > 0: GRPO needs samples, not greedy decoding")
-    if not 0 < args.epsilon < 1 or (args.epsilon_high is not None and not args.epsilon_high > 0):
-        raise NanoseekError("--epsilon must be in (0, 1) and --epsilon-high > 0")
-    if args.beta < 0 or not args.lr > 0 or args.weight_decay < 0 or args.grad_clip <= 0:
-        raise NanoseekError("--beta and --weight-decay must be >= 0, --lr and --grad-clip > 0")
-    return GRPOConfig(group_size=args.group_size, prompts_per_step=args.prompts_per_step,
-                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, mu=args.mu,
-                      epsilon=args.epsilon, epsilon_high=args.epsilon_high, beta=args.beta, dr_grpo=args.dr_grpo,
-                      mask_truncated=args.mask_truncated, micro_batch=args.micro_batch, max_grad_norm=args.grad_clip,
-                      dynamic_sampling=args.dynamic_sampling, max_sampling_rounds=args.max_sampling_rounds)
+    model: Path  # checkpoint to start from (with tokenizer files); also the frozen reference for beta > 0
+    task: str  # task spec, e.g. arithmetic:min_digits=2,max_digits=2,ops=+-
+    eval_n: int = 100  # held-out (test split) problems for the greedy accuracy
+    steps: int = 50
+    lr: float = 3e-5
+    warmup_steps: int = 5
+    decay_frac: float = 0.0
+    min_lr_frac: float = 1.0
+    weight_decay: float = 0.0
+    dtype: str = "fp32"
+    bias_update_speed: float = 0.0  # routing stays as SFT left it
+    balance_alpha: float = 0.0  # the GRPO loss is the only objective
+    mtp_lambda: float = 0.0
+    eval_every: int = 10
+    save_every: int = 10
+    sample_every: int = 0
+    out: Path = Path("runs/rl")
 
-
-def trainer_args(args: argparse.Namespace, seq_len: int) -> argparse.Namespace:
-    """The settings pretrain.Trainer reads (optimizer, schedule, checkpoints, run record), from the RL flags: a
-    constant lr after warmup (DAPO), fp32, no MTP or balance loss (the GRPO loss is the only objective)."""
-    rl = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
-    return argparse.Namespace(**{**rl, "dtype": "fp32", "decay_frac": 0.0, "min_lr_frac": 1.0,
-                                 "decay_shape": "cosine", "mtp_lambda": 0.0, "balance_alpha": 0.0,
-                                 "seq_len": seq_len, "batch_size": args.prompts_per_step * args.group_size,
-                                 "grad_accum": 1})
+    def check(self, config: ModelConfig | None = None) -> None:
+        for name in ("steps", "group_size", "prompts_per_step", "max_new_tokens", "mu", "micro_batch", "keep_last",
+                     "max_sampling_rounds"):
+            if getattr(self, name) <= 0:
+                raise NanoseekError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("eval_every", "eval_n", "save_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise NanoseekError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise NanoseekError("--group-size must be >= 2: GRPO's baseline is the mean reward of the group")
+        if not self.temperature > 0:
+            raise NanoseekError("--temperature must be > 0: GRPO needs samples, not greedy decoding")
+        if not 0 < self.epsilon < 1 or (self.epsilon_high is not None and not self.epsilon_high > 0):
+            raise NanoseekError("--epsilon must be in (0, 1) and --epsilon-high > 0")
+        if self.beta < 0 or not self.lr > 0 or self.weight_decay < 0 or self.grad_clip <= 0:
+            raise NanoseekError("--beta and --weight-decay must be >= 0, --lr and --grad-clip > 0")
+        if self.dtype != "fp32" or self.grad_accum != 1 or self.device not in (None, "cpu"):
+            raise NanoseekError("rl trains in fp32 on the CPU with one micro-batch list per step (dtype 'fp32', "
+                                "grad_accum 1, device cpu)")
+        for name in ("min_lr_frac", "decay_frac"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise NanoseekError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
 
 
 def extra_problems(task: Task, n: int, seed: int, step: int, round_: int) -> list[Problem]:
@@ -396,86 +376,84 @@ def heldout_accuracy(policy: Transformer, tokenizer: Tokenizer, task: Task, prob
     return greedy_accuracy(engine, tokenizer, task, problems, max_new_tokens)
 
 
-def write_log(out: Path, rows: list[dict[str, Any]]) -> None:
-    """rl_log.jsonl (one line per step) in the run directory, replaced atomically; run() then appends each step."""
-    write_text_atomically(out / "rl_log.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+class GRPOStep(TrainStep):
+    """One GRPO step on the shared loop: the B problems of step s (train_problems[s*B:(s+1)*B], plus dynamic
+    sampling's rounds), G rollouts each with seed * 1_000_003 + s, one update. Every step appends its row to
+    rl_log.jsonl (so a run killed between checkpoints keeps the steps it did); the held-out greedy accuracy goes to
+    history["heldout"]; rl_curves.png is redrawn after each checkpoint."""
+
+    def __init__(self, cfg: RLConfig, tokenizer: Tokenizer, task: Task, train_problems: list[Problem],
+                 eval_problems: list[Problem], ref_model: Transformer | None = None):
+        self.cfg, self.tokenizer, self.task = cfg, tokenizer, task
+        self.train_problems, self.eval_problems, self.ref_model = train_problems, eval_problems, ref_model
+
+    def step(self, trainer: Trainer) -> dict[str, Any]:
+        cfg, step, b = self.cfg, trainer.step, self.cfg.prompts_per_step
+        lr = trainer.set_lr()
+        stats = grpo_step(trainer.model, trainer.optimizer, self.tokenizer, self.task,
+                          self.train_problems[step * b:(step + 1) * b], cfg, seed=cfg.seed * 1_000_003 + step,
+                          ref_model=self.ref_model, bias_update_speed=cfg.bias_update_speed,
+                          max_grad_norm=cfg.grad_clip,
+                          more_problems=lambda r: extra_problems(self.task, b, cfg.seed, step, r))
+        row = trainer.end_step({"lr": lr, **stats}, stats["tokens"], stats["t_train"])
+        with open(trainer.out_dir / "rl_log.jsonl", "a") as log:
+            log.write(json.dumps(row) + "\n")
+        tqdm.write(format_step(row))
+        return row
+
+    def progress(self, row: dict[str, Any]) -> str:
+        return f"reward {row['reward']:.3f} | acc {row['accuracy']:.3f} | len {row['response_len_mean']:.0f}"
+
+    def evaluate(self, trainer: Trainer) -> None:
+        if not self.eval_problems:
+            return
+        acc = heldout_accuracy(trainer.model, self.tokenizer, self.task, self.eval_problems, self.cfg.max_new_tokens)
+        trainer.history["heldout"].append({"step": trainer.step, "accuracy": acc})
+        tqdm.write(f"step {trainer.step:4d} | held-out greedy accuracy {acc:.3f}")
+
+    def saved(self, trainer: Trainer) -> None:
+        write_curves(trainer.out_dir, trainer.history["train"], trainer.history["heldout"])
 
 
-def write_curves(out: Path, rows: list[dict[str, Any]], heldout: list[dict[str, Any]]) -> None:
-    """rl_curves.png in the run directory, replaced atomically."""
-    write_file_atomically(out / "rl_curves.png", lambda tmp: plot_curves(rows, heldout, tmp))
-
-
-def run(args: argparse.Namespace) -> None:
-    cfg = config_from_args(args)
-    threads = args.threads or available_cpus()
-    if threads < 1:
-        raise NanoseekError(f"--threads must be >= 1, got {threads}")
-    torch.set_num_threads(threads)
-    task = load_task(args.task)
-    out: Path = args.out
-    resume_from = resume_point(out, args.resume)
-    check_writable(out)  # a read-only or full --out fails now, not after the first GRPO steps
-    policy = load_model(args.model)
-    tokenizer = Tokenizer.from_dir(args.model)
+def rl(cfg: RLConfig) -> Path:
+    """GRPO from cfg.model into cfg.out; returns the final checkpoint (HF layout + tokenizer)."""
+    cfg.check()
+    set_threads(cfg.threads)
+    task = load_task(cfg.task)
+    out = Path(cfg.out)
+    resume_from = resume_point(out, cfg.resume)
+    check_writable(out)  # a read-only or full out fails now, not after the first GRPO steps
+    policy = load_model(cfg.model)
+    tokenizer = Tokenizer.from_dir(cfg.model)
     ref_model = None
     if cfg.beta:
-        ref_model = load_model(args.model).requires_grad_(False)  # the frozen initial policy
+        ref_model = load_model(cfg.model).requires_grad_(False)  # the frozen initial policy
     b = cfg.prompts_per_step
-    train_problems = task.problems("train", args.steps * b, seed=args.seed)  # step s uses [s*B, (s+1)*B)
-    eval_problems = distinct_problems(task, "test", args.eval_n, seed=args.seed) if args.eval_every and args.eval_n \
+    train_problems = task.problems("train", cfg.steps * b, seed=cfg.seed)  # step s uses [s*B, (s+1)*B)
+    eval_problems = distinct_problems(task, "test", cfg.eval_n, seed=cfg.seed) if cfg.eval_every and cfg.eval_n \
         else []
     seq_len = max(len(prompt_ids(tokenizer, p)) for p in train_problems[:64]) + cfg.max_new_tokens
-    trainer = Trainer(policy, trainer_args(args, seq_len), out, tokenizer_dir=args.model, stage="rl")
+    cfg = dataclasses.replace(cfg, batch_size=b * cfg.group_size, seq_len=seq_len)
+    trainer = Trainer(policy, cfg, tokenizer_dir=cfg.model, stage="rl")
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
-    rows: list[dict[str, Any]] = trainer.history["train"]
     heldout: list[dict[str, Any]] = trainer.history.setdefault("heldout", [])
     n = policy.num_params()
-    print(f"rl: {n['total'] / 1e6:.2f}M params | {args.task} | {args.steps} steps x {b} prompts x "
+    print(f"rl: {n['total'] / 1e6:.2f}M params | {cfg.task} | {cfg.steps} steps x {b} prompts x "
           f"{cfg.group_size} samples | {'Dr. GRPO' if cfg.dr_grpo else 'GRPO'} mu={cfg.mu} eps={cfg.epsilon}"
-          f"{f'/{cfg.epsilon_high}' if cfg.epsilon_high is not None else ''} beta={cfg.beta} lr={args.lr:g}")
+          f"{f'/{cfg.epsilon_high}' if cfg.epsilon_high is not None else ''} beta={cfg.beta} lr={cfg.lr:g}")
     if not heldout and eval_problems:
         acc = heldout_accuracy(policy, tokenizer, task, eval_problems, cfg.max_new_tokens)
         heldout.append({"step": trainer.step, "accuracy": acc})
         print(f"step {trainer.step:4d} | held-out greedy accuracy {acc:.3f} ({len(eval_problems)} test problems)")
-    # the log gets a line every step, so a run killed between checkpoints (or run with --save-every 0) keeps the
-    # steps it did; it starts from the rows of the checkpoint resumed from, dropping a killed run's later lines
-    write_log(out, rows)
-    bar = tqdm(total=args.steps, initial=trainer.step, desc="rl", unit="step", dynamic_ncols=True)
-    while trainer.step < args.steps:
-        step = trainer.step
-        lr = lr_at(step, args.steps, args.lr, args.warmup_steps, 0.0, 1.0)
-        for group in trainer.optimizer.param_groups:
-            group["lr"] = lr
-        stats = grpo_step(policy, trainer.optimizer, tokenizer, task, train_problems[step * b:(step + 1) * b], cfg,
-                          seed=args.seed * 1_000_003 + step, ref_model=ref_model,
-                          bias_update_speed=args.bias_update_speed,
-                          more_problems=lambda r, s=step: extra_problems(task, b, args.seed, s, r))
-        trainer.step += 1
-        trainer.tokens += stats["tokens"]
-        trainer.train_seconds += stats["t_train"]
-        row = {"step": trainer.step, "lr": lr, **stats}
-        rows.append(row)
-        with open(out / "rl_log.jsonl", "a") as log:
-            log.write(json.dumps(row) + "\n")
-        bar.update(1)
-        bar.set_postfix_str(f"reward {row['reward']:.3f} | acc {row['accuracy']:.3f} | "
-                            f"len {row['response_len_mean']:.0f}")
-        tqdm.write(format_step(row))
-        done = trainer.step
-        if eval_problems and (done % args.eval_every == 0 or done == args.steps):
-            acc = heldout_accuracy(policy, tokenizer, task, eval_problems, cfg.max_new_tokens)
-            heldout.append({"step": done, "accuracy": acc})
-            tqdm.write(f"step {done:4d} | held-out greedy accuracy {acc:.3f}")
-        if args.save_every and done % args.save_every == 0 and done < args.steps:
-            trainer.save_checkpoint()
-            write_curves(out, rows, heldout)
-    bar.close()
+    # the log starts from the rows of the checkpoint resumed from, dropping a killed run's later lines
+    write_log(out, trainer.history["train"])
+    train(trainer, GRPOStep(cfg, tokenizer, task, train_problems, eval_problems, ref_model))
     final = trainer.save_final()
-    write_curves(out, rows, heldout)
+    write_curves(out, trainer.history["train"], heldout)
     record = trainer.write_report()
     first, last = (heldout[0]["accuracy"], heldout[-1]["accuracy"]) if heldout else (None, None)
     summary = f"; held-out greedy accuracy {first:.3f} -> {last:.3f}" if heldout else ""
     print(f"done: {record.steps} steps in {record.wall_seconds / 60:.1f} min{summary}")
     print(f"checkpoint (HF layout + tokenizer): {final}; log {out / 'rl_log.jsonl'}; curves {out / 'rl_curves.png'}")
+    return final

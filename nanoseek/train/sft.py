@@ -1,4 +1,4 @@
-"""`nanoseek sft`: supervised fine-tuning on chat data and task reasoning traces (R1's cold start, paper 2.3.1).
+"""Supervised fine-tuning (R1 paper 2.3.1, the cold start) and distillation (2.4): `nanoseek sft`, `nanoseek distill`.
 
 Data comes from two places, mixed and shuffled together:
   --data chat.jsonl   one {"messages": [...]} object a line; the last message is the assistant turn to learn and may
@@ -9,12 +9,22 @@ The loss is on the final assistant turn only (the mask from Tokenizer.encode_cha
 answer, not to predict user prompts. Sequences are padded to the longest in each batch (targets -1 on padding and
 on the prompt), which at this scale costs less than packing's bookkeeping.
 
-The same loop trains the dense students of `nanoseek distill` (distill.py).
+Distillation is the same fine-tuning of a small dense student on a teacher's verified reasoning traces. R1's distilled
+models (Qwen/Llama 1.5B-70B) are plain SFT on the ~800k samples from rejection sampling, with no RL. Here the
+student is a fresh model from a preset or config.json made dense: every block uses the dense SwiGLU FFN
+(first_k_dense_replace = num_hidden_layers, n_routed_experts = 0) and it has no MTP module, like the dense students
+R1 distils into. It uses the teacher's tokenizer (so the traces tokenize the same).
+
+    nanoseek sample --model rl_ckpt --task T -n 2000 -k 4 --keep-correct --out traces.jsonl
+    nanoseek distill --teacher-data traces.jsonl --teacher rl_ckpt --student-preset test --out runs/student
+    -> runs/student/final (HF checkpoint + the teacher's tokenizer), run.json, loss.png
+
+sft(SFTConfig) and distill(DistillConfig) are the stages; both train on the shared loop (trainer.py).
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 import random
@@ -26,21 +36,22 @@ from typing import Any
 import torch
 
 from nanoseek.checkpoint import load_model
-from nanoseek.config import PRESETS, ModelConfig, get_preset
+from nanoseek.config import ModelConfig, get_preset
 from nanoseek.errors import NanoseekError
 from nanoseek.model import Transformer
-from nanoseek.osutil import available_cpus, check_writable
-from nanoseek.pretrain import (
-    Trainer,
-    add_training_arguments,
-    check_training_args,
-    pretrain_loss,
-    resolve_device,
-    resume_point,
-    train,
-)
+from nanoseek.osutil import check_writable
 from nanoseek.tasks import Task, load_task
 from nanoseek.tokenizer import Tokenizer
+from nanoseek.train.pretrain import pretrain_loss
+from nanoseek.train.trainer import (
+    SupervisedStep,
+    TrainConfig,
+    Trainer,
+    resolve_device,
+    resume_point,
+    set_threads,
+    train,
+)
 
 IGNORE = -1  # target id that carries no loss
 
@@ -177,34 +188,79 @@ def init_model(preset: str | None, config_path: Path | None, vocab_size: int, de
 
 
 # ----- training -----------------------------------------------------------------------------------------------------
-def fit(model: Transformer, examples: list[Example], args: argparse.Namespace, pad_id: int,
-        tokenizer_dir: str | Path, stage: str = "sft") -> Trainer:
+@dataclass(kw_only=True)
+class FinetuneConfig(TrainConfig):
+    """The training settings SFT and distillation share: fine-tuning defaults, and `epochs`, which sets the steps.
+    seq_len is the longest example kept (capped at the model's context)."""
+
+    epochs: float | None = None  # passes over the training examples (sets steps)
+    steps: int = 200
+    batch_size: int = 16
+    seq_len: int = 1024
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    eval_every: int = 50
+    save_every: int = 100
+    sample_every: int = 0
+    out: Path = Path("runs/sft")
+
+
+@dataclass(kw_only=True)
+class SFTConfig(FinetuneConfig):
+    """Fine-tune a checkpoint (`model`), or a fresh model from `preset` / `config` with `tokenizer`, on chat JSONL
+    files (`data`) and/or `n` synthetic reasoning traces of `task`."""
+
+    model: Path | None = None  # checkpoint directory to fine-tune (with tokenizer files)
+    preset: str | None = None  # start from scratch with this preset (needs tokenizer)
+    config: Path | None = None  # start from scratch with this config.json (needs tokenizer)
+    tokenizer: Path | None = None  # tokenizer directory (None: the model directory)
+    data: list[Path] | None = None  # chat JSONL file(s): {"messages": [...]} per line
+    task: str | None = None  # add synthetic reasoning traces of this task, e.g. arithmetic:max_digits=2
+    n: int | None = None  # number of task traces (train split)
+
+
+@dataclass(kw_only=True)
+class DistillConfig(FinetuneConfig):
+    """Train a fresh dense student (`student_preset` or `student_config`, made dense without MTP) on a teacher's
+    verified traces (`teacher_data`), with the teacher's tokenizer."""
+
+    teacher_data: list[Path]  # chat JSONL traces from `nanoseek sample --keep-correct`
+    teacher: Path  # teacher checkpoint directory (its tokenizer is used)
+    student_preset: str | None = None  # student shape (made dense, no MTP)
+    student_config: Path | None = None  # student config.json (made dense, no MTP)
+    lr: float = 1e-3  # a fresh student: a from-scratch learning rate
+    out: Path = Path("runs/distill")
+
+
+def fit(model: Transformer, examples: list[Example], cfg: FinetuneConfig, pad_id: int, tokenizer_dir: str | Path,
+        stage: str = "sft") -> Trainer:
     """Fine-tune `model` on examples with the shared Trainer (optimizer, schedule, expert-bias update, checkpoints,
-    --resume, progress bar); writes <out>/final, run.json and loss.png. Returns the trainer (history in it)."""
-    out: Path = args.out
-    resume_from = resume_point(out, args.resume)
-    train_examples, val_examples = split_validation(examples, args.seed)
-    if args.epochs is not None:
-        args.steps = max(1, math.ceil(args.epochs * len(train_examples) / (args.batch_size * args.grad_accum)))
-    check_training_args(args, model.config)
-    check_writable(out)  # a read-only or full --out fails now, not at the first checkpoint
-    model.to(resolve_device(args.device))
-    trainer = Trainer(model, args, out, tokenizer_dir=tokenizer_dir, stage=stage)
+    resume, progress bar); writes <out>/final, run.json and loss.png. Returns the trainer (history in it)."""
+    out = Path(cfg.out)
+    resume_from = resume_point(out, cfg.resume)
+    train_examples, val_examples = split_validation(examples, cfg.seed)
+    if cfg.epochs is not None:
+        steps = max(1, math.ceil(cfg.epochs * len(train_examples) / (cfg.batch_size * cfg.grad_accum)))
+        cfg = dataclasses.replace(cfg, steps=steps)
+    cfg.check(model.config)
+    check_writable(out)  # a read-only or full out fails now, not at the first checkpoint
+    model.to(resolve_device(cfg.device))
+    trainer = Trainer(model, cfg, tokenizer_dir=tokenizer_dir, stage=stage)
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
-    val_batches = [collate(val_examples[i:i + args.batch_size], pad_id)
-                   for i in range(0, len(val_examples), args.batch_size)]
+    val_batches = [collate(val_examples[i:i + cfg.batch_size], pad_id)
+                   for i in range(0, len(val_examples), cfg.batch_size)]
 
     def get_batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return collate(batch_at(train_examples, args.batch_size, step * args.grad_accum + micro, args.seed), pad_id)
+        return collate(batch_at(train_examples, cfg.batch_size, step * cfg.grad_accum + micro, cfg.seed), pad_id)
 
     n = model.num_params()
     n_targets = sum(sum(t != IGNORE for t in ex.targets) for ex in train_examples)
-    epochs = args.steps * args.batch_size * args.grad_accum / len(train_examples)
+    epochs = cfg.steps * cfg.batch_size * cfg.grad_accum / len(train_examples)
     print(f"{stage}: {n['total'] / 1e6:.2f}M params ({n['active'] / 1e6:.2f}M active) | {len(train_examples)} train "
-          f"/ {len(val_examples)} val examples, {n_targets:,} target tokens | {args.steps} steps of "
-          f"{args.batch_size}x{args.grad_accum} ({epochs:.2f} epochs)")
-    train(trainer, get_batch, pretrain_loss(args.mtp_lambda, args.balance_alpha), val_batches)
+          f"/ {len(val_examples)} val examples, {n_targets:,} target tokens | {cfg.steps} steps of "
+          f"{cfg.batch_size}x{cfg.grad_accum} ({epochs:.2f} epochs)")
+    train(trainer, SupervisedStep(get_batch, pretrain_loss(cfg.mtp_lambda, cfg.balance_alpha), val_batches))
     final = trainer.save_final()
     record = trainer.write_report()
     print(f"done: {record.steps} steps in {record.wall_seconds / 60:.1f} min, final train loss "
@@ -212,24 +268,13 @@ def fit(model: Transformer, examples: list[Example], args: argparse.Namespace, p
     return trainer
 
 
-# ----- CLI ----------------------------------------------------------------------------------------------------------
-def add_data_arguments(p: argparse.ArgumentParser, lr: float = 1e-4, out: str = "runs/sft") -> None:
-    """The pre-training flags (pretrain.add_training_arguments) with SFT defaults; --seq-len is the longest example
-    kept, capped at the model's context."""
-    p.add_argument("--epochs", type=float, help="passes over the training examples (sets --steps)")
-    add_training_arguments(p, steps=200, batch_size=16, seq_len=1024, lr=lr, warmup_steps=10, out=out,
-                           eval_every=50, save_every=100, sample_every=0)
-
-
-def encode_for_training(tokenizer: Tokenizer, convs: list[Conversation], args: argparse.Namespace,
-                        context: int) -> list[Example]:
-    """Encode and drop what does not fit: --seq-len here is the longest example kept (capped at the context)."""
-    args.seq_len = min(args.seq_len, context)
-    examples, dropped = encode_all(tokenizer, convs, args.seq_len)
+def encode_for_training(tokenizer: Tokenizer, convs: list[Conversation], seq_len: int) -> list[Example]:
+    """Encode and drop what does not fit in seq_len tokens (the longest example kept)."""
+    examples, dropped = encode_all(tokenizer, convs, seq_len)
     if dropped:
-        print(f"dropped {dropped} of {len(convs)} examples longer than {args.seq_len} tokens")
+        print(f"dropped {dropped} of {len(convs)} examples longer than {seq_len} tokens")
     if not examples:
-        raise NanoseekError(f"no training example fits in --seq-len {args.seq_len} tokens")
+        raise NanoseekError(f"no training example fits in --seq-len {seq_len} tokens")
     return examples
 
 
@@ -247,38 +292,45 @@ def read_conversations(data: list[Path] | None, task_spec: str | None, n: int | 
     return convs
 
 
-def setup_threads(args: argparse.Namespace) -> None:
-    threads = args.threads or available_cpus()
-    if threads < 1:
-        raise NanoseekError(f"--threads must be >= 1, got {threads}")
-    torch.set_num_threads(threads)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", type=Path, help="checkpoint directory to fine-tune (with tokenizer files)")
-    src.add_argument("--preset", choices=list(PRESETS), help="start from scratch with this preset (needs --tokenizer)")
-    src.add_argument("--config", type=Path, help="start from scratch with this config.json (needs --tokenizer)")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the --model directory)")
-    p.add_argument("--data", type=Path, nargs="+", help="chat JSONL file(s): {\"messages\": [...]} per line")
-    p.add_argument("--task", help="add synthetic reasoning traces of this task, e.g. arithmetic:max_digits=2")
-    p.add_argument("--n", type=int, help="number of task traces (train split)")
-    add_data_arguments(p)
-
-
-def run(args: argparse.Namespace) -> None:
-    setup_threads(args)
-    tokenizer_dir = args.tokenizer or args.model
+# ----- the stages ---------------------------------------------------------------------------------------------------
+def sft(cfg: SFTConfig) -> Path:
+    """Fine-tune into cfg.out; returns the final checkpoint (HF layout + tokenizer)."""
+    if sum(x is not None for x in (cfg.model, cfg.preset, cfg.config)) != 1:
+        raise NanoseekError("sft: give exactly one of --model, --preset and --config")
+    set_threads(cfg.threads)
+    tokenizer_dir = cfg.tokenizer or cfg.model
     if tokenizer_dir is None:
         raise NanoseekError("--preset/--config start from scratch and need --tokenizer DIR")
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
-    convs = read_conversations(args.data, args.task, args.n, args.seed)
-    if args.model is not None:
-        model = load_model(args.model)
+    convs = read_conversations(cfg.data, cfg.task, cfg.n, cfg.seed)
+    if cfg.model is not None:
+        model = load_model(cfg.model)
     else:
-        model = init_model(args.preset, args.config, tokenizer.vocab_size, seed=args.seed)
+        model = init_model(cfg.preset, cfg.config, tokenizer.vocab_size, seed=cfg.seed)
     if model.config.vocab_size < tokenizer.vocab_size:
         raise NanoseekError(f"the model's vocab_size ({model.config.vocab_size}) is smaller than the tokenizer's "
                             f"({tokenizer.vocab_size})")
-    examples = encode_for_training(tokenizer, convs, args, model.config.max_position_embeddings)
-    fit(model, examples, args, tokenizer.pad_id, tokenizer_dir, stage="sft")
+    cfg = dataclasses.replace(cfg, seq_len=min(cfg.seq_len, model.config.max_position_embeddings))
+    examples = encode_for_training(tokenizer, convs, cfg.seq_len)
+    return fit(model, examples, cfg, tokenizer.pad_id, tokenizer_dir, stage="sft").out_dir / "final"
+
+
+def distill(cfg: DistillConfig) -> Path:
+    """Train the dense student into cfg.out; returns its final checkpoint (HF layout + the teacher's tokenizer)."""
+    if (cfg.student_preset is None) == (cfg.student_config is None):
+        raise NanoseekError("distill: give exactly one of --student-preset and --student-config")
+    set_threads(cfg.threads)
+    tokenizer = Tokenizer.from_dir(cfg.teacher)
+    vocab_size = tokenizer.vocab_size
+    if (cfg.teacher / "config.json").is_file():  # keep the teacher's (possibly padded) embedding size
+        vocab_size = max(vocab_size, ModelConfig.load(cfg.teacher).vocab_size)
+    convs = [c for path in cfg.teacher_data for c in read_chat_jsonl(path)]
+    if not convs:  # e.g. a teacher that got no sample right: say so, not sft's generic "no training data"
+        raise NanoseekError(f"distill: no traces in {', '.join(map(str, cfg.teacher_data))}; did `nanoseek sample "
+                            f"--keep-correct` keep none (0 verified-correct samples)?")
+    student = init_model(cfg.student_preset, cfg.student_config, vocab_size, dense=True, seed=cfg.seed)
+    if student.config.n_routed_experts or student.config.num_nextn_predict_layers:
+        raise NanoseekError("distill: the student must be dense without MTP")  # dense_student_config guarantees it
+    cfg = dataclasses.replace(cfg, seq_len=min(cfg.seq_len, student.config.max_position_embeddings))
+    examples = encode_for_training(tokenizer, convs, cfg.seq_len)
+    return fit(student, examples, cfg, tokenizer.pad_id, cfg.teacher, stage="distill").out_dir / "final"

@@ -1,23 +1,26 @@
-"""`nanoseek pretrain`: tokenizer -> token data -> V3 pre-training objective -> HF checkpoint.
+"""The one training loop every stage runs on: TrainConfig, Trainer and train().
 
 The recipe follows DeepSeek-V3 section 4.2, scaled down: AdamW (betas 0.9/0.95, weight decay 0.1, clip 1.0), a
-warmup -> constant -> decay learning rate (the "WSD" shape of V3's schedule), the loss
-L_main + lambda * L_MTP + alpha * L_Bal, and auxiliary-loss-free load balancing: after every optimizer step each
-expert's routing bias moves by gamma towards the mean load.
+warmup -> constant -> decay learning rate (the "WSD" shape of V3's schedule), and auxiliary-loss-free load
+balancing: after every optimizer step each expert's routing bias moves by gamma towards the mean load.
 
-The Trainer below (optimizer, schedule, expert-bias update, checkpoints, resume, progress bar, run record) is meant
-for reuse by the later stages: they add their arguments with add_training_arguments() and pass their own loss.
-Under torchrun (pretrain only) it trains data-parallel with DDP or FSDP2: nanoseek/distributed.py, docs/distributed.md.
+  TrainConfig   the optimizer / schedule / checkpoint / machine settings (typed, validated); each stage's config
+                (PretrainConfig, SFTConfig, RLConfig, ...) extends it with its own fields and defaults
+  Trainer       one model and one run directory: optimizer, lr schedule, expert-bias update, checkpoints, resume,
+                run record
+  TrainStep     what one optimizer step of a stage does (SupervisedStep: batches + loss; grpo.GRPOStep: rollouts +
+                update) and what runs between steps (evaluation, samples, work after a checkpoint)
+  train()       the loop: progress bar, evaluations, samples, periodic checkpoints, Ctrl-C saves
 
-Run directory (--out):
-  tokenizer/  data/  checkpoints/step_NNNNNN/ (HF checkpoint + trainer_state.json + optimizer.pt)
+Run directory (TrainConfig.out):
+  checkpoints/step_NNNNNN/ (HF checkpoint + trainer_state.json + optimizer.pt)
   checkpoints/latest (names the newest complete checkpoint)  final/  run.json  loss.png  peak_flops.json
+Under torchrun (pre-training only) the model trains data-parallel with DDP or FSDP2 (nanoseek/distributed.py).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -29,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +42,11 @@ from tqdm import tqdm
 
 from nanoseek import distributed
 from nanoseek.checkpoint import load_model, save_pretrained
-from nanoseek.config import PRESETS, ModelConfig, get_preset
-from nanoseek.data import TokenDataset, default_corpus_files, prepare_data, read_documents
+from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
-from nanoseek.model import Transformer, enable_fp8
-from nanoseek.osutil import available_cpus, check_writable, load_average, write_failed, write_file_atomically
-from nanoseek.report import RunRecord, cpu_has_native_bf16, machine_peak_flops, plot_losses
-from nanoseek.tokenizer import Tokenizer, train_tokenizer
+from nanoseek.model import Transformer
+from nanoseek.osutil import available_cpus, cpu_has_native_bf16, read_json, write_file_atomically
+from nanoseek.train.record import RunRecord, machine_peak_flops, plot_losses
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input ids, targets), both [B, T] int64
 LossFn = Callable[[Transformer, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
@@ -55,80 +57,72 @@ RESUME_SENSITIVE = ("data", "batch_size", "seq_len", "grad_accum", "lr", "min_lr
                     "mtp_lambda", "seed", "steps", "fp8")
 
 
-# --- arguments -----------------------------------------------------------------------------------------------------
-def add_training_arguments(p: argparse.ArgumentParser, *, steps: int, batch_size: int, seq_len: int, lr: float,
-                           warmup_steps: int, out: str, eval_every: int, save_every: int, sample_every: int,
-                           eval_iters: int = 4, min_lr_frac: float = 0.1, decay_frac: float = 0.3) -> None:
-    """The optimizer / schedule / checkpoint / machine flags every training stage shares (defaults per stage)."""
-    g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
-    g.add_argument("--batch-size", type=int, default=batch_size,
-                   help=f"sequences per micro-batch, over all processes under torchrun (default {batch_size})")
-    g.add_argument("--seq-len", type=int, default=seq_len, help=f"tokens per sequence (default {seq_len})")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
-    g.add_argument("--min-lr-frac", type=float, default=min_lr_frac,
-                   help=f"final lr as a fraction of the peak (default {min_lr_frac:g}; V3: 2.2e-5 / 2.2e-4 = 0.1)")
-    g.add_argument("--warmup-steps", type=int, default=warmup_steps,
-                   help=f"linear warmup steps (default {warmup_steps})")
-    g.add_argument("--decay-frac", type=float, default=decay_frac,
-                   help=f"fraction of the steps at the end over which lr decays to min (default {decay_frac:g}; "
-                        "warmup -> constant -> decay is V3's schedule shape)")
-    g.add_argument("--decay-shape", choices=("cosine", "linear"), default="cosine",
-                   help="shape of the final decay (default cosine, as V3)")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (default 0.1)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip, 0 = off (default 1.0)")
-    g.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="compute dtype: bf16 = torch.autocast, master weights stay fp32; auto = bf16 on CUDA, and "
-                        "on CPUs with native bf16 for widths >= 256 (where it measured faster; docs/pretrain.md)")
-    g.add_argument("--bias-update-speed", type=float, default=0.001,
-                   help="gamma of the auxiliary-loss-free expert-bias update, 0 = off (default 0.001, V3)")
-    g.add_argument("--balance-alpha", type=float, default=0.0001,
-                   help="alpha of the sequence-wise balance loss, 0 = off (default 0.0001, V3)")
-    g.add_argument("--mtp-lambda", type=float, default=0.3,
-                   help="weight of the multi-token-prediction loss, 0 = off (default 0.3, V3's first 10T tokens)")
-    g.add_argument("--eval-every", type=int, default=eval_every,
-                   help=f"steps between val losses (default {eval_every})")
-    g.add_argument("--eval-iters", type=int, default=eval_iters,
-                   help=f"fixed val batches per evaluation (default {eval_iters})")
-    g.add_argument("--sample-every", type=int, default=sample_every,
-                   help=f"steps between text samples, 0 = never (default {sample_every})")
-    g.add_argument("--save-every", type=int, default=save_every,
-                   help=f"steps between checkpoints; one is always written at the end (default {save_every})")
-    g.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (default 2)")
-    g.add_argument("--seed", type=int, default=0, help="seed for the initial weights and the batch order (default 0)")
-    g.add_argument("--out", type=Path, default=Path(out), help=f"run directory (default {out})")
-    g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/latest")
-    m = p.add_argument_group("machine")
-    m.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    m.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    m.add_argument("--price-per-hour", type=float, default=0.10,
-                   help="USD per machine-hour for the cost in run.json (default 0.10: an assumed on-demand rate "
-                        "for a small 2-vCPU cloud VM; V3's cost table uses $2 per H800 GPU-hour)")
+# --- settings -------------------------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The settings every training stage shares; the defaults are pre-training's (V3's values where it has one).
 
+    A stage's config subclasses this and redeclares the defaults it changes. Field names are the CLI's flags with
+    dashes (`grad_accum` is `--grad-accum`), and so are the names in validation errors.
+    """
 
-def add_model_and_data_arguments(p: argparse.ArgumentParser) -> None:
-    """--preset/--config, --data and --vocab-size: the model and the corpus a pre-training run starts from."""
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", choices=list(PRESETS), default="cpu", help="model preset (default cpu)")
-    src.add_argument("--config", type=Path, help="a config.json (HF DeepseekV3 field names) instead of a preset")
-    p.add_argument("--data", type=Path, nargs="+", default=None,
-                   help=".txt / .jsonl files to train on (default: the bundled tinyshakespeare + GSM8K train)")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help="tokenizer vocabulary when one is trained (default: the config's vocab_size)")
+    steps: int = 300  # optimizer steps
+    batch_size: int = 8  # sequences per micro-batch, over all processes under torchrun
+    seq_len: int = 128  # tokens per sequence
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-3  # peak learning rate
+    min_lr_frac: float = 0.1  # final lr as a fraction of the peak (V3: 2.2e-5 / 2.2e-4)
+    warmup_steps: int = 20  # linear warmup steps
+    decay_frac: float = 0.3  # fraction of the steps at the end over which lr decays to min
+    decay_shape: str = "cosine"  # "cosine" (V3) or "linear"
+    weight_decay: float = 0.1  # AdamW weight decay on matrices
+    grad_clip: float = 1.0  # global gradient-norm clip, 0 = off
+    dtype: str = "auto"  # compute dtype: "auto", "bf16" (torch.autocast; master weights stay fp32) or "fp32"
+    bias_update_speed: float = 0.001  # gamma of the auxiliary-loss-free expert-bias update, 0 = off (V3)
+    balance_alpha: float = 0.0001  # alpha of the sequence-wise balance loss, 0 = off (V3)
+    mtp_lambda: float = 0.3  # weight of the multi-token-prediction loss, 0 = off (V3's first 10T tokens)
+    eval_every: int = 50  # steps between evaluations
+    eval_iters: int = 4  # fixed val batches per evaluation
+    sample_every: int = 100  # steps between text samples, 0 = never
+    save_every: int = 100  # steps between checkpoints, 0 = only the final one
+    keep_last: int = 2  # checkpoints to keep
+    seed: int = 0  # initial weights and batch order
+    out: Path = Path("runs/pretrain")  # run directory
+    resume: bool = False  # continue from out/checkpoints/latest
+    device: str | None = None  # torch device (None: cuda if available, else cpu)
+    threads: int | None = None  # torch CPU threads (None: all cores)
+    price_per_hour: float = 0.10  # USD per machine-hour for the cost in run.json
 
+    def check(self, config: ModelConfig) -> None:
+        """One NanoseekError naming the first bad setting (and the flag that sets it)."""
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_iters", "keep_last"):
+            if getattr(self, name) < 1:
+                raise NanoseekError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("save_every", "sample_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise NanoseekError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise NanoseekError(f"--lr must be > 0, got {self.lr}")
+        for name in ("min_lr_frac", "decay_frac"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise NanoseekError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("weight_decay", "grad_clip", "bias_update_speed", "balance_alpha", "mtp_lambda",
+                     "price_per_hour"):
+            if getattr(self, name) < 0:
+                raise NanoseekError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.seq_len > config.max_position_embeddings:
+            raise NanoseekError(f"--seq-len {self.seq_len} exceeds the config's max_position_embeddings "
+                                f"({config.max_position_embeddings})")
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_and_data_arguments(p)
-    p.add_argument("--sample-prompt", default="ROMEO:", help="prompt of the periodic text samples (default 'ROMEO:')")
-    p.add_argument("--fp8", action="store_true",
-                   help="DeepSeek-V3 FP8 GEMMs for every projection and expert (1x128 / 128x128 e4m3 tiles, emulated "
-                        "exactly; slower on CPU); embedding, head, gate, norms, attention stay in --dtype")
-    p.add_argument("--parallel", choices=distributed.MODES, default="ddp",
-                   help="under torchrun: ddp = whole model per process, gradients all-reduced; fsdp = FSDP2, weights, "
-                        "gradients and optimizer state sharded (default ddp; docs/distributed.md)")
-    add_training_arguments(p, steps=300, batch_size=8, seq_len=128, lr=3e-3, warmup_steps=20, out="runs/pretrain",
-                           eval_every=50, save_every=100, sample_every=100)
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting as JSON values (paths as strings): what trainer_state.json records as "args"."""
+        def conv(v: Any) -> Any:
+            if isinstance(v, Path):
+                return str(v)
+            if isinstance(v, (list, tuple)):
+                return [conv(x) for x in v]
+            return v
+        return {f.name: conv(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
 # --- machine, schedule, optimizer ----------------------------------------------------------------------------------
@@ -158,6 +152,15 @@ def resolve_dtype(name: str, device: torch.device, hidden_size: int) -> torch.dt
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
+def set_threads(threads: int | None) -> int:
+    """torch's CPU threads: `threads`, or one per available core when None. Returns the number set."""
+    threads = threads or available_cpus()
+    if threads < 1:
+        raise NanoseekError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    return threads
+
+
 def lr_at(step: int, steps: int, peak: float, warmup_steps: int, decay_frac: float, min_lr_frac: float,
           shape: str = "cosine") -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup, constant, then decay to min over the last
@@ -181,27 +184,6 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
 
-def check_training_args(args: argparse.Namespace, config: ModelConfig) -> None:
-    positive = ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_iters", "keep_last")
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise NanoseekError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("save_every", "sample_every", "warmup_steps"):
-        if getattr(args, name) < 0:
-            raise NanoseekError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if not args.lr > 0:
-        raise NanoseekError(f"--lr must be > 0, got {args.lr}")
-    for name in ("min_lr_frac", "decay_frac"):
-        if not 0 <= getattr(args, name) <= 1:
-            raise NanoseekError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
-    for name in ("weight_decay", "grad_clip", "bias_update_speed", "balance_alpha", "mtp_lambda", "price_per_hour"):
-        if getattr(args, name) < 0:
-            raise NanoseekError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.seq_len > config.max_position_embeddings:
-        raise NanoseekError(f"--seq-len {args.seq_len} exceeds the config's max_position_embeddings "
-                            f"({config.max_position_embeddings})")
-
-
 def config_difference(a: ModelConfig, b: ModelConfig) -> str | None:
     """'field: a vs b' for the first field that differs, or None."""
     for name in a.__dataclass_fields__:
@@ -210,34 +192,30 @@ def config_difference(a: ModelConfig, b: ModelConfig) -> str | None:
     return None
 
 
-def _jsonable(args: argparse.Namespace) -> dict[str, Any]:
-    def conv(v: Any) -> Any:
-        if isinstance(v, Path):
-            return str(v)
-        if isinstance(v, (list, tuple)):
-            return [conv(x) for x in v]
-        return v
-    return {k: conv(v) for k, v in vars(args).items() if not k.startswith("_")}
-
-
 # --- the trainer ----------------------------------------------------------------------------------------------------
 class Trainer:
-    """Optimizer, lr schedule, expert-bias update, checkpoints and resume for one model and one run directory.
+    """Optimizer, lr schedule, expert-bias update, checkpoints and resume for one model and one run directory
+    (config.out).
 
-    The stage supplies batches and a loss function; `args` carries the add_training_arguments() settings.
-    History: {"train": [{"step", "loss", "lr", "maxvio", other loss parts}], "val": [{"step", "loss"}]}; `step`
-    counts completed optimizer steps, and batches are a pure function of it, so resuming needs no RNG state.
+    History: {"train": [{"step", "loss", "lr", "maxvio", other parts}], "val": [{"step", "loss"}]} (a stage may add
+    lists, as RL's "heldout"); `step` counts completed optimizer steps, and a stage's batches are a pure function of
+    it, so resuming needs no RNG state.
+
+    flops_per_token(seq_len) replaces the model config's count (an ablation's swapped attention); with
+    checkpoints=False nothing is ever saved (an interrupted run starts again from step 0).
     """
 
-    def __init__(self, model: Transformer, args: argparse.Namespace, out_dir: str | Path,
-                 tokenizer_dir: str | Path | None = None, stage: str = "pretrain"):
-        self.model, self.args, self.stage = model, args, stage
-        self.out_dir = Path(out_dir)
+    def __init__(self, model: Transformer, config: TrainConfig, tokenizer_dir: str | Path | None = None,
+                 stage: str = "pretrain", *, flops_per_token: Callable[[int], float] | None = None,
+                 checkpoints: bool = True):
+        self.model, self.config, self.stage = model, config, stage
+        self.out_dir = Path(config.out)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.tokenizer_dir = tokenizer_dir
+        self.checkpoints = checkpoints
         self.device = next(model.parameters()).device
-        self.amp_dtype = resolve_dtype(args.dtype, self.device, model.config.hidden_size)
-        self.optimizer = make_optimizer(model, args.lr, args.weight_decay)
+        self.amp_dtype = resolve_dtype(config.dtype, self.device, model.config.hidden_size)
+        self.optimizer = make_optimizer(model, config.lr, config.weight_decay)
         self.step = 0
         self.history: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
         self.tokens = 0
@@ -245,6 +223,7 @@ class Trainer:
         self.previous_wall_seconds = 0.0  # wall time of earlier sessions of this run (before --resume)
         self.session_start = time.time()
         self.peak_flops = machine_peak_flops(self.amp_dtype, self.device, cache_file=self.out_dir / "peak_flops.json")
+        self._count_flops = flops_per_token
         self._flops_per_token: dict[int, float] = {}
         self._last_saved_step = -1
         self._gathered: Transformer | None = None  # FSDP: rank 0's whole-weights copy for checkpoints and samples
@@ -258,18 +237,34 @@ class Trainer:
 
     def flops_per_token(self, seq_len: int) -> float:
         if seq_len not in self._flops_per_token:
-            self._flops_per_token[seq_len] = self.model.config.flops_per_token(seq_len, self.args.mtp_lambda > 0)
+            self._flops_per_token[seq_len] = (self._count_flops(seq_len) if self._count_flops is not None else
+                                              self.model.config.flops_per_token(seq_len, self.config.mtp_lambda > 0))
         return self._flops_per_token[seq_len]
+
+    def set_lr(self) -> float:
+        """Set and return the learning rate of the step about to run (self.step, 0-based)."""
+        c = self.config
+        lr = lr_at(self.step, c.steps, c.lr, c.warmup_steps, c.decay_frac, c.min_lr_frac, c.decay_shape)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def end_step(self, record: dict[str, Any], tokens: int, seconds: float) -> dict[str, Any]:
+        """Count a finished optimizer step: {"step": n, **record} joins history["train"] and is returned."""
+        self.step += 1
+        self.tokens += tokens
+        self.train_seconds += seconds
+        row = {"step": self.step, **record}
+        self.history["train"].append(row)
+        return row
 
     def train_step(self, micro_batches: Sequence[Batch], loss_fn: LossFn) -> dict[str, Any]:
         """Accumulate gradients over the micro-batches, clip, AdamW step, then the expert-bias update (gamma)
-        from the loads routed during these micro-batches. Returns the history record of the step."""
-        args, model = self.args, self.model
+        from the loads routed during these micro-batches. Returns the history record of the step plus its
+        throughput (tokens_per_second, mfu)."""
+        config, model = self.config, self.model
         t0 = time.perf_counter()
-        lr = lr_at(self.step, args.steps, args.lr, args.warmup_steps, args.decay_frac, args.min_lr_frac,
-                   args.decay_shape)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self.set_lr()
         sums: dict[str, float] = {}
         tokens, flops = 0, 0.0
         for x, y in micro_batches:
@@ -285,23 +280,19 @@ class Trainer:
         # are already averaged by DDP / FSDP, so clipping sees the global norm (FSDP: a DTensor norm over all shards)
         sums = distributed.all_reduce_mean(sums)
         tokens *= distributed.world_size()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if dist.is_available() and dist.is_initialized():  # the bias follows the global batch's load (V3 2.1.2)
             for gate in model.gates():
                 dist.all_reduce(gate.expert_load)
-        maxvio = model.update_expert_bias(args.bias_update_speed)
+        maxvio = model.update_expert_bias(config.bias_update_speed)
         dt = time.perf_counter() - t0
-        self.step += 1
-        self.tokens += tokens
-        self.train_seconds += dt
-        record = {"step": self.step, **{k: v / len(micro_batches) for k, v in sums.items()}, "lr": lr,
-                  "maxvio": maxvio}
-        self.history["train"].append(record)
+        row = self.end_step({**{k: v / len(micro_batches) for k, v in sums.items()}, "lr": lr, "maxvio": maxvio},
+                            tokens, dt)
         # flops are this rank's and peak_flops this process's: the MFU of one rank (all do the same work)
-        return {**record, "tokens_per_second": tokens / dt, "mfu": flops / dt / self.peak_flops}
+        return {**row, "tokens_per_second": tokens / dt, "mfu": flops / dt / self.peak_flops}
 
     @torch.no_grad()
     def evaluate(self, batches: Sequence[Batch], loss_fn: LossFn) -> float:
@@ -341,8 +332,10 @@ class Trainer:
         """checkpoints/step_NNNNNN (written atomically), then `latest` is pointed at it, then old ones pruned.
 
         Under torchrun every rank calls this (FSDP gathers weights and optimizer moments); rank 0 writes the same
-        files a single process would, so the checkpoint resumes at any world size.
+        files a single process would, so the checkpoint resumes at any world size. Without checkpoints, nothing.
         """
+        if not self.checkpoints:
+            return self.out_dir
         name = f"step_{self.step:06d}"
         path = self.ckpt_dir / name
         model, optimizer_state = self.full_model(), distributed.full_optimizer_state(self.optimizer)
@@ -351,7 +344,7 @@ class Trainer:
             return path
         state = {"stage": self.stage, "step": self.step, "tokens": self.tokens, "train_seconds": self.train_seconds,
                  "wall_seconds": self.wall_seconds(), "compute_dtype": str(self.amp_dtype),
-                 "args": _jsonable(self.args), "history": self.history}
+                 "args": self.config.to_dict(), "history": self.history}
         buf = io.BytesIO()
         torch.save(optimizer_state, buf)
         extra = {"trainer_state.json": (json.dumps(state, indent=1) + "\n").encode(), "optimizer.pt": buf.getvalue()}
@@ -371,7 +364,7 @@ class Trainer:
         """Keep the newest --keep-last checkpoints; remove temporaries of writes that were killed."""
         steps = sorted(p for p in self.ckpt_dir.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and p.is_dir())
         latest = self.ckpt_dir / (self.ckpt_dir / "latest").read_text().strip()
-        for old in steps[:-self.args.keep_last]:
+        for old in steps[:-self.config.keep_last]:
             if old != latest:
                 shutil.rmtree(old, ignore_errors=True)  # a checkpoint that could not be removed costs only space
         for stray in self.ckpt_dir.glob(".step_*"):  # .step_N.tmp-PID / .step_N.old-PID from an interrupted write
@@ -398,7 +391,7 @@ class Trainer:
         self.step, self.tokens, self.history = state["step"], state["tokens"], state["history"]
         self.train_seconds, self.previous_wall_seconds = state["train_seconds"], state["wall_seconds"]
         self._last_saved_step = self.step
-        old, new = state.get("args", {}), _jsonable(self.args)
+        old, new = state.get("args", {}), self.config.to_dict()
         # more --steps at a constant lr (no decay phase) only makes the run longer: the steps it shares are the same
         constant_lr = old.get("decay_frac") == new.get("decay_frac") == 0
         changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in RESUME_SENSITIVE if k in old and old[k] != new.get(k)
@@ -410,6 +403,9 @@ class Trainer:
 
     def interrupted(self, path: Path) -> str:
         """What Ctrl-C tells the user once save_checkpoint() has returned `path`."""
+        if not self.checkpoints:
+            return (f"interrupted: nothing saved for {self.stage} (variants keep no checkpoints); running the same "
+                    f"command again keeps the finished variants and retrains this one from step 0")
         return f"interrupted: saved {path} (continue with the same command plus --resume)"
 
     def save_final(self) -> Path:
@@ -420,24 +416,25 @@ class Trainer:
         return save_pretrained(model, path, tokenizer_dir=self.tokenizer_dir) if model is not None else path
 
     def run_record(self) -> RunRecord:
-        cfg, args = self.model.config, self.args
+        cfg, config = self.model.config, self.config
         p = cfg.num_params()
         train, val = self.history["train"], self.history["val"]
         return RunRecord(
             stage=self.stage, config=cfg.to_hf_dict(), params_total=p["total"], params_active=p["active"],
             params_mtp=p["mtp_total"], steps=self.step, tokens=self.tokens,
-            flops_per_token=self.flops_per_token(args.seq_len), wall_seconds=self.wall_seconds(),
+            flops_per_token=self.flops_per_token(config.seq_len), wall_seconds=self.wall_seconds(),
             # threads and peak over all processes, so CPU-hours and MFU count the whole torchrun job
             train_seconds=self.train_seconds, threads=torch.get_num_threads() * distributed.world_size(),
-            dtype=("fp8-e4m3 (emulated) + " if getattr(args, "fp8", False) else "")
-            + str(self.amp_dtype).removeprefix("torch."), device=str(self.device),
+            dtype=str(self.amp_dtype).removeprefix("torch."), device=str(self.device),
             peak_flops=self.peak_flops * distributed.world_size(),
-            price_per_hour=args.price_per_hour, final_train_loss=train[-1]["loss"] if train else None,
+            price_per_hour=config.price_per_hour, final_train_loss=train[-1]["loss"] if train else None,
             final_val_loss=val[-1]["loss"] if val else None)
 
-    def write_report(self) -> RunRecord:
-        """run.json and loss.png in the run directory (written by rank 0 only; every rank gets the record)."""
-        record = self.run_record()
+    def write_report(self, record: RunRecord | None = None) -> RunRecord:
+        """run.json (`record`, default run_record()) and loss.png in the run directory (written by rank 0 only;
+        every rank gets the record)."""
+        if record is None:
+            record = self.run_record()
         if not distributed.is_main():
             return record
         record.write(self.out_dir / "run.json")
@@ -445,18 +442,14 @@ class Trainer:
         return record
 
 
+# --- resume ---------------------------------------------------------------------------------------------------------
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def read_trainer_state(file: Path, stage: str) -> dict[str, Any]:
     """trainer_state.json, checked: the counters are numbers, the history lists of {"step", ...} objects."""
-    try:
-        state = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise NanoseekError(f"{file}: invalid JSON (line {e.lineno}: {e.msg})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise NanoseekError(f"{file}: not readable ({e})") from None
+    state = read_json(file)
 
     def bad(why: str) -> NanoseekError:
         return NanoseekError(f"{file}: {why}: not a trainer state nanoseek wrote")
@@ -586,6 +579,54 @@ def resume_point(out: Path, resume: bool) -> Path | None:
     return None
 
 
+# --- the loop -------------------------------------------------------------------------------------------------------
+class TrainStep:
+    """What a stage trains on. step() runs one optimizer step (through the trainer, which counts it) and returns
+    its history row; train() calls the other methods between steps (each does nothing by default)."""
+
+    def step(self, trainer: Trainer) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def progress(self, row: dict[str, Any]) -> str:
+        """The progress bar's text after a step."""
+        return ""
+
+    def evaluate(self, trainer: Trainer) -> None:
+        """Every config.eval_every steps and after the last."""
+
+    def sample(self, trainer: Trainer) -> None:
+        """Every config.sample_every steps before the last."""
+
+    def saved(self, trainer: Trainer) -> None:
+        """After each checkpoint train() writes."""
+
+
+class SupervisedStep(TrainStep):
+    """Batches and a loss: get_batch(step, micro) gives the micro-batches of a step (a pure function of its
+    arguments, so a resumed run sees the same ones); val_batches are scored with the same loss; sample() returns a
+    text sample to print."""
+
+    def __init__(self, get_batch: Callable[[int, int], Batch], loss_fn: LossFn, val_batches: Sequence[Batch] = (),
+                 sample: Callable[[], str] | None = None):
+        self.get_batch, self.loss_fn, self.val_batches, self.sample_text = get_batch, loss_fn, val_batches, sample
+
+    def step(self, trainer: Trainer) -> dict[str, Any]:
+        return trainer.train_step([self.get_batch(trainer.step, m) for m in range(trainer.config.grad_accum)],
+                                  self.loss_fn)
+
+    def progress(self, r: dict[str, Any]) -> str:
+        return (f"loss {r['loss']:.3f} | {r['tokens_per_second']:.0f} tok/s | MFU {r['mfu']:.1%} | "
+                f"MaxVio {r['maxvio']:.2f} | lr {r['lr']:.2e}")
+
+    def evaluate(self, trainer: Trainer) -> None:
+        if self.val_batches:
+            tqdm.write(f"step {trainer.step}: val loss {trainer.evaluate(self.val_batches, self.loss_fn):.4f}")
+
+    def sample(self, trainer: Trainer) -> None:
+        if self.sample_text is not None:
+            tqdm.write(f"step {trainer.step} sample: {self.sample_text()!r}")
+
+
 class _StopOnCtrlC:
     """First Ctrl-C asks the loop to stop after the current step (which it then saves); a second one stops at once.
 
@@ -610,215 +651,34 @@ class _StopOnCtrlC:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def train(trainer: Trainer, get_batch: Callable[[int, int], Batch], loss_fn: LossFn,
-          val_batches: Sequence[Batch] = (), sample: Callable[[], str] | None = None) -> None:
-    """Run optimizer steps trainer.step .. args.steps: get_batch(step, micro) gives the micro-batches of a step.
+def train(trainer: Trainer, steps: TrainStep) -> None:
+    """Run optimizer steps trainer.step .. config.steps with steps.step(trainer).
 
-    Evaluates every --eval-every steps and at the end; samples every --sample-every and checkpoints every
-    --save-every steps before the last (the caller saves and samples the final model).
+    Evaluates every eval_every steps (0 = never) and after the last; samples every sample_every and checkpoints
+    every save_every steps before the last (the caller saves and samples the final model).
     Ctrl-C: the current step finishes, a checkpoint is written, and KeyboardInterrupt is re-raised.
     """
-    args = trainer.args
-    bar = tqdm(total=args.steps, initial=trainer.step, desc=trainer.stage, unit="step", dynamic_ncols=True,
+    config = trainer.config
+    bar = tqdm(total=config.steps, initial=trainer.step, desc=trainer.stage, unit="step", dynamic_ncols=True,
                disable=not distributed.is_main())
     with _StopOnCtrlC() as ctrl_c:
         try:
-            while trainer.step < args.steps:
-                step = trainer.step
-                r = trainer.train_step([get_batch(step, m) for m in range(args.grad_accum)], loss_fn)
+            while trainer.step < config.steps:
+                row = steps.step(trainer)
                 bar.update(1)
-                bar.set_postfix_str(f"loss {r['loss']:.3f} | {r['tokens_per_second']:.0f} tok/s | "
-                                    f"MFU {r['mfu']:.1%} | MaxVio {r['maxvio']:.2f} | lr {r['lr']:.2e}")
+                bar.set_postfix_str(steps.progress(row))
                 done = trainer.step
-                if val_batches and (done % args.eval_every == 0 or done == args.steps):
-                    tqdm.write(f"step {done}: val loss {trainer.evaluate(val_batches, loss_fn):.4f}")
-                if sample is not None and args.sample_every and done % args.sample_every == 0 and done < args.steps:
-                    tqdm.write(f"step {done} sample: {sample()!r}")
+                if config.eval_every and (done % config.eval_every == 0 or done == config.steps):
+                    steps.evaluate(trainer)
+                if config.sample_every and done % config.sample_every == 0 and done < config.steps:
+                    steps.sample(trainer)
                 if distributed.any_rank(ctrl_c.requested):  # under torchrun all ranks must stop at the same step
-                    tqdm.write(trainer.interrupted(trainer.save_checkpoint()))
+                    path = trainer.save_checkpoint()
+                    steps.saved(trainer)
+                    tqdm.write(trainer.interrupted(path))
                     raise KeyboardInterrupt
-                if args.save_every and done % args.save_every == 0 and done < args.steps:
+                if config.save_every and done % config.save_every == 0 and done < config.steps:
                     trainer.save_checkpoint()
+                    steps.saved(trainer)
         finally:
             bar.close()
-
-
-# --- text samples ---------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def sample(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 48, temperature: float = 0.8,
-           seed: int = 0) -> str:
-    """Continue `prompt` by recomputing the full sequence each token (no KV cache: the engine comes later).
-
-    temperature 0 = greedy. Stops at eos. Token ids past the tokenizer's vocabulary (padding rows of a larger
-    embedding) are never sampled. Returns prompt + continuation.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    ids = tokenizer.encode(prompt) or [tokenizer.bos_id]
-    n_prompt = len(ids)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    limit = model.config.max_position_embeddings
-    try:
-        for _ in range(max_new_tokens):
-            logits = model(torch.tensor([ids[-limit:]], device=device))[0, -1].float()  # [V]
-            logits[tokenizer.vocab_size:] = float("-inf")
-            if temperature <= 0:
-                nxt = int(logits.argmax())
-            else:
-                nxt = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen))
-            if nxt == tokenizer.eos_id:
-                break
-            ids.append(nxt)
-    finally:
-        model.train(was_training)
-    return prompt + tokenizer.decode(ids[n_prompt:])
-
-
-# --- the stage ------------------------------------------------------------------------------------------------------
-def pretrain_loss(mtp_lambda: float, balance_alpha: float) -> LossFn:
-    """L_main + lambda * L_MTP + alpha * L_Bal; stats['loss'] is L_main alone (comparable with the val loss)."""
-
-    def loss_fn(model: Transformer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        loss, stats = model.compute_loss(x, y, mtp_lambda=mtp_lambda if model.training else 0.0,
-                                         balance_alpha=balance_alpha if model.training else 0.0)
-        return loss, {"loss": stats["loss_main"], "loss_total": stats["loss"],
-                      **{k: v for k, v in stats.items() if k in ("loss_mtp", "loss_balance")}}
-
-    return loss_fn
-
-
-def load_config(args: argparse.Namespace) -> ModelConfig:
-    return ModelConfig.load(args.config) if args.config else get_preset(args.preset)
-
-
-def prepare_tokenizer(paths: list[Path], out_dir: Path, vocab_size: int) -> Tokenizer:
-    """out_dir/tokenizer: reused when present, else trained on the documents of `paths`."""
-    tok_dir = out_dir / "tokenizer"
-    if (tok_dir / "tokenizer.json").is_file():
-        tok = Tokenizer.from_dir(tok_dir)
-        print(f"tokenizer: reusing {tok_dir} ({tok.vocab_size} tokens; delete it to train a new one)")
-        return tok
-    t = time.time()
-    tmp = out_dir / f".tokenizer.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tok = train_tokenizer((doc for p in paths for doc in read_documents(p)), vocab_size, tmp)
-        shutil.rmtree(tok_dir, ignore_errors=True)  # a tokenizer/ without tokenizer.json is a leftover
-        os.replace(tmp, tok_dir)  # a half-trained tokenizer must never be mistaken for a finished one
-    except OSError as e:
-        raise write_failed(tok_dir, e) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"tokenizer: trained {tok.vocab_size} tokens in {time.time() - t:.1f}s -> {tok_dir}")
-    return tok
-
-
-def prepare_corpus(paths: list[Path], out: Path, config: ModelConfig, vocab_size: int | None, seq_len: int,
-                   seed: int) -> tuple[Tokenizer, TokenDataset, TokenDataset]:
-    """out/tokenizer (trained or reused) and the train/val token shards in out/data, checked against the model's
-    vocabulary and the sequence length. Under torchrun rank 0 builds them and the other ranks reuse them."""
-    vocab = vocab_size or config.vocab_size
-    if vocab > config.vocab_size:
-        raise NanoseekError(f"--vocab-size {vocab} exceeds the model's vocab_size ({config.vocab_size})")
-    tokenizer = distributed.main_first(lambda: prepare_tokenizer(paths, out, vocab))
-    if tokenizer.vocab_size > config.vocab_size:
-        raise NanoseekError(f"{out / 'tokenizer'} has {tokenizer.vocab_size} tokens, more than the model's "
-                            f"vocab_size ({config.vocab_size}); delete it or use another --out")
-    t = time.time()
-    meta = distributed.main_first(lambda: prepare_data(paths, tokenizer, out / "data", seed=seed))
-    train_ds = TokenDataset(out / "data" / "train.bin", meta["dtype"])
-    val_ds = TokenDataset(out / "data" / "val.bin", meta["dtype"])
-    for name, ds in (("train", train_ds), ("val", val_ds)):
-        if len(ds) < seq_len + 1:
-            raise NanoseekError(f"data: the {name} split has {len(ds)} tokens, fewer than --seq-len + 1 = "
-                                f"{seq_len + 1}; add data or lower --seq-len")
-    print(f"data: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens in {out / 'data'} "
-          f"({time.time() - t:.1f}s)")
-    return tokenizer, train_ds, val_ds
-
-
-def run(args: argparse.Namespace) -> None:
-    """One process, or one rank of `torchrun --nproc_per_node=N -m nanoseek pretrain ... [--parallel fsdp]`."""
-    device = distributed.setup(resolve_device(args.device))  # joins torchrun's process group; no-op without it
-    try:
-        if distributed.is_main():
-            _run(args, device)
-        else:  # only rank 0 prints (errors still reach stderr from every rank)
-            with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-                _run(args, device)
-    finally:  # also on errors and Ctrl-C: a rank that leaves must not keep the others waiting
-        distributed.cleanup()
-
-
-def _run(args: argparse.Namespace, device: torch.device) -> None:
-    t_start = time.time()
-    # under torchrun the processes share the cores: by default each gets cores / processes-per-node threads
-    threads = args.threads or max(1, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    if threads < 1:
-        raise NanoseekError(f"--threads must be >= 1, got {threads}")
-    torch.set_num_threads(threads)
-    cores, load = available_cpus(), load_average() or 0.0
-    if threads > 1 and load > cores and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
-        # measured on the 2-core dev box at load ~7: 2 threads ran 3-5x slower than 1 (docs/pretrain.md)
-        print(f"note: the machine is busy (load {load:.1f} on {cores} cores): {threads} OpenMP threads spin-waiting "
-              f"on each other can run several times slower; try --threads 1 or OMP_WAIT_POLICY=PASSIVE")
-    os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # the tokenizers library's thread pool
-    config = load_config(args)
-    check_training_args(args, config)
-    local_batch = distributed.local_batch_size(args.batch_size)  # --batch-size is global: same run at any world size
-    paths = [Path(p) for p in (args.data or default_corpus_files())]
-    for p in paths:
-        read_documents(p)  # raises NanoseekError naming a missing or unsupported file, before any work
-    out: Path = args.out
-    resume_from = resume_point(out, args.resume)
-    if resume_from is not None:
-        check_same_config(config, resume_from)  # fail before the tokenizer and data work, not after
-    check_writable(out)  # a read-only or full --out fails now, not at the first checkpoint
-
-    tokenizer, train_ds, val_ds = prepare_corpus(paths, out, config, args.vocab_size, args.seq_len, args.seed)
-
-    torch.manual_seed(args.seed)
-    with torch.device(device):
-        model = Transformer(config)
-    if args.fp8:
-        print(f"fp8: {enable_fp8(model)} weight tensors compute with DeepSeek-V3 FP8 GEMMs (emulated)")
-    model = distributed.wrap_model(model, args.parallel)  # before the Trainer builds the optimizer (FSDP shards)
-    trainer = Trainer(model, args, out, tokenizer_dir=out / "tokenizer", stage="pretrain")
-    trainer.session_start = t_start  # the wall clock includes tokenizer and data preparation
-    if resume_from is not None:
-        trainer.load_checkpoint(resume_from)
-    n = config.num_params()
-    print(f"model: {n['total'] / 1e6:.2f}M params ({n['active'] / 1e6:.2f}M active, MTP {n['mtp_total'] / 1e6:.2f}M) | "
-          f"{args.batch_size}x{args.seq_len}x{args.grad_accum} tokens/step | {str(trainer.amp_dtype)[6:]} on "
-          f"{device} x{threads} threads | measured peak {trainer.peak_flops / 1e9:.0f} GFLOP/s")
-
-    if distributed.initialized():
-        print(f"distributed: {distributed.world_size()} processes ({args.parallel}, {dist.get_backend()}), "
-              f"{local_batch} of the {args.batch_size} sequences per micro-batch each")
-    loss_fn = pretrain_loss(args.mtp_lambda, args.balance_alpha)
-    # every rank draws the same global batch and keeps its rows (distributed.shard): the tokens of a step do not
-    # depend on the world size
-    val_batches = [distributed.shard(val_ds.get_batch(args.batch_size, args.seq_len, step=i, seed=args.seed))
-                   for i in range(args.eval_iters)]
-
-    def get_batch(step: int, micro: int) -> Batch:
-        return distributed.shard(train_ds.get_batch(args.batch_size, args.seq_len, step, micro=micro, seed=args.seed))
-
-    def show_sample() -> str:
-        full = trainer.full_model()  # FSDP gathers the shards (every rank calls this); only rank 0 samples
-        if full is None:
-            return ""
-        return sample(full, tokenizer, args.sample_prompt, max_new_tokens=48, temperature=0.8, seed=args.seed)
-
-    train(trainer, get_batch, loss_fn, val_batches, show_sample)
-    final = trainer.save_final()
-    print(f"sample: {show_sample()!r}")
-    r = trainer.write_report()
-    val = f"{r.final_val_loss:.4f}" if r.final_val_loss is not None else "n/a"
-    print(f"done: {r.steps} steps, {r.tokens:,} tokens in {r.wall_seconds / 60:.1f} min "
-          f"({r.tokens_per_second:.0f} tok/s, MFU {r.mfu:.1%}, {r.cpu_hours:.3f} CPU-h, ~${r.cost_usd:.4f}); "
-          f"final val loss {val}")
-    print(f"final checkpoint (HF DeepseekV3 layout + tokenizer): {final}")
-    print(f"run record: {out / 'run.json'}   loss curve: {out / 'loss.png'}")
-    print(f"next: nanoseek info --config {final}")

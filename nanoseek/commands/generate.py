@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.checkpoint import checkpoint_config
-from nanoseek.config import ModelConfig
+from nanoseek.commands._flags import check_speculate, set_threads
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.errors import NanoseekError
 
@@ -46,31 +45,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                             "faster for small models or on a busy machine)")
 
 
-def check_can_speculate(path: Path) -> None:
-    """--speculate needs MTP weights: say why a checkpoint has none before loading it."""
-    if checkpoint_config(path, warn=False).num_nextn_predict_layers:
-        return
-    if ModelConfig.load(path).num_nextn_predict_layers:
-        why = ("its config.json declares MTP layers but it holds no MTP weights, as transformers' save_pretrained "
-               "writes them")
-    else:
-        why = "its config has num_nextn_predict_layers = 0"
-    raise NanoseekError(f"--speculate needs the checkpoint's MTP module: {path} has none ({why}); drop --speculate")
-
-
 def run(args: argparse.Namespace) -> None:
     from nanoseek.tokenizer import IncrementalDecoder, Tokenizer
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise NanoseekError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    if not 0 <= args.speculate <= 8:
-        raise NanoseekError(f"--speculate takes 1 to 8 draft tokens, got {args.speculate}")
+    set_threads(args.threads)
     if not args.model.is_dir():
         raise NanoseekError(f"checkpoint directory not found: {args.model}")
-    if args.speculate:
-        check_can_speculate(args.model)
+    check_speculate(args.speculate, args.model)
     tokenizer = Tokenizer.from_dir(args.model)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop_token_ids=[tokenizer.eos_id])

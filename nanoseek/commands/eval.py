@@ -1,0 +1,29 @@
+"""`nanoseek eval`: pass@1 (greedy, sampled), pass@k and maj@k of a checkpoint on a task's test split
+(nanoseek.train.evaluate)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from nanoseek.commands._flags import config_from_args
+from nanoseek.train.evaluate import EVAL_TEMPERATURE, EVAL_TOP_P, EvalConfig, evaluate_checkpoint
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, required=True, help="checkpoint directory (with tokenizer files)")
+    p.add_argument("--task", required=True, help="task spec, e.g. arithmetic or arithmetic:max_digits=2,ops=+-")
+    p.add_argument("-n", "--n", type=int, default=200, help="test problems (default 200)")
+    p.add_argument("--k", type=int, default=4, help="samples per problem for sampled pass@1/pass@k/maj@k "
+                   "(default 4; 0 = greedy only)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=EVAL_TEMPERATURE)
+    p.add_argument("--top-p", type=float, default=EVAL_TOP_P)
+    p.add_argument("--batch-size", type=int, default=64, help="engine batch size (sequences decoded together)")
+    p.add_argument("--seed", type=int, default=0, help="problem draw and sampling seed")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, help="write the result here as JSON")
+
+
+def run(args: argparse.Namespace) -> None:
+    evaluate_checkpoint(config_from_args(EvalConfig, args))

@@ -1,0 +1,30 @@
+"""`nanoseek pretrain`: tokenizer -> token data -> V3 pre-training objective -> HF checkpoint (nanoseek.train.pretrain).
+
+Also the command each rank of `torchrun --nproc_per_node=N -m nanoseek pretrain ... [--parallel fsdp]` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from nanoseek import distributed
+from nanoseek.commands._flags import add_model_and_data_arguments, add_training_arguments, config_from_args
+from nanoseek.train.pretrain import PretrainConfig, pretrain
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = PretrainConfig()
+    add_model_and_data_arguments(p, d)
+    p.add_argument("--sample-prompt", default=d.sample_prompt,
+                   help=f"prompt of the periodic text samples (default {d.sample_prompt!r})")
+    p.add_argument("--fp8", action="store_true",
+                   help="DeepSeek-V3 FP8 GEMMs for every projection and expert (1x128 / 128x128 e4m3 tiles, emulated "
+                        "exactly; slower on CPU); embedding, head, gate, norms, attention stay in --dtype")
+    p.add_argument("--parallel", choices=distributed.MODES, default=d.parallel,
+                   help="under torchrun: ddp = whole model per process, gradients all-reduced; fsdp = FSDP2, weights, "
+                        "gradients and optimizer state sharded (default ddp; docs/distributed.md)")
+    add_training_arguments(p, d)
+
+
+def run(args: argparse.Namespace) -> None:
+    pretrain(config_from_args(PretrainConfig, args))
