@@ -86,6 +86,17 @@ def add_training_arguments(p: argparse.ArgumentParser, d: TrainConfig, out: str 
                         "on-demand rate for a small 2-vCPU cloud VM; V3's cost table uses $2 per H800 GPU-hour)")
 
 
+def add_distributed_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """--parallel and --async-save: how a stage trains under torchrun (ignored in one process)."""
+    g = p.add_argument_group("torchrun (docs/distributed.md)")
+    g.add_argument("--parallel", choices=("ddp", "fsdp"), default=d.parallel,
+                   help="under torchrun: ddp = whole model per process, gradients all-reduced; fsdp = FSDP2, weights, "
+                        f"gradients and optimizer state sharded (default {d.parallel})")
+    g.add_argument("--async-save", action="store_true",
+                   help="under torchrun: write checkpoints from a background thread after copying the shards to CPU "
+                        "memory (training goes on meanwhile)")
+
+
 def add_model_and_data_arguments(p: argparse.ArgumentParser, d: PretrainConfig | AblateConfig) -> None:
     """--preset/--config, --data and --vocab-size: the model and the corpus a pre-training run starts from (defaults
     from `d`)."""

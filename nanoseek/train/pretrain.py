@@ -12,7 +12,6 @@ Run directory (out):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import shutil
@@ -38,6 +37,7 @@ from nanoseek.train.trainer import (
     Trainer,
     check_same_config,
     resolve_device,
+    resolve_dtype,
     resume_point,
     train,
 )
@@ -54,7 +54,6 @@ class PretrainConfig(TrainConfig):
     vocab_size: int | None = None  # tokenizer vocabulary when one is trained (None: the config's vocab_size)
     sample_prompt: str = "ROMEO:"  # prompt of the periodic text samples
     fp8: bool = False  # V3's FP8 GEMMs for every projection and expert (emulated exactly; slower on CPU)
-    parallel: str = "ddp"  # under torchrun: "ddp" (whole model per process) or "fsdp" (FSDP2, sharded)
 
 
 # --- text samples ---------------------------------------------------------------------------------------------------
@@ -91,11 +90,16 @@ def sample(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens
 
 # --- the objective, tokenizer and data --------------------------------------------------------------------------------
 def pretrain_loss(mtp_lambda: float, balance_alpha: float) -> LossFn:
-    """L_main + lambda * L_MTP + alpha * L_Bal; stats['loss'] is L_main alone (comparable with the val loss)."""
+    """L_main + lambda * L_MTP + alpha * L_Bal; stats['loss'] is L_main alone (comparable with the val loss).
+
+    Under torchrun each term is normalised by the whole batch's counts (distributed.loss_norm): the ranks' losses
+    and gradients then average to the single-process ones, however the rows or their targets are spread."""
 
     def loss_fn(model: Transformer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        loss, stats = model.compute_loss(x, y, mtp_lambda=mtp_lambda if model.training else 0.0,
-                                         balance_alpha=balance_alpha if model.training else 0.0)
+        lam = mtp_lambda if model.training else 0.0
+        norm = distributed.loss_norm(y, -1, len(model.mtp) if lam else 0)
+        loss, stats = model.compute_loss(x, y, mtp_lambda=lam, balance_alpha=balance_alpha if model.training else 0.0,
+                                         norm=norm)
         return loss, {"loss": stats["loss_main"], "loss_total": stats["loss"],
                       **{k: v for k, v in stats.items() if k in ("loss_mtp", "loss_balance")}}
 
@@ -159,14 +163,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
     One process, or one rank of `torchrun --nproc_per_node=N -m nanoseek pretrain ... [--parallel fsdp]`.
     """
-    device = distributed.setup(resolve_device(cfg.device))  # joins torchrun's process group; no-op without it
-    try:
-        if distributed.is_main():
-            return _pretrain(cfg, device)
-        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # only rank 0 prints
-            return _pretrain(cfg, device)  # (errors still reach stderr from every rank)
-    finally:  # also on errors and Ctrl-C: a rank that leaves must not keep the others waiting
-        distributed.cleanup()
+    return distributed.run(resolve_device(cfg.device), lambda device: _pretrain(cfg, device))
 
 
 def _pretrain(cfg: PretrainConfig, device: torch.device) -> Path:
@@ -201,7 +198,8 @@ def _pretrain(cfg: PretrainConfig, device: torch.device) -> Path:
         model = Transformer(config)
     if cfg.fp8:
         print(f"fp8: {enable_fp8(model)} weight tensors compute with DeepSeek-V3 FP8 GEMMs (emulated)")
-    model = distributed.wrap_model(model, cfg.parallel)  # before the Trainer builds the optimizer (FSDP shards)
+    # before the Trainer builds the optimizer (FSDP shards the parameters)
+    model = distributed.wrap_model(model, cfg.parallel, resolve_dtype(cfg.dtype, device, config.hidden_size))
     trainer = Trainer(model, cfg, tokenizer_dir=out / "tokenizer", stage="pretrain")
     trainer.session_start = t_start  # the wall clock includes tokenizer and data preparation
     if resume_from is not None:
@@ -213,7 +211,7 @@ def _pretrain(cfg: PretrainConfig, device: torch.device) -> Path:
 
     if distributed.initialized():
         print(f"distributed: {distributed.world_size()} processes ({cfg.parallel}, {dist.get_backend()}), "
-              f"{local_batch} of the {cfg.batch_size} sequences per micro-batch each")
+              f"{local_batch} of the {cfg.batch_size} sequences per micro-batch on rank 0")
     loss_fn = pretrain_loss(cfg.mtp_lambda, cfg.balance_alpha)
     # every rank draws the same global batch and keeps its rows (distributed.shard): the tokens of a step do not
     # depend on the world size
