@@ -111,6 +111,8 @@ def setup(device: torch.device, timeout_minutes: float = 10.0) -> torch.device:
 
 def cleanup() -> None:
     """Leave the process group (in a finally: a rank that fails or is interrupted must not leave it half open)."""
+    global _CHECKPOINT_GROUP
+    _CHECKPOINT_GROUP = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -456,9 +458,24 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path,
     import torch.distributed.checkpoint as dcp
     state = _training_state(model, optimizer)
     if asynchronous:
-        return dcp.async_save(state, checkpoint_id=str(path), no_dist=not initialized())
+        # the background thread's collectives (plan, metadata) run on a process group of their own: on the default
+        # one they would interleave with the training step's all-reduces and deadlock
+        return dcp.async_save(state, checkpoint_id=str(path), no_dist=not initialized(),
+                              process_group=_checkpoint_group())
     dcp.save(state, checkpoint_id=str(path), no_dist=not initialized())
     return None
+
+
+_CHECKPOINT_GROUP: Any = None
+
+
+def _checkpoint_group() -> Any:
+    """A gloo process group for the async checkpoint writer, made once (a collective: every rank's first async
+    save makes it)."""
+    global _CHECKPOINT_GROUP
+    if _CHECKPOINT_GROUP is None and initialized():
+        _CHECKPOINT_GROUP = dist.new_group(backend="gloo")
+    return _CHECKPOINT_GROUP
 
 
 def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, path: Path) -> None:

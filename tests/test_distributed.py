@@ -124,7 +124,9 @@ def two(tmp_path_factory, single, data_file) -> dict[str, Path]:
     runs = {}
     for mode in ("ddp", "fsdp"):
         out = tmp_path_factory.mktemp(mode) / "run"
-        ranks = launch(2, *ARGS, "--data", data_file, "--out", out, "--parallel", mode, tmp=out.parent)
+        # FSDP writes its checkpoints from a background thread (--async-save): the resume tests start from them
+        extra = ["--async-save"] if mode == "fsdp" else []
+        ranks = launch(2, *ARGS, "--data", data_file, "--out", out, "--parallel", mode, *extra, tmp=out.parent)
         assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr[-2000:] + ranks[1].stderr[-2000:]
         assert "distributed: 2 processes" in ranks[0].stdout and "final val loss" in ranks[0].stdout
         assert ranks[1].stdout == ""  # only rank 0 prints
