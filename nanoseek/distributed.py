@@ -484,24 +484,43 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, path
     an optimizer this process alone reads the whole weights into a plain model (load_model on an intermediate
     checkpoint), whether or not a process group exists."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     if optimizer is None:
         state = {"model": {k: v for k, v in model.state_dict().items()}}
         _dcp_load(dcp, state, path, no_dist=True)
         model.load_state_dict(state["model"])
         return
     state = _training_state(model, optimizer)
+    # AdamW keeps no state for a parameter that never had a gradient (the MTP modules in GRPO or with --mtp-lambda
+    # 0), and the saved checkpoint has none for it; the state to load into is built for every parameter, so ask
+    # only for what was saved (set_state_dict then leaves the others without state, as training left them)
+    try:
+        stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.keys()
+    except Exception as e:
+        raise _unreadable(path, e) from None
+    optim_state = state["optimizer"]["state"]
+    state["optimizer"]["state"] = {fqn: s for fqn, s in optim_state.items()
+                                   if all(f"optimizer.state.{fqn}.{k}" in stored for k in s)}
     _dcp_load(dcp, state, path, no_dist=not initialized())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    # strict=False lets those parameters stay without state (every model tensor was read: dcp.load needs them all)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(strict=False))
+
+
+def _unreadable(path: Path, e: BaseException) -> NanoseekError:
+    """One line for a missing shard, a damaged .metadata or a tensor of another shape (DCP's exceptions carry each
+    rank's traceback: the last line names the error)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return NanoseekError(f"{path}: not a readable sharded checkpoint of this model "
+                         f"({(lines[-1] if lines else type(e).__name__)[:200]})")
 
 
 def _dcp_load(dcp: Any, state: dict[str, Any], path: Path, no_dist: bool) -> None:
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
     try:
         with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": what no_dist asks for
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, checkpoint_id=str(path), no_dist=no_dist)
-    except Exception as e:  # a missing shard, a damaged .metadata, a tensor of another shape: one line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise NanoseekError(f"{path}: not a readable sharded checkpoint of this model ({type(e).__name__}: "
-                            f"{first})") from None
+    except (Exception, CheckpointException) as e:
+        raise _unreadable(path, e) from None
 

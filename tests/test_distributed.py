@@ -238,3 +238,93 @@ def test_finetuning_in_two_processes_equals_one(tmp_path, tok_dir, one_thread, c
     wa = load_file(tmp_path / "one" / "final" / "model.safetensors")
     wb = load_file(tmp_path / "two" / "final" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+# --- GRPO -----------------------------------------------------------------------------------------------------------
+LENGTH_PLUGIN = '''
+from nanoseek.tasks import Problem, Reward, Task
+
+
+class LengthTask(Task):
+    """A completion is "correct" iff its length is a multiple of 4: most groups are mixed, some are not."""
+
+    name = "length"
+
+    def problems(self, split, n, seed=0):
+        return [Problem(f"Say something {i + 7 * seed}.", "", {}) for i in range(n)]
+
+    def score(self, problem, completion):
+        text = completion.split("<｜end▁of▁sentence｜>", 1)[0]
+        return Reward(accuracy=float(len(text) % 4 == 0), format=0.0, parsed=text)
+'''
+
+
+@pytest.fixture(scope="module")
+def rl_run(tmp_path_factory, tok_dir):
+    """The `nanoseek rl` flags of a small run, and its one-process run directory."""
+    tmp = tmp_path_factory.mktemp("rl")
+    plugin = tmp / "length.py"
+    plugin.write_text(LENGTH_PLUGIN)
+    args = ["--model", tok_dir / "teacher", "--task", f"{plugin}:LengthTask", "-G", "4", "-B", "3", "--steps", "2",
+            "--max-new-tokens", "12", "--mu", "2", "--micro-batch", "3", "--dynamic-sampling", "--lr", "1e-3",
+            "--eval-every", "2", "--eval-n", "3", "--save-every", "1", "--threads", "1"]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_main("rl", *args, "--out", tmp / "one")
+    finally:
+        torch.set_num_threads(n)
+    return args, tmp / "one"
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_rl_in_two_processes_equals_one(tmp_path, rl_run, mode):
+    """3 prompts x 4 samples a step (2 + 1 groups on two ranks), dynamic sampling (2 rounds here: the first 3 mixed
+    groups of the whole job are trained), mu 2 and micro-batches of 3 rows (the rank with one group runs zero-weight
+    passes to match the other's number of backwards): the same rollouts and rewards, the same update (losses to
+    1e-6, weights to 1e-6) as one process. Under FSDP the ranks' engines sample from the gathered weights."""
+    args, one = rl_run
+    ranks = launch(2, *args, "--out", tmp_path / "two", "--parallel", mode, tmp=tmp_path, command="rl")
+    assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr[-2000:] + ranks[1].stderr[-2000:]
+    logs = [[json.loads(line) for line in (run / "rl_log.jsonl").read_text().splitlines()]
+            for run in (one, tmp_path / "two")]
+    assert [r["step"] for r in logs[1]] == [1, 2] and logs[0][0]["sampling_rounds"] == 2
+    for a, b in zip(*logs, strict=True):
+        for key in ("reward", "reward_std", "frac_zero_std", "rollouts", "sampling_rounds", "trained_groups",
+                    "response_len_mean", "response_len_max", "truncated_frac", "trained_seqs"):
+            assert a[key] == b[key], key  # the same rollouts
+        for key in ("loss", "entropy", "grad_norm", "kl", "ratio"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key  # the same update
+    assert history(one, 2)["heldout"] == history(tmp_path / "two", 2)["heldout"]
+    wa = load_file(one / "final" / "model.safetensors")
+    wb = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    if mode == "ddp":  # its sharded step-1 checkpoint (no optimizer state for the MTP module) resumes in one process
+        shutil.rmtree(tmp_path / "two" / "final")
+        (tmp_path / "two" / "checkpoints" / "latest").write_text("step_000001\n")
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            run_main("rl", *args, "--out", tmp_path / "two", "--resume")
+        finally:
+            torch.set_num_threads(n)
+        wc = load_file(tmp_path / "two" / "final" / "model.safetensors")
+        assert all(torch.allclose(wa[k], wc[k], atol=1e-6) for k in wa)
+
+
+# --- eval and sample ------------------------------------------------------------------------------------------------
+def test_eval_and_sample_in_two_processes_equal_one(tmp_path, tok_dir, one_thread):
+    """5 problems (3 + 2 per rank): the same per-problem greedy and sampled results, metrics and traces."""
+    model = ["--model", tok_dir / "teacher", "--task", TASK, "--max-new-tokens", "8", "--threads", "1"]
+    evals = [*model, "-n", "5", "--k", "2"]
+    samples = [*model, "-n", "5", "-k", "2"]  # every sample written, verified or not
+    run_main("eval", *evals, "--json", tmp_path / "one.json")
+    run_main("sample", *samples, "--out", tmp_path / "one.jsonl")
+    for command, out in (("eval", ["--json", tmp_path / "two.json"]), ("sample", ["--out", tmp_path / "two.jsonl"])):
+        ranks = launch(2, *(evals if command == "eval" else samples), *out, tmp=tmp_path, command=command)
+        assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr[-2000:] + ranks[1].stderr[-2000:]
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert len(one["per_problem"]) == 5 and one["per_problem"] == two["per_problem"]
+    assert one["metrics"] == two["metrics"]
+    assert (tmp_path / "one.jsonl").read_text() == (tmp_path / "two.jsonl").read_text()
+    assert len((tmp_path / "one.jsonl").read_text().splitlines()) > 5  # distinct samples of the 5 problems
