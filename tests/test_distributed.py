@@ -328,3 +328,12 @@ def test_eval_and_sample_in_two_processes_equal_one(tmp_path, tok_dir, one_threa
     assert one["metrics"] == two["metrics"]
     assert (tmp_path / "one.jsonl").read_text() == (tmp_path / "two.jsonl").read_text()
     assert len((tmp_path / "one.jsonl").read_text().splitlines()) > 5  # distinct samples of the 5 problems
+
+
+def test_commands_that_run_as_one_process_refuse_a_multi_process_torchrun(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", "m", "--prompt", "hi"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("nanoseek generate: error: `nanoseek generate` runs as one process, "
+                                              "but torchrun started 2")

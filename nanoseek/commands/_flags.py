@@ -127,6 +127,26 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    """--device for the commands that run the engine (generate, chat, serve)."""
+    p.add_argument("--device", default=None,
+                   help="torch device: cpu, cuda, cuda:N (default: cuda if available, else cpu); on CUDA the weights "
+                        "and the latent cache are bf16")
+
+
+def engine_placement(device: str | None, dtype: str | None = None) -> tuple[str, Any]:
+    """--device (and generate's --dtype) -> (device, torch dtype) for Engine.from_pretrained: bf16 on CUDA, fp32 on
+    the CPU unless --dtype says otherwise."""
+    import torch
+
+    from nanoseek.distributed import inference_dtype, resolve_device
+
+    resolved = resolve_device(device)
+    if dtype is None:
+        return str(resolved), inference_dtype(resolved)
+    return str(resolved), {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+
+
 def check_speculate(k: int, model: Path) -> None:
     """--speculate K: 0 (off) or 1..8 drafts, and a checkpoint with MTP weights, refused before it is loaded and
     saying why. transformers' save_pretrained keeps num_nextn_predict_layers in config.json but writes no MTP

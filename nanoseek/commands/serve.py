@@ -10,7 +10,7 @@ import argparse
 import os
 from pathlib import Path
 
-from nanoseek.commands._flags import check_speculate, set_threads
+from nanoseek.commands._flags import add_device_argument, check_speculate, engine_placement, set_threads
 from nanoseek.engine import Engine
 from nanoseek.errors import NanoseekError
 from nanoseek.serving import MAX_CONNECTIONS, READ_TIMEOUT, check_api_key, create_app, http_protocol
@@ -48,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculate", type=int, nargs="?", const=1, default=0, metavar="K",
                    help="MTP speculative decoding with K draft tokens a step (default 1): the same output, faster "
                         "when the checkpoint's MTP module drafts well (docs/bench_speculative.md)")
+    add_device_argument(p)
 
 
 
@@ -74,7 +75,9 @@ def run(args: argparse.Namespace) -> None:
         api_key = check_api_key(os.environ["NANOSEEK_API_KEY"], "NANOSEEK_API_KEY")
     set_threads(args.threads)
     check_speculate(args.speculate, args.model)
-    engine = Engine.from_pretrained(args.model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+    device, dtype = engine_placement(args.device)
+    engine = Engine.from_pretrained(args.model, dtype=dtype, device=device, max_batch_size=args.max_batch_size,
+                                    max_seq_len=args.max_seq_len,
                                     compile=args.compile, speculative=args.speculate > 0,
                                     num_speculative_tokens=max(args.speculate, 1))
     tokenizer = Tokenizer.from_dir(args.model)
