@@ -188,12 +188,13 @@ def all_gather_object(obj: T) -> list[T]:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """t summed over ranks (a new tensor; t itself in one process)."""
+    """t summed over ranks, on t's device (a new tensor; t itself in one process). nccl reduces on the GPU: a CPU
+    tensor goes there and back."""
     if not initialized():
         return t
-    t = t.clone()
-    dist.all_reduce(t)
-    return t
+    out = t.detach().to(_device(), copy=True)
+    dist.all_reduce(out)
+    return out.to(t.device)
 
 
 def main_first(fn: Callable[[], T]) -> T:
@@ -452,17 +453,16 @@ def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
 
 def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, asynchronous: bool = False) -> Any:
     """Write the model and optimizer state to `path` with torch.distributed.checkpoint: every rank writes its own
-    shards (replicated tensors, as DDP's, once), rank 0 the .metadata that names them (a collective: call on all
-    ranks). asynchronous: the state is copied to CPU memory now and written by a background thread; returns the
-    future to wait on before the checkpoint counts as written (None when synchronous)."""
+    shards (replicated tensors, as DDP's, once), rank 0 the .metadata that names them (a collective under torchrun:
+    call on all ranks). asynchronous: the state is copied to CPU memory now and written by a background thread;
+    returns the future to wait on before the checkpoint counts as written (None when synchronous)."""
     import torch.distributed.checkpoint as dcp
     state = _training_state(model, optimizer)
     if asynchronous:
         # the background thread's collectives (plan, metadata) run on a process group of their own: on the default
         # one they would interleave with the training step's all-reduces and deadlock
-        return dcp.async_save(state, checkpoint_id=str(path), no_dist=not initialized(),
-                              process_group=_checkpoint_group())
-    dcp.save(state, checkpoint_id=str(path), no_dist=not initialized())
+        return dcp.async_save(state, checkpoint_id=str(path), process_group=_checkpoint_group())
+    dcp.save(state, checkpoint_id=str(path))
     return None
 
 
