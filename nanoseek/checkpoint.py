@@ -62,11 +62,16 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return hf_state_dict(model.config, model.state_dict())
 
 
-def hf_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def hf_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], owned: bool = False) -> dict[str, torch.Tensor]:
     """A nanoseek state dict (a model's, or the whole tensors distributed.full_state_dict_cpu gathered) -> HF
-    tensors, each a contiguous CPU tensor of its own."""
+    tensors, each a contiguous CPU tensor of its own. owned: the caller gives up `state`, a dict of CPU tensors that
+    nothing changes while they are written (a gathered copy, or a model's own tensors): they are written as they are
+    instead of copied, and the dict is emptied as it goes (each expert stack is freed, if nothing else holds it, once
+    its experts are cut out of it), so a gathered export holds about one copy of the weights, not two."""
     out: dict[str, torch.Tensor] = {}
-    for name, t in state.items():
+    take = (lambda t: t.contiguous()) if owned else _owned_cpu
+    for name in list(state):
+        t = state.pop(name) if owned else state[name]
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         m = _EXPERT_3D.match(name) or re.match(r"^mtp\.(\d+)\.mlp\.(gate_up_proj|down_proj)$", name)
@@ -80,11 +85,12 @@ def hf_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str,
                 else:
                     out[f"{base}.experts.{e}.down_proj.weight"] = _owned_cpu(t[e])
             continue
-        out[_hf_prefix(name, cfg)] = _owned_cpu(t)
+        out[_hf_prefix(name, cfg)] = take(t)
+    head = out.get("lm_head.weight", out["model.embed_tokens.weight"])  # tied: the embedding is the head
     for k in range(cfg.num_nextn_predict_layers):  # the release duplicates the shared embedding and head per MTP layer
         base = f"model.layers.{cfg.num_hidden_layers + k}"
-        out[f"{base}.embed_tokens.weight"] = _owned_cpu(state["embed_tokens.weight"])
-        out[f"{base}.shared_head.head.weight"] = _owned_cpu(state["lm_head.weight"])
+        out[f"{base}.embed_tokens.weight"] = _owned_cpu(out["model.embed_tokens.weight"])
+        out[f"{base}.shared_head.head.weight"] = _owned_cpu(head)
     return out
 
 
@@ -446,10 +452,11 @@ def save_pretrained(model: Transformer, path: str | Path, dtype: torch.dtype | N
 
 def save_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], path: str | Path,
                     dtype: torch.dtype | None = None, tokenizer_dir: str | Path | None = None,
-                    extra_files: dict[str, bytes] | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
+                    extra_files: dict[str, bytes] | None = None, max_shard_bytes: int = 5 * 2**30,
+                    owned: bool = False) -> Path:
     """save_pretrained for a model's state dict and config: e.g. the whole weights rank 0 of an FSDP job gathered
-    into CPU memory (distributed.full_state_dict_cpu)."""
-    tensors = hf_state_dict(cfg, state)
+    into CPU memory (distributed.full_state_dict_cpu; owned=True: see hf_state_dict)."""
+    tensors = hf_state_dict(cfg, state, owned)
     if dtype is not None:
         tensors = {k: (v if k.endswith("e_score_correction_bias") else v.to(dtype)) for k, v in tensors.items()}
     weight_dtype = next(v.dtype for k, v in tensors.items() if k.endswith("embed_tokens.weight"))

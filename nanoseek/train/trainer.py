@@ -465,7 +465,7 @@ class Trainer:
         path = self.out_dir / "final"
         state = distributed.full_state_dict_cpu(self.model)  # a collective under FSDP; {} on ranks > 0
         if distributed.is_main():
-            save_state_dict(self.model.config, state, path, tokenizer_dir=self.tokenizer_dir)
+            save_state_dict(self.model.config, state, path, tokenizer_dir=self.tokenizer_dir, owned=True)
         del state
         distributed.barrier()
         return path
