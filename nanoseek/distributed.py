@@ -202,13 +202,16 @@ def wrap_model(model: Transformer, mode: str) -> Transformer:
         return model
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     from torch.nn.parallel import DistributedDataParallel
+    # parameters that are already distributed keep their placement and their own gradient reduction: the routed
+    # experts under --ep (expert_parallel.parallelize runs first)
+    owned = {n: p for n, p in model.named_parameters() if _dtensor(p)}
     if mode == "fsdp":
         # one FSDP unit per block (gathered for its own forward/backward) + the root: embedding, final norm, head and
         # the MTP modules. MTP stays in the root unit because compute_loss uses its shared_head.norm outside the
         # MTP module's own forward, where a separate unit would already be resharded.
         for layer in model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, ignored_params=set(owned.values()))
+        fully_shard(model, ignored_params=set(owned.values()))
         register_fsdp_forward_method(model, "compute_loss")  # unshard the root for compute_loss as for forward
         return model
     device = next(model.parameters()).device
@@ -217,7 +220,9 @@ def wrap_model(model: Transformer, mode: str) -> Transformer:
     # forward_sync_buffers=False: DDP would otherwise copy rank 0's buffers to all ranks at each forward, overwriting
     # each rank's expert_load count mid-step; the routing biases stay identical without it (synced once at init, then
     # every rank applies the same update from the all-reduced load).
-    ddp = DistributedDataParallel(_ComputeLoss(model), device_ids=[device.index] if device.type == "cuda" else None,
+    wrapper = _ComputeLoss(model)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(wrapper, [f"model.{n}" for n in owned])
+    ddp = DistributedDataParallel(wrapper, device_ids=[device.index] if device.type == "cuda" else None,
                                   forward_sync_buffers=False, static_graph=True)
     # a plain attribute (not a submodule: the model would contain itself): model.compute_loss now runs through DDP
     object.__setattr__(model, "compute_loss", ddp.__call__)

@@ -23,6 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", choices=distributed.MODES, default=d.parallel,
                    help="under torchrun: ddp = whole model per process, gradients all-reduced; fsdp = FSDP2, weights, "
                         "gradients and optimizer state sharded (default ddp; docs/distributed.md)")
+    p.add_argument("--ep", type=int, default=d.ep, metavar="N",
+                   help="under torchrun: expert parallelism, each MoE layer's routed experts spread over N processes "
+                        "and the tokens sent to them with all-to-all; N divides the process count (default 1; "
+                        "docs/expert_parallel.md)")
     add_training_arguments(p, d)
 
 
