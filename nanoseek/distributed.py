@@ -281,4 +281,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, full: dict[str, Any])
             for k, v in s.items():
                 if torch.is_tensor(v) and v.shape == p.shape:  # exp_avg, exp_avg_sq; not the scalar step
                     s[k] = _shard_like(v, p)
+    # the kernel choice stays this process's: a fused optimizer's state resumes under --ep with DDP, which cannot fuse
+    kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict(full)
+    for group, flags in zip(optimizer.param_groups, kernels, strict=True):
+        group.update(flags)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import socket
 import time
 import traceback
 from pathlib import Path
@@ -23,9 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from test_distributed import ARGS, assert_same_run, free_port, history, rewind
+from test_distributed import launch as launch_pretrain
 from torch import nn
 
 from nanoseek import expert_parallel
+from nanoseek.cli import main
 from nanoseek.config import get_preset
 from nanoseek.errors import NanoseekError
 from nanoseek.model import MoE
@@ -39,12 +41,6 @@ SCENARIOS = {
     "skewed": ({}, "skewed"),  # every token picks experts 0 and 1: expert 0 gets everything, most get nothing
     "remote": ({}, "remote"),  # every token picks experts of the last EP rank: rank 0's tokens are all remote
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build(overrides: dict, recipe: str | None, world: int) -> MoE:
@@ -212,3 +208,77 @@ def test_bad_ep_sizes_are_one_line_errors():
         expert_parallel.check(get_preset("test", n_routed_experts=12, n_group=4), 3, 3)
     with pytest.raises(NanoseekError, match="needs|torchrun"):
         expert_parallel.parallelize(MoE(cfg), 2)
+
+
+# --- pre-training end to end: `nanoseek pretrain --ep N` in forked ranks against one process ----------------------
+# (the launcher, the run arguments and the comparison are test_distributed's: losses 1e-5, weights 1e-4, expert
+# biases and MaxVio exactly)
+assert ARGS[:2] == ["--preset", "test"]
+MODEL_FREE_ARGS = ARGS[2:]  # with --config instead of the preset
+
+
+def pretrain_here(*args) -> None:
+    try:
+        main(["pretrain", *map(str, args)])
+    except SystemExit as e:
+        assert e.code == 0
+
+
+@pytest.fixture(scope="module")
+def unlimited_config(tmp_path_factory) -> Path:
+    """The test preset without node-limited routing: one group, every expert allowed."""
+    path = tmp_path_factory.mktemp("unlimited") / "config.json"
+    get_preset("test", n_group=1, topk_group=1).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory, data_file, unlimited_config, one_thread) -> dict[str, Path]:
+    """One-process runs: the test preset (node-limited routing) and the unlimited config."""
+    runs = {}
+    for name, args in (("limited", ARGS), ("unlimited", [*MODEL_FREE_ARGS, "--config", unlimited_config])):
+        runs[name] = tmp_path_factory.mktemp(name) / "run"
+        pretrain_here(*args, "--data", data_file, "--out", runs[name])
+    return runs
+
+
+@pytest.fixture(scope="module")
+def ep_runs(tmp_path_factory, data_file, unlimited_config) -> dict[str, Path]:
+    """ep2: 2 ranks x 2 experts' slices, DDP for the rest, node-limited routing. dp2xep2: 4 ranks as 2 data-parallel
+    replicas of 2 EP ranks (expert gradients reduced over the replicas), FSDP for the rest, unlimited routing."""
+    runs = {}
+    for name, world, args in (("ep2", 2, [*ARGS, "--ep", 2]),
+                              ("dp2xep2", 4, [*MODEL_FREE_ARGS, "--config", unlimited_config, "--ep", 2,
+                                              "--parallel", "fsdp"])):
+        out = tmp_path_factory.mktemp(name) / "run"
+        ranks = launch_pretrain(world, *args, "--data", data_file, "--out", out, tmp=out.parent)
+        assert [r.returncode for r in ranks] == [0] * world, "".join(r.stderr[-2000:] for r in ranks)
+        assert "expert parallel: 2 ranks x 4 routed experts" in ranks[0].stdout
+        runs[name] = out
+    return runs
+
+
+@pytest.mark.parametrize("run, reference", [("ep2", "limited"), ("dp2xep2", "unlimited")])
+def test_pretrain_with_ep_follows_the_one_process_run(ep_runs, references, run, reference):
+    assert_same_run(ep_runs[run], references[reference])
+    steps = history(ep_runs[run])["train"]
+    assert all(r["a2a_bytes"] > 0 for r in steps)  # counted in every step (forward and backward)
+
+
+def test_ep_checkpoints_resume_at_another_ep_size(tmp_path, ep_runs, references, data_file, one_thread):
+    """The checkpoint holds whole expert stacks: ep 2 -> one process, and one process -> ep 2."""
+    run = rewind(ep_runs["ep2"], tmp_path / "from_ep2")
+    pretrain_here(*ARGS, "--data", data_file, "--out", run, "--resume")
+    assert_same_run(run, references["limited"])
+    run = rewind(references["limited"], tmp_path / "to_ep2")
+    ranks = launch_pretrain(2, *ARGS, "--data", data_file, "--out", run, "--resume", "--ep", 2, tmp=tmp_path)
+    assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr[-2000:]
+    assert "resumed from" in ranks[0].stdout
+    assert_same_run(run, references["limited"])
+
+
+def test_ep_without_torchrun_is_a_one_line_error(tmp_path, data_file, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", *ARGS, "--data", str(data_file), "--out", str(tmp_path / "run"), "--ep", "2"])
+    assert e.value.code == 2
+    assert "--ep 2 spreads the experts over processes" in capsys.readouterr().err

@@ -185,10 +185,10 @@ def _pretrain(cfg: PretrainConfig, device: torch.device) -> Path:
     os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # the tokenizers library's thread pool
     config = load_config(cfg.preset, cfg.config)
     cfg.check(config)
-    expert_parallel.check(config, cfg.ep, distributed.world_size())
     if cfg.ep > 1 and not distributed.initialized():
         raise NanoseekError(f"--ep {cfg.ep} spreads the experts over processes: start with torchrun "
                             f"--nproc_per_node (a multiple of {cfg.ep})")
+    expert_parallel.check(config, cfg.ep, distributed.world_size())
     local_batch = distributed.local_batch_size(cfg.batch_size)  # the batch is global: same run at any world size
     paths = [Path(p) for p in (cfg.data or default_corpus_files())]
     for p in paths:
