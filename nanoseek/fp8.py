@@ -205,14 +205,16 @@ def fp8_grouped_linear(xs: torch.Tensor, weight: torch.Tensor, offs: torch.Tenso
 # on a CPU scaled_mm_reference (the product those scales define, with torch's layout checks) reproduces the
 # emulation: tests/test_fp8.py checks that; scripts/gpu_check_ep_fp8.sh compares the real kernel with it.
 class ScaledOperands(NamedTuple):
-    """One torch._scaled_mm call: a [M, K] e4m3 row-major, b [K, N] e4m3 column-major (K a multiple of 128, zero
-    padded), fp32 scales in the layouts torch checks (1x128 tiles of a: [M, K/128] column-major; of b: [K/128, N]
-    row-major; 128x128 blocks of b: [K/128, N/128] column-major); the product's first `cols` columns are kept."""
+    """One torch._scaled_mm call: a [M, K] e4m3 row-major, b [K, N] e4m3 column-major (K a multiple of 128, M and N
+    of 16, zero padded), fp32 scales in the layouts torch checks (1x128 tiles of a: [M, K/128] column-major; of b:
+    [K/128, N] row-major; 128x128 blocks of b: [K/128, N/128] column-major); the product's first `rows` x `cols`
+    are kept."""
 
     a: torch.Tensor
     scale_a: torch.Tensor
     b: torch.Tensor
     scale_b: torch.Tensor
+    rows: int
     cols: int
 
 
@@ -222,22 +224,22 @@ def _col_major(t: torch.Tensor) -> torch.Tensor:
 
 def forward_operands(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, n: int) -> ScaledOperands:
     """y = x W^T: x [M, K] in 1x128 tiles; W's blocks wq [Np, Kp], ws [Np/128, Kp/128] (quantize_blocks_e4m3)."""
-    xq, xs = quantize_tiles_e4m3(x)
-    return ScaledOperands(xq, _col_major(xs), wq.t(), ws.t(), n)
+    xq, xs = quantize_tiles_e4m3(_pad_to(x, 0, 16))
+    return ScaledOperands(xq, _col_major(xs), wq.t(), ws.t(), x.shape[0], n)
 
 
 def dgrad_operands(dy: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, k: int) -> ScaledOperands:
     """dx = dy W: dy [M, N] in 1x128 tiles along N (zero-padded to Np, W's padded rows); W [Np, Kp] as the
     column-major right operand, its block scales transposed with it."""
-    dq, ds = quantize_tiles_e4m3(dy)
-    return ScaledOperands(dq, _col_major(ds), _col_major(wq), _col_major(ws), k)
+    dq, ds = quantize_tiles_e4m3(_pad_to(dy, 0, 16))
+    return ScaledOperands(dq, _col_major(ds), _col_major(wq), _col_major(ws), dy.shape[0], k)
 
 
 def wgrad_operands(dy: torch.Tensor, x: torch.Tensor) -> ScaledOperands:
     """dW = dy^T x, inner dim the M tokens: both operands in 1x128 tiles along M (128x1 tiles of dy and x)."""
-    dq, ds = quantize_tiles_e4m3(dy.t())  # [N, Mp], [N, Mp/128]
+    dq, ds = quantize_tiles_e4m3(_pad_to(dy.t(), 0, 16))  # [N, Mp], [N, Mp/128]
     xq, xs = quantize_tiles_e4m3(x.t())  # [K, Mp], [K, Mp/128]
-    return ScaledOperands(dq, _col_major(ds), xq.t(), xs.t().contiguous(), x.shape[1])
+    return ScaledOperands(dq, _col_major(ds), xq.t(), xs.t().contiguous(), dy.shape[1], x.shape[1])
 
 
 def scaled_mm_available(device: torch.device) -> bool:
@@ -288,7 +290,7 @@ def scaled_mm(ops: ScaledOperands, out_dtype: torch.dtype) -> torch.Tensor:
         y = torch._scaled_mm(ops.a, ops.b, ops.scale_a, ops.scale_b, out_dtype=out_dtype, use_fast_accum=False)
     else:
         y = scaled_mm_reference(ops.a, ops.b, ops.scale_a, ops.scale_b).to(out_dtype)
-    return y[:, :ops.cols]
+    return y[:ops.rows, :ops.cols]
 
 
 class _ScaledLinear(torch.autograd.Function):
