@@ -10,9 +10,11 @@ stage runs as one plain process. Backend gloo on CPU, nccl on CUDA (device cuda:
         transformer block is all-gathered just in time for its forward/backward, gradients are reduce-scattered.
 
 Both see the same global batch, split into equal contiguous row slices per rank (shard()), so the averaged gradient is
-the single-process gradient of the same batch. Checkpoints stay world-size independent: full weights and a full
-(unsharded) optimizer state are gathered (full_state_dict / full_optimizer_state) and written by rank 0; on resume
-every rank reads the full files and keeps its own shard (load_state_dict / load_optimizer_state).
+the single-process gradient of the same batch. With --ep the routed experts are spread over the ranks instead
+(expert_parallel.py: DTensors that wrap_model leaves to their own all-to-all and gradient reduction). Checkpoints
+stay world-size independent: full weights and a full (unsharded) optimizer state are gathered (full_state_dict /
+full_optimizer_state) and written by rank 0; on resume every rank reads the full files and keeps its own shard
+(load_state_dict / load_optimizer_state).
 """
 
 from __future__ import annotations

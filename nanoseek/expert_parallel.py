@@ -121,7 +121,7 @@ def layer_bytes(rows: int, pairs: int, hidden: int, elem_bytes: int, ep: int, ra
     return forward + (4 * pairs + 2 * rows * hidden * elem_bytes if backward else 0)
 
 
-# --- all-to-all with autograd -----------------------------------------------------------------------------------
+# --- the expert-parallel group and its all-to-all ---------------------------------------------------------------
 class ExpertParallel:
     """The EP process group, the mesh the expert DTensors live on, and the count of bytes this rank sent."""
 
@@ -193,14 +193,15 @@ class ExpertParallel:
                                 self, (s_rows, s_pairs), (r_rows, r_pairs))
         # this rank's experts on the rows it received: a partial output per row (the sum over its experts here)
         ys = x.new_zeros(len(xs), x.shape[1])
-        if len(meta):  # (F.grouped_mm's backward rejects zero rows)
+        if len(meta):  # a rank that received nothing skips its experts (grouped_mm's backward rejects zero rows)
             src = torch.repeat_interleave(torch.arange(ep, device=dev), sizes[:, 1])
             row = meta[:, 1] + (sizes[:, 0].cumsum(0) - sizes[:, 0])[src]
             by_expert = meta[:, 0].argsort(stable=True)  # same row order as one process: source rank, then token
             rows = row[by_expert]
             out = experts(xs.index_select(0, rows), torch.bincount(meta[:, 0], minlength=lx))
             ys = ys.index_add(0, rows, (out * w[by_expert, None].to(x.dtype)).to(x.dtype))
-        # xs and w go in too: a rank that received nothing still takes part in the dispatch's backward all-to-all
+        # the partial outputs go back in the rows' dtype (bf16 under autocast, as V3's combine); xs and w go in too,
+        # so that a rank that received nothing still takes part in the dispatch's backward all-to-all
         back = _Combine.apply(ys.to(dtype or x.dtype), xs, w, self, (r_rows, s_rows))
         return x.new_zeros(x.shape).index_add_(0, row_token, back.to(x.dtype))
 

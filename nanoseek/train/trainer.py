@@ -15,7 +15,8 @@ balancing: after every optimizer step each expert's routing bias moves by gamma 
 Run directory (TrainConfig.out):
   checkpoints/step_NNNNNN/ (HF checkpoint + trainer_state.json + optimizer.pt)
   checkpoints/latest (names the newest complete checkpoint)  final/  run.json  loss.png  peak_flops.json
-Under torchrun (pre-training only) the model trains data-parallel with DDP or FSDP2 (nanoseek/distributed.py).
+Under torchrun (pre-training only) the model trains data-parallel with DDP or FSDP2 (nanoseek/distributed.py), and
+with --ep its routed experts are spread over the ranks (nanoseek/expert_parallel.py).
 """
 
 from __future__ import annotations
