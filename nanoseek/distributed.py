@@ -13,8 +13,10 @@ stage runs as one plain process. Backend gloo on CPU, nccl on CUDA (device cuda:
 Work is split by rank with shard_range: rank r gets a contiguous share of the global batch (or of the problems), the
 first n % W ranks one item more, so any world size works. The losses are normalised by the whole batch's counts
 (loss_norm), so the averaged gradient is the single-process gradient of the same batch however unevenly the rows
-or their targets are spread. Training state is saved and loaded with torch.distributed.checkpoint (save_sharded /
-load_sharded): every rank writes its own shards, and a checkpoint loads at another world size, with or without FSDP.
+or their targets are spread. With --ep the routed experts are spread over the ranks instead (expert_parallel.py:
+DTensors that wrap_model leaves to their own all-to-all and gradient reduction). Training state is saved and loaded
+with torch.distributed.checkpoint (save_sharded / load_sharded): every rank writes its own shards, and a checkpoint
+loads at another world size, with or without FSDP or EP.
 """
 
 from __future__ import annotations
@@ -315,6 +317,9 @@ def wrap_model(model: Transformer, mode: str, compute_dtype: torch.dtype = torch
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     from torch.nn.parallel import DistributedDataParallel
+    # parameters that are already distributed keep their placement and their own gradient reduction: the routed
+    # experts under --ep (expert_parallel.parallelize runs first)
+    owned = {n: p for n, p in model.named_parameters() if _dtensor(p)}
     if mode == "fsdp":
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) \
             if compute_dtype != torch.float32 else MixedPrecisionPolicy()
@@ -322,8 +327,8 @@ def wrap_model(model: Transformer, mode: str, compute_dtype: torch.dtype = torch
         # the MTP modules. MTP stays in the root unit because compute_loss uses its shared_head.norm outside the
         # MTP module's own forward, where a separate unit would already be resharded.
         for layer in model.layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+            fully_shard(layer, mp_policy=mp, ignored_params=set(owned.values()))
+        fully_shard(model, mp_policy=mp, ignored_params=set(owned.values()))
         if method != "forward":
             register_fsdp_forward_method(model, method)  # unshard the root for compute_loss as for forward
         return model
@@ -334,7 +339,9 @@ def wrap_model(model: Transformer, mode: str, compute_dtype: torch.dtype = torch
     # as an accumulation's first micro-batch does.) forward_sync_buffers=False: DDP would otherwise copy rank 0's
     # buffers to all ranks at each forward, overwriting each rank's expert_load count mid-step; the routing biases stay
     # identical without it (synced once at init, then every rank applies the same update from the all-reduced load).
-    ddp = DistributedDataParallel(_Method(model, method), device_ids=[device.index] if device.type == "cuda" else None,
+    wrapper = _Method(model, method)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(wrapper, [f"model.{n}" for n in owned])
+    ddp = DistributedDataParallel(wrapper, device_ids=[device.index] if device.type == "cuda" else None,
                                   forward_sync_buffers=False, find_unused_parameters=True)
     # plain attributes (not submodules: the model would contain itself): model.<method> now runs through DDP
     object.__setattr__(model, method, ddp.__call__)
@@ -435,7 +442,20 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, full: dict[str, Any])
             for k, v in s.items():
                 if torch.is_tensor(v) and v.shape == p.shape:  # exp_avg, exp_avg_sq; not the scalar step
                     s[k] = _shard_like(v, p)
+    kernels = _kernels(optimizer)  # a fused optimizer's state resumes under --ep with DDP, which cannot fuse
     optimizer.load_state_dict(full)
+    _keep_kernels(optimizer, kernels)
+
+
+def _kernels(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each param group's fused / foreach choice: a loaded state dict would restore the saver's, but the kernel must
+    suit this process's parameters (fused AdamW refuses the mix of plain tensors and DTensors of DDP + --ep)."""
+    return [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+
+
+def _keep_kernels(optimizer: torch.optim.Optimizer, kernels: list[dict[str, Any]]) -> None:
+    for group, flags in zip(optimizer.param_groups, kernels, strict=True):
+        group.update(flags)
 
 
 # --- sharded checkpoints (torch.distributed.checkpoint) -------------------------------------------------------------
@@ -503,8 +523,10 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, path
                                    if all(f"optimizer.state.{fqn}.{k}" in stored for k in s)}
     _dcp_load(dcp, state, path, no_dist=not initialized())
     # strict=False lets those parameters stay without state (every model tensor was read: dcp.load needs them all)
+    kernels = _kernels(optimizer)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(strict=False))
+    _keep_kernels(optimizer, kernels)
 
 
 def _unreadable(path: Path, e: BaseException) -> NanoseekError:

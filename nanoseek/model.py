@@ -243,9 +243,12 @@ class MoE(nn.Module):
 
     gate_up_proj [E, 2*I, D] (gate rows then up rows), down_proj [E, D, I]; I = moe_intermediate_size.
     `fp8` (set by enable_fp8) runs the routed experts' GEMMs with V3 FP8 numerics; the gate never does.
+    `ep` (set by expert_parallel.parallelize): the expert stacks are DTensors holding this rank's experts, and the
+    tokens travel to the ranks that hold theirs (ep.dispatch) instead of moe.dispatch.
     """
 
     fp8 = False
+    ep = None
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -274,9 +277,11 @@ class MoE(nn.Module):
         matmul per projection (F.grouped_mm: every expert's rows in one call), or V3's FP8 GEMMs."""
         # grouped_mm is not autocast-aware: the rows go in the dtype autocast gives F.linear (bf16 under autocast)
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        return moe.dispatch(x, weights, indices, self.config.n_routed_experts, self._fp8_experts if self.fp8 else
-                            lambda xs, counts: moe.grouped_swiglu(xs, counts, self.gate_up_proj.to(dt),
-                                                                   self.down_proj.to(dt)), dtype=dt)
+        experts = self._fp8_experts if self.fp8 else lambda xs, counts: moe.grouped_swiglu(
+            xs, counts, _local(self.gate_up_proj).to(dt), _local(self.down_proj).to(dt))
+        if self.ep is not None:
+            return self.ep.dispatch(x, weights, indices, experts, dtype=dt)
+        return moe.dispatch(x, weights, indices, self.config.n_routed_experts, experts, dtype=dt)
 
     def _fp8_experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """V3 FP8 numerics of per-expert GEMMs (quantised from the fp32 master weights, gate and up blocked
@@ -284,8 +289,8 @@ class MoE(nn.Module):
         expert's operands (see fp8._FP8GroupedLinear); ~1.9x faster forward+backward than a loop of fp8_linear per
         expert (cpu preset MoE, 1024 tokens: 72 vs 136 ms)."""
         offs = counts.cumsum(0).to(torch.int32)
-        gate, up = fp8_grouped_linear(xs, self.gate_up_proj, offs, n_split=2).chunk(2, dim=-1)
-        return fp8_grouped_linear(F.silu(gate) * up, self.down_proj, offs)  # [N*K, D]
+        gate, up = fp8_grouped_linear(xs, _local(self.gate_up_proj), offs, n_split=2).chunk(2, dim=-1)
+        return fp8_grouped_linear(F.silu(gate) * up, _local(self.down_proj), offs)  # [N*K, D]
 
     def balance_loss(self, indices: torch.Tensor, scores: torch.Tensor, bsz: int, seqlen: int) -> torch.Tensor:
         """Sequence-wise balance loss sum_i f_i P_i (V3 eq. 17-20), averaged over sequences; multiply by alpha.
@@ -298,6 +303,12 @@ class MoE(nn.Module):
         f = counts * e / (k * seqlen)
         p = (scores / scores.sum(-1, keepdim=True)).view(bsz, seqlen, e).mean(1)
         return (f * p).sum(-1).mean()
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's experts of an expert stack: the local shard of a DTensor (expert parallelism; differentiable,
+    no communication), else the tensor itself."""
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 # --- blocks ------------------------------------------------------------------------------------------------------

@@ -24,6 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8", action="store_true",
                    help="DeepSeek-V3 FP8 GEMMs for every projection and expert (1x128 / 128x128 e4m3 tiles, emulated "
                         "exactly; slower on CPU); embedding, head, gate, norms, attention stay in --dtype")
+    p.add_argument("--ep", type=int, default=d.ep, metavar="N",
+                   help="under torchrun: expert parallelism, each MoE layer's routed experts spread over N processes "
+                        "and the tokens sent to them with all-to-all; N divides the process count (default 1; "
+                        "docs/expert_parallel.md)")
     add_training_arguments(p, d)
     add_distributed_arguments(p, d)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nanoseek import distributed
+from nanoseek import distributed, expert_parallel
 from nanoseek.config import ModelConfig, get_preset
 from nanoseek.data import TokenDataset, default_corpus_files, prepare_data, read_documents
 from nanoseek.errors import NanoseekError
@@ -54,6 +54,7 @@ class PretrainConfig(TrainConfig):
     vocab_size: int | None = None  # tokenizer vocabulary when one is trained (None: the config's vocab_size)
     sample_prompt: str = "ROMEO:"  # prompt of the periodic text samples
     fp8: bool = False  # V3's FP8 GEMMs for every projection and expert (emulated exactly; slower on CPU)
+    ep: int = 1  # under torchrun: spread each MoE layer's routed experts over this many processes (expert_parallel)
 
 
 # --- text samples ---------------------------------------------------------------------------------------------------
@@ -181,6 +182,10 @@ def _pretrain(cfg: PretrainConfig, device: torch.device) -> Path:
     os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # the tokenizers library's thread pool
     config = load_config(cfg.preset, cfg.config)
     cfg.check(config)
+    if cfg.ep > 1 and not distributed.initialized():
+        raise NanoseekError(f"--ep {cfg.ep} spreads the experts over processes: start with torchrun "
+                            f"--nproc_per_node (a multiple of {cfg.ep})")
+    expert_parallel.check(config, cfg.ep, distributed.world_size())
     local_batch = distributed.local_batch_size(cfg.batch_size)  # the batch is global: same run at any world size
     paths = [Path(p) for p in (cfg.data or default_corpus_files())]
     for p in paths:
@@ -198,6 +203,7 @@ def _pretrain(cfg: PretrainConfig, device: torch.device) -> Path:
         model = Transformer(config)
     if cfg.fp8:
         print(f"fp8: {enable_fp8(model)} weight tensors compute with DeepSeek-V3 FP8 GEMMs (emulated)")
+    expert_parallel.parallelize(model, cfg.ep)  # --ep: keep this rank's experts (before DDP / FSDP wrap the rest)
     # before the Trainer builds the optimizer (FSDP shards the parameters)
     model = distributed.wrap_model(model, cfg.parallel, resolve_dtype(cfg.dtype, device, config.hidden_size))
     trainer = Trainer(model, cfg, tokenizer_dir=out / "tokenizer", stage="pretrain")
@@ -212,6 +218,10 @@ def _pretrain(cfg: PretrainConfig, device: torch.device) -> Path:
     if distributed.initialized():
         print(f"distributed: {distributed.world_size()} processes ({cfg.parallel}, {dist.get_backend()}), "
               f"{local_batch} of the {cfg.batch_size} sequences per micro-batch on rank 0")
+    if cfg.ep > 1:
+        print(f"expert parallel: {cfg.ep} ranks x {config.n_routed_experts // cfg.ep} routed experts per MoE layer "
+              f"({distributed.world_size() // cfg.ep} data-parallel replicas of each); a token visits at most "
+              f"{expert_parallel.max_ranks_per_token(config, cfg.ep)} of them")
     loss_fn = pretrain_loss(cfg.mtp_lambda, cfg.balance_alpha)
     # every rank draws the same global batch and keeps its rows (distributed.shard): the tokens of a step do not
     # depend on the world size

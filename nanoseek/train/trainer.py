@@ -16,7 +16,8 @@ Run directory (TrainConfig.out):
   checkpoints/step_NNNNNN/ (HF checkpoint + trainer_state.json + optimizer.pt; under torchrun config.json +
                             trainer_state.json + dcp/, the model and optimizer as torch.distributed.checkpoint shards)
   checkpoints/latest (names the newest complete checkpoint)  final/  run.json  loss.png  peak_flops.json
-Under torchrun the stages train data-parallel with DDP or FSDP2 (nanoseek/distributed.py, docs/distributed.md).
+Under torchrun the stages train data-parallel with DDP or FSDP2 (nanoseek/distributed.py, docs/distributed.md), and
+with pretrain's --ep the routed experts are spread over the ranks (nanoseek/expert_parallel.py).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from nanoseek import distributed
+from nanoseek import distributed, expert_parallel
 from nanoseek.checkpoint import load_model, save_pretrained, save_state_dict, write_dir_atomically
 from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
@@ -175,8 +176,11 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused: one kernel for all parameters (CPU and CUDA); the default per-parameter loop took 58.5 ms a step on the
     # cpu preset against 8.7 ms fused (docs/bench_train.md). It also takes FSDP2's DTensor parameters on CPU (checked
-    # with torch 2.13 and gloo), so torchrun --parallel fsdp needs no foreach fallback.
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    # with torch 2.13 and gloo), so torchrun --parallel fsdp needs no foreach fallback. It refuses a mix of plain
+    # tensors and DTensors (--ep with DDP: the experts are DTensors): then the per-parameter loop.
+    mixed = len({type(p) for p in model.parameters()}) > 1
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=not mixed,
+                             foreach=False if mixed else None)
 
 
 def config_difference(a: ModelConfig, b: ModelConfig) -> str | None:
@@ -223,6 +227,7 @@ class Trainer:
         self._last_saved_step = -1
         self._gathered: Transformer | None = None  # FSDP: rank 0's whole-weights copy for text samples
         self._pending_save: tuple[Any, Callable[[], None]] | None = None  # an async save: (future, what completes it)
+        self.expert_parallel = expert_parallel.of(model)  # --ep: the experts' all-to-all and gradient reduction
         model.train()
 
     # ----- one optimizer step --------------------------------------------------------------------------------------
@@ -261,6 +266,9 @@ class Trainer:
         config, model = self.config, self.model
         t0 = time.perf_counter()
         lr = self.set_lr()
+        par = self.expert_parallel
+        if par is not None:
+            par.bytes_sent = 0
         sums: dict[str, float] = {}
         tokens, flops = 0, 0.0
         for i, (x, y) in enumerate(micro_batches):
@@ -278,7 +286,13 @@ class Trainer:
         # are already averaged by DDP / FSDP, so clipping sees the global norm (FSDP: a DTensor norm over all shards)
         sums = distributed.all_reduce_mean(sums)
         tokens *= distributed.world_size()
-        if config.grad_clip > 0:
+        extra = {}
+        if par is not None:  # --ep: DDP / FSDP leave the experts' gradients to expert_parallel
+            par.reduce_gradients(model)
+            extra["a2a_bytes"] = par.total_bytes_sent()  # by all ranks' all-to-alls in this step
+        if config.grad_clip > 0 and par is not None:
+            expert_parallel.clip_grad_norm_(model.parameters(), config.grad_clip)
+        elif config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -287,7 +301,8 @@ class Trainer:
                 dist.all_reduce(gate.expert_load)
         maxvio = model.update_expert_bias(config.bias_update_speed)
         dt = time.perf_counter() - t0
-        row = self.end_step({**{k: v / len(micro_batches) for k, v in sums.items()}, "lr": lr, "maxvio": maxvio},
+        row = self.end_step({**{k: v / len(micro_batches) for k, v in sums.items()}, "lr": lr, "maxvio": maxvio,
+                             **extra},
                             tokens, dt)
         # flops are this rank's and peak_flops this process's: the MFU of one rank (all do the same work)
         return {**row, "tokens_per_second": tokens / dt, "mfu": flops / dt / self.peak_flops}
