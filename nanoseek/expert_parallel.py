@@ -29,9 +29,10 @@ ranks (or nodes) a token can visit: max_ranks_per_token(). The accounting functi
 for any shape (docs/expert_parallel.md has the table for DeepSeek-V3's).
 
 The aux-loss-free bias update needs no change: the gate routes each rank's own tokens over all E experts, and the
-trainer all-reduces expert_load over all ranks before the update. Checkpoints hold whole expert stacks:
-distributed.full_state_dict gathers the DTensors and load_state_dict cuts them for the current EP size, so a run
-resumes at any --ep (and the HF export is unchanged).
+trainer all-reduces expert_load over all ranks before the update. Checkpoints are torch.distributed.checkpoint
+shards keyed by parameter name: each EP rank writes its experts' rows of the stacks, and loading reads the rows the
+current EP size (or one plain process) needs, so a run resumes at any --ep; the HF export gathers whole stacks
+(distributed.full_state_dict_cpu) and is unchanged.
 """
 
 from __future__ import annotations

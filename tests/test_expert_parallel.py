@@ -282,3 +282,20 @@ def test_ep_without_torchrun_is_a_one_line_error(tmp_path, data_file, capsys):
         main(["pretrain", *ARGS, "--data", str(data_file), "--out", str(tmp_path / "run"), "--ep", "2"])
     assert e.value.code == 2
     assert "--ep 2 spreads the experts over processes" in capsys.readouterr().err
+
+
+def test_ep_with_uneven_shards_grad_accum_and_async_sharded_checkpoints(tmp_path, data_file, one_thread):
+    """EP with the rest of torchrun's training: 3 sequences per micro-batch (2 + 1 rows, so the ranks send each other
+    unequal numbers of tokens), 2 micro-batches a step (the first without a gradient reduction, the experts' own
+    reduction once after both), FSDP2 for the rest and DCP checkpoints written by a background thread: the same run
+    as one process, and its step-3 checkpoint resumes in one process."""
+    args = [*ARGS, "--batch-size", 3, "--grad-accum", 2, "--data", data_file]
+    pretrain_here(*args, "--out", tmp_path / "one")
+    ranks = launch_pretrain(2, *args, "--out", tmp_path / "ep", "--ep", 2, "--parallel", "fsdp", "--async-save",
+                            tmp=tmp_path)
+    assert [r.returncode for r in ranks] == [0, 0], "".join(r.stderr[-2000:] for r in ranks)
+    assert (tmp_path / "ep" / "checkpoints" / "step_000003" / "dcp" / ".metadata").is_file()
+    assert_same_run(tmp_path / "ep", tmp_path / "one")
+    run = rewind(tmp_path / "ep", tmp_path / "resumed")
+    pretrain_here(*args, "--out", run, "--resume")
+    assert_same_run(run, tmp_path / "one")
