@@ -43,6 +43,7 @@ class Check:
         self.args, self.device = args, args.device
         self.work = Path(args.work)
         self.rows: list[dict] = []
+        self.section = ""  # the ep/fp8 section's own table (markdown)
         self.env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                     "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1", "NANOSEEK_KERNELS": "off"}
 
@@ -290,6 +291,23 @@ class Check:
                 f"{rows[1]['reward']:.2f}, rollouts {rows[0]['rollouts']} a step, sample {rows[0]['t_sample']:.1f} s, "
                 f"train {rows[0]['t_train']:.1f} s")
 
+    def ep_fp8(self) -> str:
+        """Issue 22's section, scripts/gpu_check_ep_fp8.sh (FP8 tensor-core GEMMs, pretrain --fp8 vs bf16, --ep 2 on
+        2+ GPUs; on the CPU the kernel row is skipped and the rest runs on gloo at toy size): its table is kept for
+        the report, and a FAIL in it fails this row."""
+        out = self.work / "ep_fp8"
+        env = {**self.env, "PYTHON": sys.executable, "DEVICE": self.device, "DATA": str(self.corpus())}
+        with open(self.work / "ep_fp8.log", "w") as log:
+            done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check_ep_fp8.sh"), str(out)], stdout=log,
+                                  stderr=subprocess.STDOUT, env=env, timeout=300, cwd=self.work)
+        text = (self.work / "ep_fp8.log").read_text()
+        rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| check")]
+        self.section = "\n".join(line for line in text.splitlines() if line.startswith("|")) + "\n"
+        summary = "; ".join(" ".join(c.strip() for c in r.strip("|").split("|")[:2]) for r in rows)
+        if done.returncode != 0 or not rows:
+            raise RuntimeError(f"exit {done.returncode}: {summary or text[-300:]} (log: {self.work / 'ep_fp8.log'})")
+        return summary
+
     def serve(self) -> str:
         missing = [m for m in ("fastapi", "pydantic", "uvicorn") if importlib.util.find_spec(m) is None]
         if missing:
@@ -362,7 +380,8 @@ def main() -> int:
              ("torchrun 1 process, DDP", lambda: check.torchrun_mode("ddp")),
              ("torchrun 1 process, FSDP2", lambda: check.torchrun_mode("fsdp")),
              ("engine greedy: device vs CPU", check.engine), ("compiled decode", check.compiled),
-             ("sft", check.sft), ("rl: 2 GRPO steps", check.rl), ("serve: one request", check.serve)]
+             ("sft", check.sft), ("rl: 2 GRPO steps", check.rl), ("serve: one request", check.serve),
+             ("ep/fp8 section (scripts/gpu_check_ep_fp8.sh)", check.ep_fp8)]
     for name, fn in steps:
         if args.only and not any(o in name for o in args.only):
             continue
@@ -373,6 +392,8 @@ def main() -> int:
     title = (f"gpu_check on {device}, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
              f"{time.time() - t0:.0f} s in all")
     md = table(check.rows, title)
+    if check.section:
+        md += "\n#### ep/fp8 section (scripts/gpu_check_ep_fp8.sh)\n\n" + check.section
     print("\n" + md)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.md").write_text(md)
