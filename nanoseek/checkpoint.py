@@ -2,7 +2,8 @@
 
 What nanoseek writes loads in transformers / vLLM / SGLang; what they publish loads here. Only safetensors are read:
 weights are never unpickled. Writes are atomic: a directory is written under a temporary name and renamed into place,
-so a run killed mid-write leaves the previous checkpoint intact.
+so a run killed mid-write leaves the previous checkpoint intact. load_model also reads the weights of a training
+checkpoint that a torchrun job wrote as torch.distributed.checkpoint shards (config.json + dcp/, distributed.py).
 
 Name mapping (nanoseek module -> HF tensor):
   embed_tokens / norm / layers.N.*            -> model.embed_tokens / model.norm / model.layers.N.*
@@ -49,11 +50,28 @@ def _hf_prefix(name: str, config: ModelConfig) -> str:
     return "model." + name
 
 
+def _owned_cpu(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor of its own (safetensors refuses shared storage): a copy of a CPU tensor, or the one
+    copy an accelerator's tensor needs to reach CPU memory (no second copy on the accelerator)."""
+    t = t.detach()
+    return t.clone(memory_format=torch.contiguous_format) if t.device.type == "cpu" else t.cpu().contiguous()
+
+
 def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """nanoseek state dict -> HF tensors (new contiguous tensors; safetensors refuses shared storage)."""
-    cfg = model.config
+    """nanoseek state dict -> HF tensors (new contiguous CPU tensors; safetensors refuses shared storage)."""
+    return hf_state_dict(model.config, model.state_dict())
+
+
+def hf_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], owned: bool = False) -> dict[str, torch.Tensor]:
+    """A nanoseek state dict (a model's, or the whole tensors distributed.full_state_dict_cpu gathered) -> HF
+    tensors, each a contiguous CPU tensor of its own. owned: the caller gives up `state`, a dict of CPU tensors that
+    nothing changes while they are written (a gathered copy, or a model's own tensors): they are written as they are
+    instead of copied, and the dict is emptied as it goes (each expert stack is freed, if nothing else holds it, once
+    its experts are cut out of it), so a gathered export holds about one copy of the weights, not two."""
     out: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
+    take = (lambda t: t.contiguous()) if owned else _owned_cpu
+    for name in list(state):
+        t = state.pop(name) if owned else state[name]
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         m = _EXPERT_3D.match(name) or re.match(r"^mtp\.(\d+)\.mlp\.(gate_up_proj|down_proj)$", name)
@@ -62,16 +80,17 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
             inter = cfg.moe_intermediate_size
             for e in range(t.shape[0]):
                 if m.group(2) == "gate_up_proj":
-                    out[f"{base}.experts.{e}.gate_proj.weight"] = t[e, :inter].clone()
-                    out[f"{base}.experts.{e}.up_proj.weight"] = t[e, inter:].clone()
+                    out[f"{base}.experts.{e}.gate_proj.weight"] = _owned_cpu(t[e, :inter])
+                    out[f"{base}.experts.{e}.up_proj.weight"] = _owned_cpu(t[e, inter:])
                 else:
-                    out[f"{base}.experts.{e}.down_proj.weight"] = t[e].clone()
+                    out[f"{base}.experts.{e}.down_proj.weight"] = _owned_cpu(t[e])
             continue
-        out[_hf_prefix(name, cfg)] = t.detach().clone().contiguous()
+        out[_hf_prefix(name, cfg)] = take(t)
+    head = out.get("lm_head.weight", out["model.embed_tokens.weight"])  # tied: the embedding is the head
     for k in range(cfg.num_nextn_predict_layers):  # the release duplicates the shared embedding and head per MTP layer
         base = f"model.layers.{cfg.num_hidden_layers + k}"
-        out[f"{base}.embed_tokens.weight"] = model.embed_tokens.weight.detach().clone()
-        out[f"{base}.shared_head.head.weight"] = model.lm_head.weight.detach().clone()
+        out[f"{base}.embed_tokens.weight"] = _owned_cpu(out["model.embed_tokens.weight"])
+        out[f"{base}.shared_head.head.weight"] = _owned_cpu(head)
     return out
 
 
@@ -328,8 +347,11 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     """Load a DeepseekV3 checkpoint directory (HF's or nanoseek's) into a nanoseek Transformer.
 
     Every tensor's name, shape and dtype is checked against the config from the safetensors headers (on a `meta`
-    model) before the real model is allocated, so a damaged or mismatched checkpoint costs no memory."""
+    model) before the real model is allocated, so a damaged or mismatched checkpoint costs no memory. A sharded
+    training checkpoint (config.json + dcp/, no safetensors) is read whole by this process."""
     path = check_checkpoint_dir(path)
+    if is_sharded_checkpoint(path):
+        return _load_sharded_model(path, dtype, device)
     declared = ModelConfig.load(path / "config.json")
     source = _TensorSource(path)
     config = resolve_mtp(declared, source, str(path), warn=False)
@@ -348,6 +370,26 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
         gate.expert_load.data = gate.expert_load.data.float()
     model.eval()
     return model
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A training checkpoint of a torchrun job: torch.distributed.checkpoint shards in dcp/, no safetensors."""
+    from nanoseek.distributed import SHARDED_DIR
+
+    return (path / SHARDED_DIR / ".metadata").is_file() and not any(path.glob("*.safetensors"))
+
+
+def _load_sharded_model(path: Path, dtype: torch.dtype, device: str | torch.device) -> Transformer:
+    from nanoseek.distributed import SHARDED_DIR, load_sharded
+
+    with torch.device(device):
+        model = Transformer(ModelConfig.load(path / "config.json"))
+    load_sharded(model, None, path / SHARDED_DIR)
+    model.to(dtype=dtype)
+    for gate in model.gates():  # the routing bias stays fp32, as load_model keeps it
+        gate.e_score_correction_bias.data = gate.e_score_correction_bias.data.float()
+        gate.expert_load.data = gate.expert_load.data.float()
+    return model.eval()
 
 
 # --- writing --------------------------------------------------------------------------------------------------------
@@ -373,6 +415,9 @@ def write_dir_atomically(path: Path, write: Callable[[Path], None]) -> Path:
         tmp.mkdir()
         write(tmp)
         for f in tmp.iterdir():
+            if f.is_dir():  # sharded training state: its writer made and synced the files (distributed.py)
+                _fsync_dir(f)
+                continue
             f.chmod(0o644)  # safetensors creates its files 0600; a checkpoint is meant to be shared
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -401,8 +446,17 @@ def save_pretrained(model: Transformer, path: str | Path, dtype: torch.dtype | N
                     tokenizer_dir: str | Path | None = None, extra_files: dict[str, bytes] | None = None,
                     max_shard_bytes: int = 5 * 2**30) -> Path:
     """Write `path/` = config.json + model.safetensors (or shards + index) [+ tokenizer files] [+ extra files]."""
-    cfg = model.config
-    tensors = to_hf_state_dict(model)
+    return save_state_dict(model.config, model.state_dict(), path, dtype, tokenizer_dir, extra_files,
+                           max_shard_bytes)
+
+
+def save_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], path: str | Path,
+                    dtype: torch.dtype | None = None, tokenizer_dir: str | Path | None = None,
+                    extra_files: dict[str, bytes] | None = None, max_shard_bytes: int = 5 * 2**30,
+                    owned: bool = False) -> Path:
+    """save_pretrained for a model's state dict and config: e.g. the whole weights rank 0 of an FSDP job gathered
+    into CPU memory (distributed.full_state_dict_cpu; owned=True: see hf_state_dict)."""
+    tensors = hf_state_dict(cfg, state, owned)
     if dtype is not None:
         tensors = {k: (v if k.endswith("e_score_correction_bias") else v.to(dtype)) for k, v in tensors.items()}
     weight_dtype = next(v.dtype for k, v in tensors.items() if k.endswith("embed_tokens.weight"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from nanoseek.errors import NanoseekError
@@ -65,12 +66,30 @@ def _os_error(e: OSError) -> str:
     return f"{where}: {reason}" if where else reason
 
 
+# the commands that run as ranks of a torchrun job (nanoseek/distributed.py); the others refuse one of several processes
+DISTRIBUTED = ("pretrain", "sft", "distill", "rl", "eval", "sample")
+
+
+def _torchrun_processes() -> int:
+    """WORLD_SIZE as torchrun sets it (1 without torchrun)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
+        sys.exit(2)
+    world = _torchrun_processes()
+    if world > 1 and args.command not in DISTRIBUTED:
+        sys.stderr.write(f"nanoseek {args.command}: error: `nanoseek {args.command}` runs as one process, but torchrun "
+                         f"started {world}: each would do the whole job. Run it without torchrun (under torchrun: "
+                         f"{', '.join(DISTRIBUTED)})\n")
         sys.exit(2)
     try:
         importlib.import_module(args._module).run(args)

@@ -10,14 +10,19 @@ Every GEMM of a linear layer (forward, input-gradient and weight-gradient) reads
 Master weights, optimizer state and gradients stay fp32; embedding, output head, MoE gate, norms and the attention
 core are not quantised (the model only routes its `model.Linear` projections and routed experts through here).
 
-On CPU this is quantise -> dequantise emulation of those numerics (the matmul itself then runs in fp32); on a GPU
-with FP8 tensor cores the same tiling feeds `torch._scaled_mm`, which is not needed to reproduce the numerics.
+On CPU (and any device without FP8 block-scaled GEMMs) this is quantise -> dequantise emulation of those numerics:
+the matmul itself runs in fp32. On Hopper GPUs (compute capability 9.x, cuBLAS >= 12.9) the same e4m3 tiles and
+scales feed `torch._scaled_mm` instead (the section at the end of this file): FP8 tensor cores, fp32 accumulation,
+bf16 outputs. The emulation stays the reference: tests check that the operands handed to the kernel define exactly
+the emulation's product (scaled_mm_reference), and scripts/gpu_check_ep_fp8.sh compares the kernel with it.
 
 `model.enable_fp8(model)` switches a Transformer's projections and experts to these numerics (`nanoseek pretrain
 --fp8`); this module holds only the numerics, so it imports nothing of the model.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,24 +41,40 @@ def _pad_to(x: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
     return F.pad(x, widths)
 
 
-def quantize_tiles(x: torch.Tensor) -> torch.Tensor:
-    """Fake-quantise x [..., K] in 1 x 128 tiles along the last dim: returns dequantised fp32 of the same shape."""
-    k = x.shape[-1]
+def quantize_tiles_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] in 1 x 128 tiles along the last dim (zero-padded to Kp, a multiple of 128): the e4m3 values
+    [..., Kp] and one fp32 scale per tile [..., Kp/128] (value = q * scale). What a scaled GEMM reads."""
     xp = _pad_to(x.float(), -1, BLOCK)
     tiles = xp.view(*xp.shape[:-1], xp.shape[-1] // BLOCK, BLOCK)  # [..., K/128, 128]
     scale = tiles.abs().amax(-1, keepdim=True).clamp(min=1e-4) / E4M3_MAX
-    q = (tiles / scale).to(torch.float8_e4m3fn)
-    return (q.float() * scale).view(xp.shape)[..., :k]
+    return (tiles / scale).to(torch.float8_e4m3fn).view(xp.shape), scale.squeeze(-1)
 
 
-def quantize_blocks(w: torch.Tensor) -> torch.Tensor:
-    """Fake-quantise weights [..., M, K] in 128 x 128 blocks of each [M, K] matrix: dequantised fp32, same shape."""
+def quantize_tiles(x: torch.Tensor) -> torch.Tensor:
+    """Fake-quantise x [..., K] in 1 x 128 tiles along the last dim: returns dequantised fp32 of the same shape."""
+    q, scale = quantize_tiles_e4m3(x)
+    return (q.float().view(*scale.shape, BLOCK) * scale[..., None]).view(q.shape)[..., :x.shape[-1]]
+
+
+def quantize_blocks_e4m3(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights [..., M, K] in 128 x 128 blocks of each [M, K] matrix (zero-padded to Mp x Kp): the e4m3 values
+    [..., Mp, Kp] and one fp32 scale per block [..., Mp/128, Kp/128]."""
     *lead, m, k = w.shape
     wp = _pad_to(_pad_to(w.float(), -2, BLOCK), -1, BLOCK)
     blocks = wp.view(*lead, wp.shape[-2] // BLOCK, BLOCK, wp.shape[-1] // BLOCK, BLOCK)
     scale = blocks.abs().amax(dim=(-3, -1), keepdim=True).clamp(min=1e-4) / E4M3_MAX
-    q = (blocks / scale).to(torch.float8_e4m3fn)
-    return (q.float() * scale).view(wp.shape)[..., :m, :k]
+    return (blocks / scale).to(torch.float8_e4m3fn).view(wp.shape), scale[..., :, 0, :, 0]
+
+
+def quantize_blocks(w: torch.Tensor) -> torch.Tensor:
+    """Fake-quantise weights [..., M, K] in 128 x 128 blocks of each [M, K] matrix: dequantised fp32, same shape."""
+    q, scale = quantize_blocks_e4m3(w)
+    return (q.float() * _expand_blocks(scale))[..., :w.shape[-2], :w.shape[-1]]
+
+
+def _expand_blocks(scale: torch.Tensor) -> torch.Tensor:
+    """Block scales [..., Mp/128, Kp/128] -> one per element [..., Mp, Kp]."""
+    return scale.repeat_interleave(BLOCK, -2).repeat_interleave(BLOCK, -1)
 
 
 def quantize_group_tiles(x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -98,9 +119,15 @@ class _FP8Linear(torch.autograd.Function):
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Drop-in for F.linear(x, weight) (no bias) with DeepSeek-V3 FP8 numerics. x [..., K] -> [..., M]."""
+    """Drop-in for F.linear(x, weight) (no bias) with DeepSeek-V3 FP8 numerics. x [..., K] -> [..., M].
+
+    On FP8 tensor cores (scaled_mm_available) the GEMMs run there (bf16 outputs), else emulated in fp32."""
     with torch.autocast(x.device.type, enabled=False):
-        y = _FP8Linear.apply(x.reshape(-1, x.shape[-1]).float(), weight)
+        x2 = x.reshape(-1, x.shape[-1])
+        if scaled_mm_available(x.device) and weight.shape[1] % 16 == 0:
+            y = _ScaledLinear.apply(x2, weight, torch.bfloat16)
+        else:
+            y = _FP8Linear.apply(x2.float(), weight)
     return y.view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
 
 
@@ -163,5 +190,155 @@ def fp8_grouped_linear(xs: torch.Tensor, weight: torch.Tensor, offs: torch.Tenso
     weight [E, M, K], n_split matrices stacked along M, each quantised in its own blocks -> [R, M] in xs.dtype.
     """
     with torch.autocast(xs.device.type, enabled=False):
-        y = _FP8GroupedLinear.apply(xs.float(), weight, offs, n_split)
+        m, k = weight.shape[1:]
+        if scaled_mm_available(xs.device) and k % 16 == 0 and (n_split == 1 or m // n_split % BLOCK == 0):
+            y = _ScaledGroupedLinear.apply(xs, weight, offs, n_split, torch.bfloat16)
+        else:
+            y = _FP8GroupedLinear.apply(xs.float(), weight, offs, n_split)
     return y.to(xs.dtype)
+
+
+# --- on FP8 tensor cores: torch._scaled_mm with V3's block scales ---------------------------------------------------
+# cuBLAS (>= 12.9) multiplies e4m3 operands with 1x128 and 128x128 fp32 scales on Hopper (compute capability 9.x):
+# the pairs (1x128, 128x128) for the forward and input-gradient GEMMs and (1x128, 1x128) for the weight gradient, the
+# same tiles as the emulation above, accumulating in fp32. The operands below are built from the same quantisers, so
+# on a CPU scaled_mm_reference (the product those scales define, with torch's layout checks) reproduces the
+# emulation: tests/test_fp8.py checks that; scripts/gpu_check_ep_fp8.sh compares the real kernel with it.
+class ScaledOperands(NamedTuple):
+    """One torch._scaled_mm call: a [M, K] e4m3 row-major, b [K, N] e4m3 column-major (K a multiple of 128, M and N
+    of 16, zero padded), fp32 scales in the layouts torch checks (1x128 tiles of a: [M, K/128] column-major; of b:
+    [K/128, N] row-major; 128x128 blocks of b: [K/128, N/128] column-major); the product's first `rows` x `cols`
+    are kept."""
+
+    a: torch.Tensor
+    scale_a: torch.Tensor
+    b: torch.Tensor
+    scale_b: torch.Tensor
+    rows: int
+    cols: int
+
+
+def _col_major(t: torch.Tensor) -> torch.Tensor:
+    return t.t().contiguous().t()
+
+
+def forward_operands(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, n: int) -> ScaledOperands:
+    """y = x W^T: x [M, K] in 1x128 tiles; W's blocks wq [Np, Kp], ws [Np/128, Kp/128] (quantize_blocks_e4m3)."""
+    xq, xs = quantize_tiles_e4m3(_pad_to(x, 0, 16))
+    return ScaledOperands(xq, _col_major(xs), wq.t(), ws.t(), x.shape[0], n)
+
+
+def dgrad_operands(dy: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, k: int) -> ScaledOperands:
+    """dx = dy W: dy [M, N] in 1x128 tiles along N (zero-padded to Np, W's padded rows); W [Np, Kp] as the
+    column-major right operand, its block scales transposed with it."""
+    dq, ds = quantize_tiles_e4m3(_pad_to(dy, 0, 16))
+    return ScaledOperands(dq, _col_major(ds), _col_major(wq), _col_major(ws), dy.shape[0], k)
+
+
+def wgrad_operands(dy: torch.Tensor, x: torch.Tensor) -> ScaledOperands:
+    """dW = dy^T x, inner dim the M tokens: both operands in 1x128 tiles along M (128x1 tiles of dy and x)."""
+    dq, ds = quantize_tiles_e4m3(_pad_to(dy.t(), 0, 16))  # [N, Mp], [N, Mp/128]
+    xq, xs = quantize_tiles_e4m3(x.t())  # [K, Mp], [K, Mp/128]
+    return ScaledOperands(dq, _col_major(ds), xq.t(), xs.t().contiguous(), dy.shape[1], x.shape[1])
+
+
+def scaled_mm_available(device: torch.device) -> bool:
+    """Whether torch._scaled_mm takes V3's block scales here: CUDA compute capability 9.x with cuBLAS >= 12.9."""
+    if device.type != "cuda" or not hasattr(torch, "_scaled_mm") or not torch.version.cuda:
+        return False
+    cuda = tuple(int(v) for v in torch.version.cuda.split(".")[:2])
+    return torch.cuda.get_device_capability(device)[0] == 9 and cuda >= (12, 9)
+
+
+def _recipe(t: torch.Tensor, scale: torch.Tensor) -> str:
+    """The block scaling torch infers for operand t [rows, K] (as seen row-major) and its scale, with its stride
+    rules (a dimension of size 1 has no stride to check): '1x128' or '128x128'."""
+    rows, kb = t.shape[0], -(-t.shape[1] // BLOCK)
+
+    def fits(size: tuple[int, int], stride: tuple[int, int]) -> bool:
+        return tuple(scale.shape) == size and all(n <= 1 or s == want
+                                                  for n, s, want in zip(size, scale.stride(), stride, strict=True))
+
+    if fits((rows, kb), (1, rows)):
+        return "1x128"
+    if fits((-(-rows // BLOCK), kb), (kb, 1)):
+        return "128x128"
+    raise ValueError(f"scale {tuple(scale.shape)} strides {scale.stride()} fits no block scaling of {tuple(t.shape)}")
+
+
+def scaled_mm_reference(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor
+                        ) -> torch.Tensor:
+    """The fp32 product torch._scaled_mm(a, b, scale_a, scale_b) computes with block scales, written out: every
+    operand value times its tile's or block's scale, then a matmul. Refuses, as torch does, scales in the wrong
+    layout, a not row-major, b not column-major, and pairs cuBLAS lacks (128x128 on both operands)."""
+    if a.stride(1) != 1 or b.stride(0) != 1:
+        raise ValueError("a must be row-major and b column-major")
+    ra, rb = _recipe(a, scale_a), _recipe(b.t(), scale_b.t())
+    if ra == rb == "128x128":
+        raise ValueError("cuBLAS has no 128x128 x 128x128 block scaling")
+
+    def expand(scale: torch.Tensor, recipe: str, shape: torch.Size) -> torch.Tensor:
+        s = scale.repeat_interleave(BLOCK, 1)
+        return (s.repeat_interleave(BLOCK, 0) if recipe == "128x128" else s)[:shape[0], :shape[1]]
+
+    return (a.float() * expand(scale_a, ra, a.shape)) @ (b.t().float() * expand(scale_b.t(), rb, b.t().shape)).t()
+
+
+def scaled_mm(ops: ScaledOperands, out_dtype: torch.dtype) -> torch.Tensor:
+    """torch._scaled_mm on CUDA (fp32 accumulation, no fast accumulation), scaled_mm_reference elsewhere."""
+    if ops.a.is_cuda:
+        y = torch._scaled_mm(ops.a, ops.b, ops.scale_a, ops.scale_b, out_dtype=out_dtype, use_fast_accum=False)
+    else:
+        y = scaled_mm_reference(ops.a, ops.b, ops.scale_a, ops.scale_b).to(out_dtype)
+    return y[:ops.rows, :ops.cols]
+
+
+class _ScaledLinear(torch.autograd.Function):
+    """_FP8Linear on FP8 tensor cores: the three GEMMs as scaled_mm calls on the same e4m3 tiles and blocks. Outputs
+    in out_dtype (bf16 on a GPU), the weight gradient in fp32."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        wq, ws = quantize_blocks_e4m3(weight)
+        ctx.save_for_backward(x, wq, ws)
+        ctx.weight_dtype, ctx.out_dtype = weight.dtype, out_dtype
+        return scaled_mm(forward_operands(x, wq, ws, weight.shape[0]), out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        x, wq, ws = ctx.saved_tensors
+        grad_x = scaled_mm(dgrad_operands(grad_out, wq, ws, x.shape[1]), ctx.out_dtype)
+        grad_w = scaled_mm(wgrad_operands(grad_out, x), torch.float32)
+        return grad_x.to(x.dtype), grad_w.to(ctx.weight_dtype), None
+
+
+class _ScaledGroupedLinear(torch.autograd.Function):
+    """_FP8GroupedLinear on FP8 tensor cores, one scaled_mm per expert that has rows (so every tile lies within one
+    expert's GEMM, as in the emulation). Reads the offsets to the host: torch's grouped block-scaled GEMM needs a
+    newer cuBLAS (CUDA >= 13.4, torch's _scaled_grouped_mm_v2) than the kernels this path was written for."""
+
+    @staticmethod
+    def forward(ctx, xs: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, n_split: int,
+                out_dtype: torch.dtype) -> torch.Tensor:
+        e, m, k = weight.shape
+        wq, ws = quantize_blocks_e4m3(weight.view(e, n_split, m // n_split, k))  # each stacked matrix its own blocks
+        wq, ws = wq.flatten(1, 2), ws.flatten(1, 2)  # [E, M, Kp], [E, M/128, Kp/128] ((m / n_split) % 128 == 0)
+        ctx.save_for_backward(xs, wq, ws)
+        ctx.spans = list(zip([0] + offs.tolist()[:-1], offs.tolist(), strict=True))
+        ctx.weight_shape, ctx.weight_dtype, ctx.out_dtype = weight.shape, weight.dtype, out_dtype
+        y = xs.new_zeros(xs.shape[0], m, dtype=out_dtype)
+        for g, (s, t) in enumerate(ctx.spans):
+            if t > s:
+                y[s:t] = scaled_mm(forward_operands(xs[s:t], wq[g], ws[g], m), out_dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:
+        xs, wq, ws = ctx.saved_tensors
+        grad_x = torch.zeros_like(xs, dtype=ctx.out_dtype)
+        grad_w = torch.zeros(ctx.weight_shape, dtype=torch.float32, device=xs.device)
+        for g, (s, t) in enumerate(ctx.spans):
+            if t > s:
+                grad_x[s:t] = scaled_mm(dgrad_operands(grad_out[s:t], wq[g], ws[g], xs.shape[1]), ctx.out_dtype)
+                grad_w[g] = scaled_mm(wgrad_operands(grad_out[s:t], xs[s:t]), torch.float32)
+        return grad_x.to(xs.dtype), grad_w.to(ctx.weight_dtype), None, None, None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -242,9 +243,12 @@ class MoE(nn.Module):
 
     gate_up_proj [E, 2*I, D] (gate rows then up rows), down_proj [E, D, I]; I = moe_intermediate_size.
     `fp8` (set by enable_fp8) runs the routed experts' GEMMs with V3 FP8 numerics; the gate never does.
+    `ep` (set by expert_parallel.parallelize): the expert stacks are DTensors holding this rank's experts, and the
+    tokens travel to the ranks that hold theirs (ep.dispatch) instead of moe.dispatch.
     """
 
     fp8 = False
+    ep = None
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -261,7 +265,7 @@ class MoE(nn.Module):
         flat = x.reshape(-1, d)
         weights, indices, scores = self.gate(flat)
         if self.training:
-            self.gate.expert_load += torch.bincount(indices.flatten(), minlength=self.config.n_routed_experts)
+            self.gate.expert_load += moe.expert_counts(indices.flatten(), self.config.n_routed_experts)  # no sync
         self.aux_loss = self.balance_loss(indices, scores, bsz, seqlen) * balance_alpha if balance_alpha else None
         y = self.experts(flat, weights, indices)
         if self.shared_experts is not None:
@@ -273,9 +277,11 @@ class MoE(nn.Module):
         matmul per projection (F.grouped_mm: every expert's rows in one call), or V3's FP8 GEMMs."""
         # grouped_mm is not autocast-aware: the rows go in the dtype autocast gives F.linear (bf16 under autocast)
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        return moe.dispatch(x, weights, indices, self.config.n_routed_experts, self._fp8_experts if self.fp8 else
-                            lambda xs, counts: moe.grouped_swiglu(xs, counts, self.gate_up_proj.to(dt),
-                                                                   self.down_proj.to(dt)), dtype=dt)
+        experts = self._fp8_experts if self.fp8 else lambda xs, counts: moe.grouped_swiglu(
+            xs, counts, _local(self.gate_up_proj).to(dt), _local(self.down_proj).to(dt))
+        if self.ep is not None:
+            return self.ep.dispatch(x, weights, indices, experts, dtype=dt)
+        return moe.dispatch(x, weights, indices, self.config.n_routed_experts, experts, dtype=dt)
 
     def _fp8_experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """V3 FP8 numerics of per-expert GEMMs (quantised from the fp32 master weights, gate and up blocked
@@ -283,8 +289,8 @@ class MoE(nn.Module):
         expert's operands (see fp8._FP8GroupedLinear); ~1.9x faster forward+backward than a loop of fp8_linear per
         expert (cpu preset MoE, 1024 tokens: 72 vs 136 ms)."""
         offs = counts.cumsum(0).to(torch.int32)
-        gate, up = fp8_grouped_linear(xs, self.gate_up_proj, offs, n_split=2).chunk(2, dim=-1)
-        return fp8_grouped_linear(F.silu(gate) * up, self.down_proj, offs)  # [N*K, D]
+        gate, up = fp8_grouped_linear(xs, _local(self.gate_up_proj), offs, n_split=2).chunk(2, dim=-1)
+        return fp8_grouped_linear(F.silu(gate) * up, _local(self.down_proj), offs)  # [N*K, D]
 
     def balance_loss(self, indices: torch.Tensor, scores: torch.Tensor, bsz: int, seqlen: int) -> torch.Tensor:
         """Sequence-wise balance loss sum_i f_i P_i (V3 eq. 17-20), averaged over sequences; multiply by alpha.
@@ -297,6 +303,12 @@ class MoE(nn.Module):
         f = counts * e / (k * seqlen)
         p = (scores / scores.sum(-1, keepdim=True)).view(bsz, seqlen, e).mean(1)
         return (f * p).sum(-1).mean()
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's experts of an expert stack: the local shard of a DTensor (expert parallelism; differentiable,
+    no communication), else the tensor itself."""
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 # --- blocks ------------------------------------------------------------------------------------------------------
@@ -358,7 +370,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                need_grad: bool) -> torch.Tensor:  # h [N,D], weight [V,D], targets [N]
+                need_grad: bool, denominator: torch.Tensor | None = None) -> torch.Tensor:
+        # h [N,D], weight [V,D], targets [N]; the summed loss is divided by denominator (default: the valid targets)
         dev = h.device.type
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
         need_h, need_w = need_grad and ctx.needs_input_grad[0], need_grad and ctx.needs_input_grad[1]
@@ -383,7 +396,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                         grad_h[rows] = g @ wd
                     if need_w:
                         grad_w += (g.t() @ hc).float()
-            n = valid.sum()
+            n = valid.sum() if denominator is None else denominator.to(h.device)
         ctx.save_for_backward(grad_h, grad_w, n)
         ctx.dtypes = h.dtype, weight.dtype
         return loss / n
@@ -394,7 +407,28 @@ class LinearCrossEntropy(torch.autograd.Function):
         scale = grad_loss / n
         grad_h = None if grad_h is None else grad_h.to(ctx.dtypes[0]) * scale
         grad_w = None if grad_w is None else grad_w.to(ctx.dtypes[1]) * scale
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
+
+
+@dataclass(frozen=True)
+class LossNorm:
+    """What compute_loss divides each summed loss term by instead of this batch's own counts (0-d fp32 tensors).
+
+    A data-parallel rank holds a shard of the batch and its gradient is averaged with the other ranks' as equals;
+    with the whole batch's counts / the number of ranks here (distributed.loss_norm), that average is exactly the
+    whole batch's loss and gradient, however unevenly the targets (SFT's masked prompts) or the rows are spread.
+    """
+
+    tokens: torch.Tensor  # main next-token targets
+    mtp_tokens: tuple[torch.Tensor, ...]  # targets of MTP depth k = 1..D
+    sequences: torch.Tensor  # rows (the balance loss is a mean over sequences)
+
+    @staticmethod
+    def count(targets: torch.Tensor, ignore_index: int, mtp_depth: int) -> LossNorm:
+        """This batch's own counts for targets [B,T] and MTP depths 1..mtp_depth (on the targets' device)."""
+        valid = (targets != ignore_index).float()
+        return LossNorm(valid.sum(), tuple(valid[:, k:].sum() for k in range(1, mtp_depth + 1)),
+                        torch.tensor(float(targets.shape[0]), device=targets.device))
 
 
 class Transformer(nn.Module):
@@ -444,14 +478,16 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(self.hidden_states(input_ids)))
 
     def compute_loss(self, input_ids: torch.Tensor, targets: torch.Tensor, mtp_lambda: float = 0.0,
-                     balance_alpha: float = 0.0, ignore_index: int = -1) -> tuple[torch.Tensor, dict[str, float]]:
+                     balance_alpha: float = 0.0, ignore_index: int = -1, norm: LossNorm | None = None,
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
         """The V3 training objective: L_main + lambda/D * sum_k L_MTP_k + alpha * sum_layers L_Bal.
 
         targets [B,T] are input_ids shifted by one (ignore_index where no loss is wanted). MTP depth k at position i
-        combines h^{k-1}_i with Emb(t_{i+k}) and predicts targets_{i+k} (the token k+1 steps ahead).
+        combines h^{k-1}_i with Emb(t_{i+k}) and predicts targets_{i+k} (the token k+1 steps ahead). Each term is a
+        mean over this batch's targets (or sequences), or over the counts of `norm` (a data-parallel shard).
         """
         h = self.hidden_states(input_ids, balance_alpha)
-        loss_main = self._lm_loss(self.norm(h), targets, ignore_index)
+        loss_main = self._lm_loss(self.norm(h), targets, ignore_index, None if norm is None else norm.tokens)
         loss = loss_main
         stats = {"loss_main": loss_main.item()}
         if mtp_lambda and len(self.mtp):
@@ -462,7 +498,8 @@ class Transformer(nn.Module):
                     break
                 cos, sin = self.rotary(torch.arange(seqlen - k, device=input_ids.device))
                 h = module(h[:, :-1], self.embed_tokens(input_ids[:, k:]), cos, sin, balance_alpha=balance_alpha)
-                mtp_losses.append(self._lm_loss(module.shared_head.norm(h), targets[:, k:], ignore_index))
+                mtp_losses.append(self._lm_loss(module.shared_head.norm(h), targets[:, k:], ignore_index,
+                                                None if norm is None else norm.mtp_tokens[k - 1]))
             if mtp_losses:
                 loss_mtp = torch.stack(mtp_losses).mean()
                 loss = loss + mtp_lambda * loss_mtp
@@ -471,17 +508,22 @@ class Transformer(nn.Module):
             aux = [m.aux_loss for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
             if aux:
                 loss_bal = torch.stack(aux).sum()
+                if norm is not None:  # each layer's loss is a mean over this batch's sequences
+                    loss_bal = loss_bal * (input_ids.shape[0] / norm.sequences)
                 loss = loss + loss_bal
                 stats["loss_balance"] = loss_bal.item()
         stats["loss"] = loss.item()
         return loss, stats
 
-    def _lm_loss(self, h: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    def _lm_loss(self, h: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                 denominator: torch.Tensor | None = None) -> torch.Tensor:
         """Mean cross-entropy of lm_head(h) for h [B,T,D] (normed) against targets [B,T]: fp32 softmax, as
-        F.cross_entropy(self.lm_head(h).float(), ...), without holding the [B*T,V] logits (LinearCrossEntropy)."""
+        F.cross_entropy(self.lm_head(h).float(), ...), without holding the [B*T,V] logits (LinearCrossEntropy).
+        The summed loss is divided by `denominator` when given."""
         weight = self.lm_head.weight
         need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-        return LinearCrossEntropy.apply(h.flatten(0, 1), weight, targets.flatten(), ignore_index, need_grad)
+        return LinearCrossEntropy.apply(h.flatten(0, 1), weight, targets.flatten(), ignore_index, need_grad,
+                                        denominator)
 
 
     # --- auxiliary-loss-free load balancing -------------------------------------------------------------------------

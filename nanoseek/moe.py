@@ -6,6 +6,15 @@
 - `grouped_swiglu` / `looped_swiglu`: the routed experts' SwiGLU on rows grouped by expert: one F.grouped_mm per
   projection for 3-D expert stacks, or a loop over per-expert weights (any weight type with a linear function: the
   engine's quantised experts, or devices without grouped_mm).
+- `gathered_swiglu`: every (token, expert) pair with its own expert's weights gathered, one batched matmul: no
+  data-dependent shapes, for torch.compile and for a few tokens on an accelerator without grouped_mm.
+
+Host syncs: on CUDA nothing in the routing, the counting or grouped_swiglu's F.grouped_mm (bf16, compute capability
+9.x/10.x: torch's CUTLASS kernel) reads a value back to the host, so a layer's kernels queue without waiting for the
+GPU. The counts are a scatter-add, not torch.bincount (which reads the largest index to the host to size its output),
+and grouped_mm's offsets are their cumulative sum on the device. Only looped_swiglu reads the counts to the host (one
+sync per layer): the CPU's path for few experts and quantised weights, and the accelerator's fallback where
+grouped_mm has no fused kernel (docs/gpu.md).
 
 Shapes: N tokens, K experts per token, E routed experts, D hidden, I expert width, R = N*K rows sorted by expert.
 """
@@ -42,13 +51,38 @@ def select_experts(scores: torch.Tensor, bias: torch.Tensor, cfg: ModelConfig) -
     return weights * cfg.routed_scaling_factor, indices
 
 
+def expert_counts(flat: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Rows routed to each expert [E] (int64) for the expert index of each row flat [R]: a scatter-add into E
+    zeros, which stays on the device (torch.bincount on CUDA reads the largest index to the host first)."""
+    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """Every base address and every non-unit stride a multiple of 16 bytes, as grouped_mm's kernels require (they
+    reject e.g. rows of 10 fp32 values)."""
+    return t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride() if s != 1)
+
+
 def grouped_mm_ok(*tensors: torch.Tensor) -> bool:
-    """Whether F.grouped_mm's CPU kernel (torch >= 2.10) takes these operands: every base address and every
-    non-unit stride must be a multiple of 16 bytes (it rejects e.g. rows of 10 fp32 values)."""
-    if not hasattr(F, "grouped_mm"):
+    """Whether F.grouped_mm takes these operands with a kernel of its own, without a host sync.
+
+    CPU (torch >= 2.10): any float dtype, 16-byte aligned. CUDA: bf16 on compute capability 9.x or 10.x (H100, H200,
+    B200: torch's CUTLASS grouped GEMM, offsets read on the device), 16-byte aligned; on other GPUs torch runs a loop
+    of matmuls after copying the offsets to the host, so the callers take their own paths there. `meta` tensors
+    (the tests' stand-in for an accelerator: any read back to the host fails on them) follow the CUDA rule without
+    the capability check."""
+    if not hasattr(F, "grouped_mm") or not tensors:
         return False
-    return all(t.device.type == "cpu" and t.data_ptr() % 16 == 0
-               and all(s * t.element_size() % 16 == 0 for s in t.stride() if s != 1) for t in tensors)
+    device = tensors[0].device
+    if any(t.device != device for t in tensors):
+        return False
+    if device.type == "cpu":
+        return all(_aligned(t) for t in tensors)
+    if device.type not in ("cuda", "meta") or any(t.dtype != torch.bfloat16 for t in tensors):
+        return False
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] not in (9, 10):
+        return False
+    return device.type == "meta" or all(_aligned(t) for t in tensors)
 
 
 def dispatch(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, n_experts: int,
@@ -64,7 +98,7 @@ def dispatch(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, n_ex
     flat = indices.flatten()  # [R]
     order = flat.argsort(stable=True)
     token_of = order // k  # source token of each sorted pair
-    counts = torch.bincount(flat, minlength=n_experts)  # [E]
+    counts = expert_counts(flat, n_experts)  # [E], on x's device
     xs = x.to(dtype or x.dtype).index_select(0, token_of)  # index_select: its backward is a fast index_add_
     ys = experts(xs, counts) * weights.flatten()[order, None].to(x.dtype)
     out = torch.zeros_like(x) if out is None else out
@@ -77,7 +111,7 @@ def grouped_swiglu(xs: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor
     down [E,D,I]: one F.grouped_mm per projection when its kernel takes the operands (~1.5x faster forward+backward
     than a loop of F.linear on CPU, and the weight gradient is written once into [E,...]), else the loop."""
     if grouped_mm_ok(xs, gate_up, down):
-        offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group
+        offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's group, computed on the device
         gate, up = F.grouped_mm(xs, gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
         return F.grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=offs)  # [R, D]
     # unbind: one cheap stack in backward, instead of an index-backward copy of the whole stack per expert
@@ -87,7 +121,8 @@ def grouped_swiglu(xs: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor
 def looped_swiglu(xs: torch.Tensor, counts: torch.Tensor, gate_up: Sequence[Any], down: Sequence[Any],
                   linear: Callable[[torch.Tensor, Any], torch.Tensor] = F.linear) -> torch.Tensor:
     """SwiGLU of rows xs [R,D] grouped by expert, one matmul pair per expert that has rows: gate_up[e] [2I,D] and
-    down[e] [D,I] are any weights `linear(x, w)` takes (tensors, or the engine's quantised weights)."""
+    down[e] [D,I] are any weights `linear(x, w)` takes (tensors, or the engine's quantised weights). Reads the
+    counts to the host: one sync per call on an accelerator."""
     outs, start = [], 0
     for e, n in enumerate(counts.tolist()):
         if n:
@@ -95,3 +130,21 @@ def looped_swiglu(xs: torch.Tensor, counts: torch.Tensor, gate_up: Sequence[Any]
             outs.append(linear(F.silu(gate) * up, down[e]))
             start += n
     return torch.cat(outs)
+
+
+def gathered_swiglu(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, gate_up: torch.Tensor,
+                    down: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Routed experts for x [N,D] without data-dependent shapes or host syncs: each (token, expert) pair gathers
+    its expert's weights, [N*K, 2I, D] and [N*K, D, I], for one batched matrix-vector product; the outputs, scaled
+    by the routing weights [N,K], are added to `out` [N,D] (returned). Costs N*K copies of an expert's weights in
+    eager mode (inductor fuses the gather into the product instead), so it is for a few tokens: the compiled
+    decode graphs, and the decode step on an accelerator without grouped_mm. The pairs are sorted by expert, so
+    pairs that share an expert read its weights while they are in cache."""
+    k = indices.shape[1]
+    flat = indices.flatten()
+    order = flat.argsort(stable=True)
+    token_of = order // k  # source token of each (token, expert) pair, grouped by expert
+    experts = flat[order]
+    g, u = torch.bmm(gate_up[experts], x[token_of, :, None]).squeeze(-1).chunk(2, dim=-1)
+    ys = torch.bmm(down[experts], (F.silu(g) * u)[:, :, None]).squeeze(-1)  # [N*K, D]
+    return out.index_add_(0, token_of, ys * weights.flatten()[order, None].to(x.dtype))

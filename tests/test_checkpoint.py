@@ -265,3 +265,22 @@ def test_malformed_index_is_one_line(model, tmp_path, content, message):
     (tmp_path / "ckpt" / "model.safetensors.index.json").write_text(content)
     with pytest.raises(NanoseekError, match=message):
         load_model(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_owned_export_empties_the_state_and_writes_the_same_bytes(tmp_path, tied):
+    """save_state_dict(owned=True), the HF export of a gathered copy (Trainer.save_final): the caller's dict is
+    emptied as the tensors are taken over (one copy of the weights, not two) and the files equal the copying path's."""
+    from nanoseek.checkpoint import save_state_dict
+
+    torch.manual_seed(0)
+    m = Transformer(get_preset("test", tie_word_embeddings=tied))
+    save_state_dict(m.config, m.state_dict(), tmp_path / "copied")
+    state = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    save_state_dict(m.config, state, tmp_path / "owned", owned=True)
+    assert state == {}
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "owned" / name).read_bytes() == (tmp_path / "copied" / name).read_bytes(), name
+    for (k, a), (_, b) in zip(m.state_dict().items(), load_model(tmp_path / "owned").state_dict().items(),
+                              strict=True):
+        assert torch.equal(a, b), k

@@ -87,6 +87,25 @@ def test_greedy_matches_transformers_batch8(model, hf_greedy, prefill_mode, grou
     assert stats["prompt_tokens"] == sum(map(len, PROMPTS)) and stats["decode_steps"] == N_NEW - 1
 
 
+@pytest.mark.parametrize("grouped", [True, False])
+def test_decode_step_on_an_accelerator_reads_nothing_back_to_the_host(grouped):
+    """On CUDA a decode step's layers queue their kernels without waiting for the GPU: no .tolist() / .item() per
+    layer, the MoE through grouped_mm (bf16 on H100-class GPUs) or, without it, each pair's expert weights
+    gathered. `meta` tensors stand in for the device (any read of a value to the host fails on them)."""
+    from nanoseek.engine.forward import ModelRunner
+
+    with torch.device("meta"):
+        model = Transformer(get_preset("test")).to(torch.bfloat16)
+    runner = ModelRunner(model, max_batch_size=4, max_seq_len=64)
+    for lw in runner.layers:
+        lw.grouped = lw.moe and grouped
+    runner.set_lengths(0, [5, 9, 2])
+    logits = runner.decode(torch.tensor([3, 4, 5], device="meta"))
+    assert logits.shape == (3, 512) and logits.device.type == "meta" and runner.slot_lengths[:3] == [6, 10, 3]
+    if grouped:  # a prefill too, through grouped_mm
+        assert runner.prefill([[1, 2, 3], [4, 5]], start=1).shape == (2, 512)
+
+
 @pytest.mark.parametrize("prefill_mode, native", [("naive", None), ("naive", False), ("absorbed", False)])
 def test_logits_equal_full_recompute(model, prefill_mode, native):
     """Absorbed decode over the latent cache (slots of different lengths) == model(ids) on the whole sequence, on

@@ -235,3 +235,74 @@ def test_grouped_loop_fallback_equals_grouped_mm(monkeypatch):
         outs.append((y.detach(), xs.grad, w.grad))
     for a, b in zip(*outs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+# --- the FP8 tensor-core path (torch._scaled_mm), checked on CPU against the emulation ----------------------------
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
+    """Equal up to fp32 summation order (the kernel path multiplies zero-padded operands)."""
+    return a.shape == b.shape and (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())
+
+
+def test_scaled_mm_operands_define_the_emulated_gemms():
+    """The operands and scales handed to torch._scaled_mm (torch's layouts: checked by scaled_mm_reference as torch
+    checks them) multiply out to the emulation's three GEMMs, on shapes that are not multiples of 128."""
+    from nanoseek.fp8 import dgrad_operands, forward_operands, quantize_blocks_e4m3, scaled_mm, wgrad_operands
+    torch.manual_seed(0)
+    x, w, dy = torch.randn(200, 320), torch.randn(272, 320) * 0.05, torch.randn(200, 272)
+    wq, ws = quantize_blocks_e4m3(w)
+    assert close(scaled_mm(forward_operands(x, wq, ws, 272), torch.float32), quantize_tiles(x) @ quantize_blocks(w).t())
+    assert close(scaled_mm(dgrad_operands(dy, wq, ws, 320), torch.float32), quantize_tiles(dy) @ quantize_blocks(w))
+    assert close(scaled_mm(wgrad_operands(dy, x), torch.float32),
+                 quantize_tiles(dy.t()) @ quantize_tiles(x.t()).t())
+
+
+def test_scaled_mm_reference_refuses_what_torch_refuses():
+    import pytest
+
+    from nanoseek.fp8 import forward_operands, quantize_blocks_e4m3, scaled_mm_reference
+    torch.manual_seed(0)
+    wq, ws = quantize_blocks_e4m3(torch.randn(256, 256))
+    ops = forward_operands(torch.randn(64, 256), wq, ws, 256)
+    with pytest.raises(ValueError, match="fits no block scaling"):  # 1x128 scales must be column-major
+        scaled_mm_reference(ops.a, ops.b, ops.scale_a.contiguous(), ops.scale_b)
+    with pytest.raises(ValueError, match="column-major"):
+        scaled_mm_reference(ops.a, ops.b.contiguous(), ops.scale_a, ops.scale_b)
+
+
+def test_tensor_core_linear_equals_the_emulation_forward_and_backward():
+    """_ScaledLinear (what a Hopper GPU runs) on CPU, with the reference product and fp32 outputs: the same output
+    and gradients as _FP8Linear."""
+    from nanoseek.fp8 import _FP8Linear, _ScaledLinear
+    torch.manual_seed(0)
+    x = torch.randn(150, 192, requires_grad=True)
+    w = (torch.randn(80, 192) * 0.05).requires_grad_()
+    g = torch.randn(150, 80)
+    results = []
+    for fn in (lambda: _FP8Linear.apply(x, w), lambda: _ScaledLinear.apply(x, w, torch.float32)):
+        x.grad = w.grad = None
+        y = fn()
+        (y * g).sum().backward()
+        results.append((y.detach(), x.grad.clone(), w.grad.clone()))
+    for emulated, kernel in zip(*results, strict=True):
+        assert close(kernel, emulated)
+
+
+def test_tensor_core_experts_equal_the_emulation_forward_and_backward():
+    """_ScaledGroupedLinear: one scaled_mm per expert (an expert with no rows, one crossing a 128-row tile), gate
+    and up blocked separately: the same as _FP8GroupedLinear."""
+    from nanoseek.fp8 import _FP8GroupedLinear, _ScaledGroupedLinear
+    torch.manual_seed(0)
+    xs = torch.randn(200, 160, requires_grad=True)
+    w = (torch.randn(3, 256, 160) * 0.05).requires_grad_()  # gate_up: 2 x 128 rows per expert
+    offs = torch.tensor([130, 130, 200], dtype=torch.int32)
+    g = torch.randn(200, 256)
+    results = []
+    for fn in (lambda: _FP8GroupedLinear.apply(xs, w, offs, 2),
+               lambda: _ScaledGroupedLinear.apply(xs, w, offs, 2, torch.float32)):
+        xs.grad = w.grad = None
+        y = fn()
+        (y * g).sum().backward()
+        results.append((y.detach(), xs.grad.clone(), w.grad.clone()))
+    for emulated, kernel in zip(*results, strict=True):
+        assert close(kernel, emulated)
+    assert results[1][2][1].abs().max() == 0  # the expert without rows gets no gradient

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanoseek import ModelConfig, NanoseekError, Transformer, get_preset, load_model
+from nanoseek import ModelConfig, NanoseekError, Transformer, get_preset, load_model, moe
 from nanoseek.checkpoint import save_pretrained
 from nanoseek.model import MoE
 
@@ -124,6 +124,47 @@ def test_moe_dispatch_matches_per_token_reference():
                 h = F.silu(moe.gate_up_proj[e, :inter] @ flat[t]) * (moe.gate_up_proj[e, inter:] @ flat[t])
                 ref[t] += w[t, j] * (moe.down_proj[e] @ h)
     torch.testing.assert_close(y.view(-1, cfg.hidden_size), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_moe_expert_paths_agree():
+    """The routed experts' three paths (grouped_mm, the per-expert loop, each pair with its expert's weights
+    gathered: the accelerator's path without grouped_mm) give the same output for the same routing."""
+    torch.manual_seed(0)
+    cfg = get_preset("test")
+    moe_layer = Transformer(cfg).layers[1].mlp
+    x = torch.randn(21, cfg.hidden_size)
+    with torch.no_grad():
+        w, idx, _ = moe_layer.gate(x)
+        gu, dn = moe_layer.gate_up_proj, moe_layer.down_proj
+        assert moe.grouped_mm_ok(x, gu, dn)
+        grouped = moe.dispatch(x, w, idx, cfg.n_routed_experts, lambda xs, c: moe.grouped_swiglu(xs, c, gu, dn))
+        looped = moe.dispatch(x, w, idx, cfg.n_routed_experts,
+                              lambda xs, c: moe.looped_swiglu(xs, c, gu.unbind(0), dn.unbind(0)))
+        gathered = moe.gathered_swiglu(x, w, idx, gu, dn, torch.zeros_like(x))
+    torch.testing.assert_close(looped, grouped, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gathered, grouped, atol=1e-5, rtol=1e-5)
+    counts = moe.expert_counts(idx.flatten(), cfg.n_routed_experts)
+    assert torch.equal(counts, torch.bincount(idx.flatten(), minlength=cfg.n_routed_experts))
+
+
+def test_moe_dispatch_reads_nothing_back_to_the_host():
+    """On an accelerator the routing, counting and grouped_mm dispatch (forward and backward) must queue without
+    waiting for the device. `meta` tensors stand in for one: any read of a value to the host (.tolist(), .item(),
+    torch.bincount's size) fails on them, and grouped_mm_ok applies the CUDA rule (bf16) to them."""
+    cfg = get_preset("test")
+    e, d, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    with torch.device("meta"):
+        x = torch.randn(40, d, dtype=torch.bfloat16, requires_grad=True)
+        gu = torch.randn(e, 2 * i, d, dtype=torch.bfloat16, requires_grad=True)
+        dn = torch.randn(e, d, i, dtype=torch.bfloat16, requires_grad=True)
+        w, idx = moe.select_experts(torch.rand(40, e), torch.zeros(e), cfg)
+    assert moe.grouped_mm_ok(x, gu, dn) and not moe.grouped_mm_ok(x.float(), gu.float(), dn.float())
+    y = moe.dispatch(x, w, idx, e, lambda xs, c: moe.grouped_swiglu(xs, c, gu, dn))
+    y.float().sum().backward()
+    assert y.shape == (40, d) and gu.grad.shape == gu.shape
+    assert moe.expert_counts(idx.flatten(), e).shape == (e,)
+    with pytest.raises(NotImplementedError):  # what the old counting did: torch.bincount sizes its output on the host
+        torch.bincount(idx.flatten(), minlength=e)
 
 
 def test_mtp_loss_matches_manual_computation():

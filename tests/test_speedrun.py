@@ -121,3 +121,29 @@ def test_printed_chat_and_serve_commands_work(quick_run):
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_three_gpus_run_every_distributable_stage_under_torchrun(tmp_path, monkeypatch):
+    """With 3 GPUs (the toy plan's batches of 8 sequences and 4 prompts do not divide by 3: the count that used to
+    fail) every stage but the tokenizer and the report is `torchrun --nproc_per_node=3 -m nanoseek <command>`, with
+    flags the command's own parser accepts. No GPU is needed: the device and torchrun are stand-ins."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from nanoseek.cli import build_parser
+    from nanoseek.commands import speedrun
+
+    monkeypatch.setattr(speedrun, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    calls = []
+    monkeypatch.setattr(speedrun.subprocess, "run",
+                        lambda cmd, **kw: calls.append(cmd) or SimpleNamespace(returncode=0))
+    for stage in speedrun.build_stages(PLANS["quick"], tmp_path, 1, 0.1):
+        if stage.name not in ("tokenizer", "report"):
+            stage.run()
+    commands = [cmd[cmd.index("nanoseek") + 1:] for cmd in calls]
+    assert [c[0] for c in commands] == ["pretrain", "eval", "sft", "eval", "rl", "eval", "sample", "distill", "eval"]
+    assert all("--nproc_per_node=3" in cmd for cmd in calls)
+    for argv in commands:
+        build_parser(argv[0]).parse_args(argv)  # every flag exists (argparse exits on an unknown one)

@@ -86,6 +86,17 @@ def add_training_arguments(p: argparse.ArgumentParser, d: TrainConfig, out: str 
                         "on-demand rate for a small 2-vCPU cloud VM; V3's cost table uses $2 per H800 GPU-hour)")
 
 
+def add_distributed_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """--parallel and --async-save: how a stage trains under torchrun (ignored in one process)."""
+    g = p.add_argument_group("torchrun (docs/distributed.md)")
+    g.add_argument("--parallel", choices=("ddp", "fsdp"), default=d.parallel,
+                   help="under torchrun: ddp = whole model per process, gradients all-reduced; fsdp = FSDP2, weights, "
+                        f"gradients and optimizer state sharded (default {d.parallel})")
+    g.add_argument("--async-save", action="store_true",
+                   help="under torchrun: write checkpoints from a background thread after copying the shards to CPU "
+                        "memory (training goes on meanwhile)")
+
+
 def add_model_and_data_arguments(p: argparse.ArgumentParser, d: PretrainConfig | AblateConfig) -> None:
     """--preset/--config, --data and --vocab-size: the model and the corpus a pre-training run starts from (defaults
     from `d`)."""
@@ -114,6 +125,26 @@ def set_threads(threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    """--device for the commands that run the engine (generate, chat, serve)."""
+    p.add_argument("--device", default=None,
+                   help="torch device: cpu, cuda, cuda:N (default: cuda if available, else cpu); on CUDA the weights "
+                        "and the latent cache are bf16")
+
+
+def engine_placement(device: str | None, dtype: str | None = None) -> tuple[str, Any]:
+    """--device (and generate's --dtype) -> (device, torch dtype) for Engine.from_pretrained: bf16 on CUDA, fp32 on
+    the CPU unless --dtype says otherwise."""
+    import torch
+
+    from nanoseek.distributed import inference_dtype, resolve_device
+
+    resolved = resolve_device(device)
+    if dtype is None:
+        return str(resolved), inference_dtype(resolved)
+    return str(resolved), {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
 
 def check_speculate(k: int, model: Path) -> None:

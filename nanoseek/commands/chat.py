@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from nanoseek.commands._flags import add_device_argument, engine_placement
 from nanoseek.errors import NanoseekError
 from nanoseek.tokenizer import Tokenizer
 
@@ -32,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's, <= 4096)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
+    add_device_argument(p)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -43,7 +45,9 @@ def run(args: argparse.Namespace) -> None:
         if args.threads < 1:
             raise NanoseekError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    engine = Engine.from_pretrained(args.model, max_batch_size=1, max_seq_len=args.max_seq_len)
+    device, dtype = engine_placement(args.device)
+    engine = Engine.from_pretrained(args.model, dtype=dtype, device=device, max_batch_size=1,
+                                    max_seq_len=args.max_seq_len)
     tok = Tokenizer.from_dir(args.model)
     params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)

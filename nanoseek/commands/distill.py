@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nanoseek.commands._flags import add_finetune_arguments, config_from_args
+from nanoseek.commands._flags import add_distributed_arguments, add_finetune_arguments, config_from_args
 from nanoseek.config import PRESETS
 from nanoseek.train.sft import DistillConfig, distill
 
@@ -21,7 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     student = p.add_mutually_exclusive_group(required=True)
     student.add_argument("--student-preset", choices=list(PRESETS), help="student shape (made dense, no MTP)")
     student.add_argument("--student-config", type=Path, help="student config.json (made dense, no MTP)")
-    add_finetune_arguments(p, DistillConfig(teacher_data=[], teacher=Path()))
+    d = DistillConfig(teacher_data=[], teacher=Path())
+    add_finetune_arguments(p, d)
+    add_distributed_arguments(p, d)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -19,10 +19,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=EVAL_TEMPERATURE)
     p.add_argument("--top-p", type=float, default=EVAL_TOP_P)
-    p.add_argument("--batch-size", type=int, default=64, help="engine batch size (sequences decoded together)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="engine batch size (sequences decoded together; per process under torchrun)")
     p.add_argument("--seed", type=int, default=0, help="problem draw and sampling seed")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, help="write the result here as JSON")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu); under torchrun "
+                   "each process takes its share of the problems")
 
 
 def run(args: argparse.Namespace) -> None:

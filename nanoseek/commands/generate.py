@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.commands._flags import check_speculate, set_threads
+from nanoseek.commands._flags import add_device_argument, check_speculate, engine_placement, set_threads
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.errors import NanoseekError
 
@@ -31,9 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, in (0, 1]; default 0.95")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = off (default)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weights and cache dtype (default "
-                                                                            "float32, the fastest on most CPUs "
-                                                                            "for small models)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="weights and cache dtype (default: float32 "
+                                                                       "on the CPU, the fastest on most CPUs for "
+                                                                       "small models; bfloat16 on CUDA)")
+    add_device_argument(p)
     p.add_argument("--quant", choices=["int8", "int4"], default=None,
                    help="weight-only quantisation for the CPU: int8 per output channel, int4 in groups of 32 "
                         "(default: none; see docs/engine.md)")
@@ -56,7 +57,8 @@ def run(args: argparse.Namespace) -> None:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop_token_ids=[tokenizer.eos_id])
     params.validate()
-    engine = Engine.from_pretrained(args.model, dtype=DTYPES[args.dtype], max_batch_size=1, quant=args.quant,
+    device, dtype = engine_placement(args.device, args.dtype)
+    engine = Engine.from_pretrained(args.model, dtype=dtype, device=device, max_batch_size=1, quant=args.quant,
                                     speculative=args.speculate > 0,
                                     num_speculative_tokens=max(args.speculate, 1))
     if tokenizer.vocab_size > engine.config.vocab_size:

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import argparse
 
-from nanoseek import distributed
-from nanoseek.commands._flags import add_model_and_data_arguments, add_training_arguments, config_from_args
+from nanoseek.commands._flags import (
+    add_distributed_arguments,
+    add_model_and_data_arguments,
+    add_training_arguments,
+    config_from_args,
+)
 from nanoseek.train.pretrain import PretrainConfig, pretrain
 
 
@@ -20,10 +24,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8", action="store_true",
                    help="DeepSeek-V3 FP8 GEMMs for every projection and expert (1x128 / 128x128 e4m3 tiles, emulated "
                         "exactly; slower on CPU); embedding, head, gate, norms, attention stay in --dtype")
-    p.add_argument("--parallel", choices=distributed.MODES, default=d.parallel,
-                   help="under torchrun: ddp = whole model per process, gradients all-reduced; fsdp = FSDP2, weights, "
-                        "gradients and optimizer state sharded (default ddp; docs/distributed.md)")
+    p.add_argument("--ep", type=int, default=d.ep, metavar="N",
+                   help="under torchrun: expert parallelism, each MoE layer's routed experts spread over N processes "
+                        "and the tokens sent to them with all-to-all; N divides the process count (default 1; "
+                        "docs/expert_parallel.md)")
     add_training_arguments(p, d)
+    add_distributed_arguments(p, d)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nanoseek.commands._flags import config_from_args
+from nanoseek.commands._flags import add_distributed_arguments, config_from_args
 from nanoseek.train.grpo import RLConfig, rl
 
 
@@ -57,6 +57,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/latest")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     t.add_argument("--price-per-hour", type=float, default=d.price_per_hour, help="USD per machine-hour for run.json")
+    m = p.add_argument_group("machine")
+    m.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    m.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default=d.dtype,
+                   help="the update's compute dtype (bf16 = torch.autocast, master weights fp32); auto = fp32 on the "
+                        "CPU, bf16 on CUDA, where the rollouts sample from a bf16 copy of the policy")
+    add_distributed_arguments(p, d)
 
 
 def run(args: argparse.Namespace) -> None:

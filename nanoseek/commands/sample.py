@@ -21,9 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=EVAL_TEMPERATURE)
     p.add_argument("--top-p", type=float, default=EVAL_TOP_P)
-    p.add_argument("--batch-size", type=int, default=64, help="engine batch size")
+    p.add_argument("--batch-size", type=int, default=64, help="engine batch size (per process under torchrun)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu); under torchrun "
+                   "each process takes its share of the problems")
 
 
 def run(args: argparse.Namespace) -> None:

@@ -10,7 +10,7 @@ import argparse
 import os
 from pathlib import Path
 
-from nanoseek.commands._flags import check_speculate, set_threads
+from nanoseek.commands._flags import add_device_argument, check_speculate, engine_placement, set_threads
 from nanoseek.engine import Engine
 from nanoseek.errors import NanoseekError
 from nanoseek.serving import MAX_CONNECTIONS, READ_TIMEOUT, check_api_key, create_app, http_protocol
@@ -64,6 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, metavar="N",
                    help=f"while requests are decoding, prefill at most N prompt tokens a step, so a long prompt does "
                         f"not stall them (default {PREFILL_CHUNK}; 0: whole prompts)")
+    add_device_argument(p)
 
 
 def cache_options(args: argparse.Namespace) -> dict:
@@ -122,7 +123,9 @@ def run(args: argparse.Namespace) -> None:
         api_key = check_api_key(os.environ["NANOSEEK_API_KEY"], "NANOSEEK_API_KEY")
     set_threads(args.threads)
     check_speculate(args.speculate, args.model)
-    engine = Engine.from_pretrained(args.model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+    device, dtype = engine_placement(args.device)
+    engine = Engine.from_pretrained(args.model, dtype=dtype, device=device, max_batch_size=args.max_batch_size,
+                                    max_seq_len=args.max_seq_len,
                                     compile=args.compile, speculative=args.speculate > 0,
                                     num_speculative_tokens=max(args.speculate, 1), **cache_options(args))
     tokenizer = Tokenizer.from_dir(args.model)

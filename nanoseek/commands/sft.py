@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nanoseek.commands._flags import add_finetune_arguments, config_from_args
+from nanoseek.commands._flags import add_distributed_arguments, add_finetune_arguments, config_from_args
 from nanoseek.config import PRESETS
 from nanoseek.train.sft import SFTConfig, sft
 
@@ -20,6 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", help="add synthetic reasoning traces of this task, e.g. arithmetic:max_digits=2")
     p.add_argument("--n", type=int, help="number of task traces (train split)")
     add_finetune_arguments(p, SFTConfig())
+    add_distributed_arguments(p, SFTConfig())
 
 
 def run(args: argparse.Namespace) -> None:

@@ -12,8 +12,10 @@ runs/speedrun) holds one sub-directory per stage plus:
 
 Interrupted and rerun with the same command, it skips the stages in done/ and continues the unfinished one from its
 last checkpoint (--resume). The default fits in 30 minutes on 2 CPU cores; --quick runs the same stages at toy size
-in about a minute (the test suite's smoke test). On a machine with several CUDA GPUs, pre-training runs under
-torchrun, one process per GPU.
+in about a minute (the test suite's smoke test). Every stage runs on --device (default: CUDA when present); on a
+machine with several CUDA GPUs every stage but the tokenizer and the report runs under torchrun, one process per GPU
+(at most one per sequence or problem of the stage's batch), any number of GPUs: the batches are split unevenly
+where they do not divide (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from tqdm import tqdm
 
 from nanoseek.config import get_preset
 from nanoseek.data import default_corpus_files
+from nanoseek.distributed import resolve_device
 from nanoseek.errors import NanoseekError
 from nanoseek.osutil import check_writable, write_file_atomically, write_text_atomically
 from nanoseek.tasks import format_completion, load_task
@@ -121,6 +124,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--price-per-hour", type=float, default=0.10,
                    help="USD per machine-hour for the report card (default 0.10, as nanoseek pretrain)")
     p.add_argument("--restart", action="store_true", help="delete --out first and start from scratch")
+    p.add_argument("--device", default=None,
+                   help="torch device of every stage (default: cuda if available, else cpu); with several GPUs "
+                        "visible the stages run under torchrun, one process per GPU")
 
 
 # --- stage runners --------------------------------------------------------------------------------------------------
@@ -152,13 +158,19 @@ def run_stage(command: str, stage: Callable[[Any], Any], cfg: Any) -> None:
     stage(cfg)
 
 
-def torchrun_pretrain(cfg: PretrainConfig, n_gpus: int) -> None:
-    """Pre-training on several GPUs: the same command under torchrun, one process per GPU (standard DDP/FSDP2)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_gpus}",
-           "-m", "nanoseek", *command_line("pretrain", cfg)]
+def run_on_gpus(command: str, stage: Callable[[Any], Any], cfg: Any, processes: int) -> None:
+    """A stage as one process (run_stage), or with processes > 1 the same command under torchrun, one process per
+    GPU (DDP for the training stages, each rank its share of the problems for eval and sample)."""
+    if processes <= 1:
+        run_stage(command, stage, cfg)
+        return
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           "-m", "nanoseek", *command_line(command, cfg)]
     print(f"$ {shlex.join(cmd)}", flush=True)
+    sys.stdout.flush()
     if subprocess.run(cmd, stdout=sys.stdout, stderr=sys.stderr).returncode != 0:
-        raise NanoseekError(f"torchrun pre-training failed (see {cfg.out})")
+        raise NanoseekError(f"`nanoseek {command}` under torchrun with {processes} processes failed (its output is in "
+                            f"the stage's log)")
 
 
 def write_trace_corpus(task_spec: str, n: int, path: Path) -> Path:
@@ -211,13 +223,19 @@ def eval_summary(path: Path) -> str:
     return ", ".join(p for p in parts if p)
 
 
-def build_stages(plan: Plan, out: Path, threads: int, price: float) -> list[Stage]:
-    """The stages, each a library call with the config of the nanoseek command a user would type."""
-    common: dict[str, Any] = {"threads": threads, "price_per_hour": price}
+def build_stages(plan: Plan, out: Path, threads: int, price: float, device: str | None = None) -> list[Stage]:
+    """The stages, each a library call with the config of the nanoseek command a user would type, on `device`
+    (None: CUDA when present); with several GPUs under torchrun."""
+    common: dict[str, Any] = {"threads": threads, "price_per_hour": price, "device": device}
     pre, sft_dir, rl_dir, smp, dst, ev = (out / d for d in ("pretrain", "sft", "rl", "sample", "distill", "eval"))
     traces = out / "corpus" / f"{plan.task.split(':')[0]}_traces.jsonl"
     corpus = [*default_corpus_files(), traces]
-    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    on_gpu = resolve_device(device).type == "cuda"
+    n_gpus = torch.cuda.device_count() if on_gpu and (device is None or device == "cuda") else 1
+
+    def processes(items: int) -> int:
+        """One process per GPU, at most one per item (sequence, prompt, problem) of the stage's batch."""
+        return max(1, min(n_gpus, items))
 
     def tokenizer() -> None:
         traces.parent.mkdir(parents=True, exist_ok=True)
@@ -232,43 +250,42 @@ def build_stages(plan: Plan, out: Path, threads: int, price: float) -> list[Stag
                              eval_every=max(1, plan.pretrain_steps // 4), save_every=max(1, plan.pretrain_steps // 4),
                              sample_every=0, bias_update_speed=0.01, sample_prompt="What is 25 + 17?", out=pre,
                              resume=resuming(pre), **common)
-        if n_gpus > 1:
-            torchrun_pretrain(cfg, n_gpus)
-        else:
-            run_stage("pretrain", pretrain, cfg)
+        run_on_gpus("pretrain", pretrain, cfg, processes(plan.pretrain_batch))
 
     def evaluate(model: Path, name: str) -> Callable[[], None]:
         def run_eval() -> None:
             ev.mkdir(parents=True, exist_ok=True)
-            run_stage("eval", evaluate_checkpoint, EvalConfig(
+            run_on_gpus("eval", evaluate_checkpoint, EvalConfig(
                 model=model, task=plan.task, n=plan.eval_n, k=plan.eval_k, max_new_tokens=plan.max_new_tokens,
-                batch_size=128, threads=threads, json=ev / f"{name}.json"))
+                batch_size=128, threads=threads, json=ev / f"{name}.json", device=device), processes(plan.eval_n))
         return run_eval
 
     def finetune() -> None:
-        run_stage("sft", sft, SFTConfig(
+        run_on_gpus("sft", sft, SFTConfig(
             model=pre / "final", task=plan.task, n=plan.sft_n, steps=plan.sft_steps, batch_size=32, lr=plan.sft_lr,
             warmup_steps=10, mtp_lambda=0.3, bias_update_speed=0.01, save_every=max(1, plan.sft_steps // 3),
-            eval_every=max(1, plan.sft_steps // 3), out=sft_dir, resume=resuming(sft_dir), **common))
+            eval_every=max(1, plan.sft_steps // 3), out=sft_dir, resume=resuming(sft_dir), **common), processes(32))
 
     def grpo() -> None:
-        run_stage("rl", rl, RLConfig(
+        run_on_gpus("rl", rl, RLConfig(
             model=sft_dir / "final", task=plan.task, steps=plan.rl_steps, prompts_per_step=plan.rl_prompts,
             group_size=plan.rl_group, max_new_tokens=plan.max_new_tokens, lr=plan.rl_lr, warmup_steps=3,
-            eval_every=0, save_every=max(1, plan.rl_steps // 4), out=rl_dir, resume=resuming(rl_dir), **common))
+            eval_every=0, save_every=max(1, plan.rl_steps // 4), out=rl_dir, resume=resuming(rl_dir), **common),
+            processes(plan.rl_prompts))
 
     def sample() -> None:
         smp.mkdir(parents=True, exist_ok=True)
-        run_stage("sample", sample_traces, SampleConfig(
+        run_on_gpus("sample", sample_traces, SampleConfig(
             model=rl_dir / "final", task=plan.task, n=plan.sample_n, k=plan.sample_k, keep_correct=True,
-            max_new_tokens=plan.max_new_tokens, batch_size=128, threads=threads, out=smp / "traces.jsonl"))
+            max_new_tokens=plan.max_new_tokens, batch_size=128, threads=threads, out=smp / "traces.jsonl",
+            device=device), processes(plan.sample_n))
 
     def distillation() -> None:
-        run_stage("distill", distill, DistillConfig(
+        run_on_gpus("distill", distill, DistillConfig(
             teacher_data=[smp / "traces.jsonl"], teacher=rl_dir / "final", student_preset=plan.student_preset,
             steps=plan.distill_steps, batch_size=32, lr=plan.distill_lr, warmup_steps=20, mtp_lambda=0.0,
             save_every=max(1, plan.distill_steps // 3), eval_every=max(1, plan.distill_steps // 3), out=dst,
-            resume=resuming(dst), **common))
+            resume=resuming(dst), **common), processes(32))
 
     def report() -> None:
         path = write_report_card([out], out / "report.md", price_per_hour=price, title="nanoseek speedrun")
@@ -341,7 +358,8 @@ def run(args: argparse.Namespace) -> None:
     for d in ("logs", "done"):
         (out / d).mkdir(exist_ok=True)
 
-    stages = build_stages(plan, out, threads, args.price_per_hour)
+    resolve_device(args.device)  # a bad or missing device fails now, in one line
+    stages = build_stages(plan, out, threads, args.price_per_hour, args.device)
     assert tuple(s.name for s in stages) == STAGES
     total = sum(s.weight for s in stages)
     done = [s for s in stages if (out / "done" / s.name).is_file()]

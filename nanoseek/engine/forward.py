@@ -110,7 +110,8 @@ class ModelRunner:
             # every engine compiles its own graphs of the same code: more than dynamo's default limit of 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             # inductor's C++ wrapper calls the kernels from C++ instead of Python (~10% at batch 1)
-            kw = dict(options={"cpp_wrapper": True}) if compile_backend == "inductor" else {}
+            kw = dict(options={"cpp_wrapper": True}) if compile_backend == "inductor" and self.device.type == "cpu" \
+                else {}
             if compile_backend == "inductor":  # compiled graphs cached on disk across runs (compile_cache.py)
                 self.compile_cache = compile_cache.configure()
             self._decode_graph = torch.compile(self._static_decode, fullgraph=True, dynamic=False,
@@ -135,8 +136,8 @@ class ModelRunner:
     def set_lengths(self, start: int, lens: list[int]) -> None:
         if self.device.type == "cpu":  # through a numpy view: ~1 us against ~8 (a native step can take 10)
             self.lengths.numpy()[start:start + len(lens)] = lens
-        else:
-            self.lengths[start:start + len(lens)] = torch.tensor(lens, device=self.device)
+        else:  # non_blocking: on CUDA the copy is queued behind the step's kernels instead of waiting for them
+            self.lengths[start:start + len(lens)] = torch.tensor(lens).to(self.device, non_blocking=True)
         self.slot_lengths[start:start + len(lens)] = lens
 
     def assign(self, slot: int, blocks: list[int]) -> None:
@@ -416,7 +417,7 @@ class ModelRunner:
         batch >= 2 per S."""
         n, seqlen = tensors[0].shape[:2]
         lens = self.slot_lengths[:n] if lens is None else lens
-        pos0 = torch.tensor(lens, device=self.device)
+        pos0 = torch.tensor(lens).to(self.device, non_blocking=True)
         t_index = torch.arange(max(lens) + seqlen, device=self.device)  # >= 2
         torch._dynamo.mark_dynamic(t_index, 0)
         if n > 1:

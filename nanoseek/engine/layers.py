@@ -34,6 +34,10 @@ from nanoseek.engine.weights import LayerWeights
 from nanoseek.model import apply_rope
 from nanoseek.quant import QuantizedWeight
 
+# an accelerator without grouped_mm runs the routed experts of up to this many (token, expert) pairs gathered (no host
+# sync, but a copy of an expert's weights per pair in eager mode), and more (a prefill) in the per-expert loop
+GATHER_PAIRS = 1024
+
 
 class Batch(NamedTuple):
     """What every layer needs to feed [B,S] tokens to a run of slots (computed once per forward)."""
@@ -163,26 +167,22 @@ def attention(x: torch.Tensor, lw: LayerWeights, cache: torch.Tensor, b: Batch, 
 def moe_ffn(x: torch.Tensor, lw: LayerWeights, cfg: ModelConfig, b: Batch) -> torch.Tensor:
     """Shared experts + the routed experts the N tokens x [N,D] selected (one matmul pair per busy expert only).
 
-    The router and the sort-by-expert dispatch are nanoseek.moe's, as in the training model. Two paths are the
-    engine's own because they only pay off in decoding: the static one (compiled graphs cannot have the dispatch's
-    data-dependent shapes) and the per-pair one (for a token or two, sorting costs more than it saves)."""
+    The router and the sort-by-expert dispatch are nanoseek.moe's, as in the training model. Two paths only pay off
+    in decoding: the gathered one (compiled graphs cannot have the dispatch's data-dependent shapes, and on an
+    accelerator without grouped_mm it is the one without host syncs) and the per-pair one on the CPU (for a token or
+    two, sorting costs more than it saves). On an accelerator the dispatch runs F.grouped_mm (bf16 on H100-class
+    GPUs) with its offsets on the device; only a prefill without grouped_mm loops over the experts (a host sync)."""
     weights, indices = moe.select_experts(F.linear(x.float(), lw.gate_w).sigmoid(), lw.gate_bias, cfg)  # [N,K]
     y = torch.zeros_like(x) if lw.mlp_gate_up is None else swiglu(x, lw.mlp_gate_up, lw.mlp_down, b.matvec)
     n, k = indices.shape
-    if b.static:
-        # for torch.compile: no data-dependent shapes or host syncs. Each (token, expert) pair gathers its
-        # expert's weights, [N*K, 2I, D] and [N*K, D, I]; inductor fuses the gather into the matrix-vector
-        # loops, so the weights are read in place, not copied. Measured faster than a dense all-expert
-        # formulation at batch 16 too (7 vs 13.5 ms a step): that multiplies by E instead of K.
-        # The pairs are sorted by expert, so pairs that share an expert read its weights while they are in cache.
-        flat = indices.flatten()
-        order = flat.argsort(stable=True)
-        token_of = order // k  # source token of each (token, expert) pair, grouped by expert
-        experts = flat[order]
-        gate, up = torch.bmm(lw.experts_gate_up_3d[experts], x[token_of, :, None]).squeeze(-1).chunk(2, dim=-1)
-        outs = torch.bmm(lw.experts_down_3d[experts], (F.silu(gate) * up)[:, :, None]).squeeze(-1)  # [N*K, D]
-        return y.index_add_(0, token_of, outs * weights.flatten()[order, None].to(x.dtype))
-    if n * k <= 4:  # a token or two (batch-1 decode, speculative verification): run each pair, no sorting
+    host = x.device.type == "cpu"  # on an accelerator no path below may read a value back to the host
+    if b.static or (not host and not lw.grouped and n * k <= GATHER_PAIRS):
+        # no data-dependent shapes or host syncs: for torch.compile, and the decode step on an accelerator where
+        # grouped_mm has no kernel of its own. Inductor fuses the gather of each pair's expert weights into the
+        # matrix-vector loops, so the weights are read in place, not copied; measured faster than a dense
+        # all-expert formulation at batch 16 too (7 vs 13.5 ms a step): that multiplies by E instead of K.
+        return moe.gathered_swiglu(x, weights, indices, lw.experts_gate_up_3d, lw.experts_down_3d, y)
+    if host and n * k <= 4:  # a token or two (batch-1 decode, speculative verification): run each pair, no sorting
         outs = torch.cat([swiglu(x[i:i + 1], lw.experts_gate_up[e], lw.experts_down[e])
                           for i, row in enumerate(indices.tolist()) for e in row])  # [N*K, D]
         return y + (weights.to(x.dtype).view(n, k, 1) * outs.view(n, k, -1)).sum(1)

@@ -33,11 +33,12 @@ def filter_probs(logits: torch.Tensor, ps: list[SamplingParams]) -> tuple[torch.
     """logits [m,V] -> temperature, then top-k and top-p: (probabilities sorted descending with the dropped ones
     zeroed, unnormalised [m,V]; their token ids [m,V])."""
     vocab = logits.shape[-1]
-    temp = torch.tensor([p.temperature for p in ps], device=logits.device)[:, None]
+    # the host's values reach the device with non_blocking copies (on CUDA queued, not waited for)
+    temp = torch.tensor([p.temperature for p in ps]).to(logits.device, non_blocking=True)[:, None]
     probs, order = F.softmax(logits / temp, dim=-1).sort(dim=-1, descending=True)
     before = probs.cumsum(-1) - probs  # probability mass ranked above each token
-    top_p = torch.tensor([p.top_p for p in ps], device=logits.device)[:, None]
-    top_k = torch.tensor([p.top_k or vocab for p in ps], device=logits.device)[:, None]
+    top_p = torch.tensor([p.top_p for p in ps]).to(logits.device, non_blocking=True)[:, None]
+    top_k = torch.tensor([p.top_k or vocab for p in ps]).to(logits.device, non_blocking=True)[:, None]
     drop = (before >= top_p) | (torch.arange(vocab, device=logits.device) >= top_k)
     drop[:, 0] = False  # always keep the most likely token
     return probs.masked_fill(drop, 0.0), order
@@ -106,7 +107,7 @@ def sample(logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[L
     logprobs: list[Logprobs | None] = [None] * len(reqs)
     if rows:
         kept, order = filter_probs(logits[rows], [reqs[i].params for i in rows])
-        u = torch.cat([torch.rand(1, generator=reqs[i].generator) for i in rows]).to(logits.device)
+        u = torch.cat([torch.rand(1, generator=reqs[i].generator) for i in rows]).to(logits.device, non_blocking=True)
         rank = inverse_cdf(kept, u)  # [m] position of each drawn token in its row's sorted order
         tokens[rows] = order.gather(1, rank[:, None]).squeeze(1)
         for j, i in enumerate(rows):

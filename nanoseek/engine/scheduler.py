@@ -451,7 +451,7 @@ class Engine:
                         if r.finished:
                             break
             else:
-                tokens = torch.tensor([r.output_ids[-1] for r in self.active], device=self.device)
+                tokens = torch.tensor([r.output_ids[-1] for r in self.active]).to(self.device, non_blocking=True)
                 logits = self.runner.decode(tokens)
                 for r, tok, lp in zip(self.active, *sample(logits, self.active), strict=True):
                     self._accept(events, r, tok, lp)

@@ -12,7 +12,9 @@ pass@1, maj@k) and percentile bootstrap (2000 resamples of the problems) for the
 pass@k), whose per-problem values are fractions rather than Bernoulli outcomes.
 
 evaluate_checkpoint(EvalConfig) is the stage; evaluate() and greedy_accuracy() score an engine already built (the RL
-monitor, the benchmarks). Prompts, sampling and scoring come from rollout.py.
+monitor, the benchmarks). Prompts, sampling and scoring come from rollout.py. Under torchrun each rank decodes its
+contiguous share of the problems with its own engine (request seeds from the whole job's indices), and every rank gets
+the gathered per-problem results, so the metrics are one process's.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 
 import torch
 
+from nanoseek import distributed
 from nanoseek.engine import Engine
 from nanoseek.errors import NanoseekError
 from nanoseek.osutil import check_writable, write_text_atomically
@@ -113,24 +116,41 @@ def compute_metrics(greedy: list[Reward] | None, sampled: list[list[Reward]] | N
 def evaluate(engine: Engine, tokenizer: Tokenizer, task: Task, problems: list[Problem], k: int = 4,
              max_new_tokens: int = 256, temperature: float = EVAL_TEMPERATURE, top_p: float = EVAL_TOP_P,
              seed: int = 0, greedy: bool = True) -> dict[str, Any]:
-    """Greedy and k-sample metrics of `engine` on `problems` (see compute_metrics); returns a JSON-able dict."""
-    prompts = [prompt_ids(tokenizer, p) for p in problems]
+    """Greedy and k-sample metrics of `engine` on `problems` (see compute_metrics) and each problem's accuracies
+    ("per_problem"); returns a JSON-able dict. Under torchrun every rank passes all the problems and decodes its
+    share; every rank returns the whole result."""
+    share = distributed.shard_range(len(problems))
+    mine = problems[share.start:share.stop]
+    prompts = [prompt_ids(tokenizer, p) for p in mine]
+    t0 = time.perf_counter()
+    g_rewards: list[Reward] = []
+    g_stats: list[tuple[bool, int]] = []  # (truncated, tokens) of each greedy completion
+    if greedy and mine:
+        g = sample_completions(engine, tokenizer, prompts, 1, max_new_tokens, temperature=0.0, seed=seed,
+                               first_index=share.start)
+        g_rewards = [rs[0] for rs in score_all(task, mine, g)]
+        g_stats = [(c[0].truncated, len(c[0].ids)) for c in g]
+    s_rewards: list[list[Reward]] = []
+    s_stats: list[tuple[bool, int]] = []
+    if k > 0 and mine:
+        s = sample_completions(engine, tokenizer, prompts, k, max_new_tokens, temperature, top_p, seed=seed,
+                               first_index=share.start * k)
+        s_rewards = score_all(task, mine, s)
+        s_stats = [(c.truncated, len(c.ids)) for cs in s for c in cs]
+    parts = distributed.all_gather_object((g_rewards, g_stats, s_rewards, s_stats))  # in rank order = problem order
+    g_rewards, g_stats, s_rewards, s_stats = (sum((part[i] for part in parts), []) for i in range(4))
     result: dict[str, Any] = {"n": len(problems), "k": k, "max_new_tokens": max_new_tokens,
                               "sampling": {"temperature": temperature, "top_p": top_p, "seed": seed}}
-    t0 = time.perf_counter()
-    g_rewards = None
     if greedy:
-        g = sample_completions(engine, tokenizer, prompts, 1, max_new_tokens, temperature=0.0, seed=seed)
-        g_rewards = [rs[0] for rs in score_all(task, problems, g)]
-        result["greedy_truncated"] = sum(c[0].truncated for c in g) / max(len(g), 1)
-        result["greedy_mean_tokens"] = sum(len(c[0].ids) for c in g) / max(len(g), 1)
-    s_rewards = None
+        result["greedy_truncated"] = sum(t for t, _ in g_stats) / max(len(g_stats), 1)
+        result["greedy_mean_tokens"] = sum(n for _, n in g_stats) / max(len(g_stats), 1)
     if k > 0:
-        s = sample_completions(engine, tokenizer, prompts, k, max_new_tokens, temperature, top_p, seed=seed)
-        s_rewards = score_all(task, problems, s)
-        result["sampled_truncated"] = sum(c.truncated for cs in s for c in cs) / max(len(s) * k, 1)
-        result["sampled_mean_tokens"] = sum(len(c.ids) for cs in s for c in cs) / max(len(s) * k, 1)
-    result["metrics"] = compute_metrics(g_rewards, s_rewards, k)
+        result["sampled_truncated"] = sum(t for t, _ in s_stats) / max(len(s_stats), 1)
+        result["sampled_mean_tokens"] = sum(n for _, n in s_stats) / max(len(s_stats), 1)
+    result["metrics"] = compute_metrics(g_rewards if greedy else None, s_rewards if k > 0 else None, k)
+    result["per_problem"] = [{**({"greedy": g_rewards[i].accuracy} if greedy else {}),
+                              **({"sampled": [r.accuracy for r in s_rewards[i]]} if k > 0 else {})}
+                             for i in range(len(problems))]
     result["seconds"] = time.perf_counter() - t0
     return result
 
@@ -168,10 +188,11 @@ class EvalConfig:
     max_new_tokens: int = 256
     temperature: float = EVAL_TEMPERATURE
     top_p: float = EVAL_TOP_P
-    batch_size: int = 64  # engine batch size (sequences decoded together)
+    batch_size: int = 64  # engine batch size (sequences decoded together; per process under torchrun)
     seed: int = 0  # problem draw and sampling seed
     threads: int = 2
     json: Path | None = None  # write the result here as JSON
+    device: str | None = None  # torch device (None: cuda if available, else cpu)
 
 
 def check_positive(**values: int) -> None:
@@ -181,7 +202,12 @@ def check_positive(**values: int) -> None:
 
 
 def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
-    """Evaluate cfg.model, print the report and write cfg.json; returns the result."""
+    """Evaluate cfg.model, print the report and write cfg.json; returns the result. One process, or one rank of
+    `torchrun --nproc_per_node=N -m nanoseek eval ...` (each rank decodes its share, rank 0 writes)."""
+    return distributed.run(distributed.resolve_device(cfg.device), lambda device: _evaluate_checkpoint(cfg, device))
+
+
+def _evaluate_checkpoint(cfg: EvalConfig, device: torch.device) -> dict[str, Any]:
     check_positive(n=cfg.n, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, threads=cfg.threads)
     if cfg.json is not None:
         if cfg.json.is_dir():
@@ -191,17 +217,17 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
         raise NanoseekError(f"--k must be >= 0, got {cfg.k}")
     torch.set_num_threads(cfg.threads)
     task = load_task(cfg.task)
-    engine = load_engine(cfg.model, cfg.batch_size)
+    engine = load_engine(cfg.model, cfg.batch_size, device=device)
     tokenizer = Tokenizer.from_dir(cfg.model)
     problems = distinct_problems(task, "test", cfg.n, seed=cfg.seed)
-    if len(problems) < cfg.n:
+    if len(problems) < cfg.n and distributed.is_main():
         print(f"note: the test split of {cfg.task} has only {len(problems)} different problems; evaluating "
               f"those instead of {cfg.n}", file=sys.stderr)
     result = {"task": cfg.task, "model": str(cfg.model), "split": "test", "n_requested": cfg.n}
     result.update(evaluate(engine, tokenizer, task, problems, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed))
     print(format_report(result))
-    if cfg.json:
+    if cfg.json and distributed.is_main():
         write_text_atomically(cfg.json, json.dumps(result, indent=2) + "\n")
         print(f"wrote {cfg.json}")
     return result

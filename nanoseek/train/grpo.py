@@ -29,6 +29,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from nanoseek import distributed
 from nanoseek.checkpoint import load_model
 from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
@@ -45,8 +47,17 @@ from nanoseek.osutil import check_writable, write_file_atomically, write_text_at
 from nanoseek.tasks import Problem, Task, distinct_problems, load_task
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.evaluate import greedy_accuracy
-from nanoseek.train.rollout import Completion, make_engine, prompt_ids, sample_completions, score_all
-from nanoseek.train.trainer import TrainConfig, Trainer, TrainStep, resume_point, set_threads, train
+from nanoseek.train.rollout import Completion, RolloutWeights, make_engine, prompt_ids, sample_completions, score_all
+from nanoseek.train.trainer import (
+    TrainConfig,
+    Trainer,
+    TrainStep,
+    resolve_device,
+    resolve_dtype,
+    resume_point,
+    set_threads,
+    train,
+)
 
 IGNORE = -1
 
@@ -92,12 +103,13 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
-def loss_weights(mask: torch.Tensor, dr_grpo: bool, max_len: int) -> torch.Tensor:
+def loss_weights(mask: torch.Tensor, dr_grpo: bool, max_len: int, total: float | None = None) -> torch.Tensor:
     """Per-token weights [N,T] so that loss = sum(weights * l): mask / sum(mask) (token-level), or mask / (N * max_len)
-    (Dr. GRPO). Computed once for the whole batch so micro-batches add up to exactly the full-batch loss."""
+    (Dr. GRPO). Computed once for the whole batch so micro-batches add up to exactly the full-batch loss. `total`:
+    the whole batch's sum(mask) (or N, Dr. GRPO) when mask holds one rank's share of it."""
     if dr_grpo:
-        return mask / (mask.shape[0] * max_len)
-    return mask / mask.sum().clamp(min=1)
+        return mask / ((mask.shape[0] if total is None else total) * max_len)
+    return mask / (mask.sum().clamp(min=1) if total is None else max(total, 1.0))
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor,
@@ -159,98 +171,109 @@ def rollout_tensors(prompts: list[list[int]], completions: list[list[int]], pad_
 
 # ----- one step -----------------------------------------------------------------------------------------------------
 def sample_groups(policy: Transformer, tokenizer: Tokenizer, task: Task, problems: list[Problem], cfg: GRPOConfig,
-                  seed: int) -> tuple[list[list[int]], list[list[Completion]], list[list[Any]]]:
-    """G completions of each problem from the current policy and their rewards: (prompts, completions, rewards)."""
+                  seed: int, first_index: int = 0) -> tuple[list[list[int]], list[list[Completion]], list[list[Any]]]:
+    """G completions of each problem from the current policy and their rewards: (prompts, completions, rewards).
+    first_index: the problems' position in the whole batch times G (the requests' seeds, sample_completions)."""
     prompts = [prompt_ids(tokenizer, p) for p in problems]
+    if not prompts:  # a rank with no problem of this batch (more processes than problems)
+        return [], [], []
     engine = make_engine(policy, len(prompts) * cfg.group_size, max(len(p) for p in prompts) + cfg.max_new_tokens)
     completions = sample_completions(engine, tokenizer, prompts, cfg.group_size, cfg.max_new_tokens,
-                                     cfg.temperature, seed=seed)
+                                     cfg.temperature, seed=seed, first_index=first_index)
     return prompts, completions, score_all(task, problems, completions)
+
+
+def _mixed(totals: list[list[float]]) -> int:
+    """Groups whose rewards are not all equal."""
+    return sum(len(set(t)) > 1 for t in totals)
 
 
 def grpo_step(policy: Transformer, optimizer: torch.optim.Optimizer, tokenizer: Tokenizer, task: Task,
               problems: list[Problem], cfg: GRPOConfig, seed: int, ref_model: Transformer | None = None,
               bias_update_speed: float = 0.0, max_grad_norm: float = 1.0,
-              more_problems: Callable[[int], list[Problem]] | None = None) -> dict[str, Any]:
+              more_problems: Callable[[int], list[Problem]] | None = None, sampler: Transformer | None = None,
+              autocast: Callable[[], AbstractContextManager] = nullcontext) -> dict[str, Any]:
     """Sample, score, and update `policy` on one batch of problems (gradients clipped to max_grad_norm, then the
     expert-bias update at bias_update_speed); returns the step's metrics. With cfg.dynamic_sampling,
-    more_problems(round) supplies the fresh problems of sampling rounds 1, 2, ..."""
-    g = cfg.group_size
+    more_problems(round) supplies the fresh problems of sampling rounds 1, 2, ... `sampler`: the plain model the
+    engine samples from (default the policy; RolloutWeights.current()). The update's forwards run in `autocast`.
+
+    Under torchrun every rank gets the same `problems` and samples, scores and trains on its contiguous share of the
+    groups (distributed.shard_range: a group stays whole on one rank, so its advantages are local); the rewards of
+    all groups are gathered for the statistics and dynamic sampling's choice, and the loss is normalised by the whole
+    batch's tokens, so the averaged gradient is one process's."""
+    g, b = cfg.group_size, len(problems)
+    world = distributed.world_size()
+    mine = distributed.shard_range(b)  # this rank's groups of every sampling round
     t0 = time.perf_counter()
-    prompts, completions, rewards = sample_groups(policy, tokenizer, task, problems, cfg, seed)
+
+    def sample_round(batch: list[Problem], round_seed: int) -> tuple[list, list, list]:
+        return sample_groups(policy if sampler is None else sampler, tokenizer, task, batch[mine.start:mine.stop],
+                             cfg, round_seed, first_index=mine.start * g)
+
+    prompts, completions, rewards = sample_round(problems, seed)
+    totals = [[[r.total for r in rs] for rs in rewards]]  # [round][this rank's group][sample]
     rounds = 1
     if cfg.dynamic_sampling and more_problems is None:
         raise ValueError("dynamic sampling needs more_problems")
     while (cfg.dynamic_sampling and rounds < cfg.max_sampling_rounds
-           and sum(len({r.total for r in rs}) > 1 for rs in rewards) < len(problems)):  # groups with mixed rewards
-        p2, c2, r2 = sample_groups(policy, tokenizer, task, more_problems(rounds), cfg, seed + 7919 * rounds)
+           and sum(distributed.all_gather_object(sum(map(_mixed, totals)))) < b):  # groups with mixed rewards
+        p2, c2, r2 = sample_round(more_problems(rounds), seed + 7919 * rounds)
         prompts, completions, rewards = prompts + p2, completions + c2, rewards + r2
+        totals.append([[r.total for r in rs] for rs in r2])
         rounds += 1
     t_sample = time.perf_counter() - t0
 
     flat_c = [c for cs in completions for c in cs]
     flat_r = [r for rs in rewards for r in rs]
-    total = torch.tensor([[r.total for r in rs] for rs in rewards])  # [B,G] (B x rounds with dynamic sampling)
+    # every group's rewards in one process's order (round by round, ranks in order within a round)
+    everyone = distributed.all_gather_object({
+        "totals": totals, "accuracy": [r.accuracy for r in flat_r], "format": [r.format for r in flat_r],
+        "lengths": [len(c.ids) for c in flat_c], "truncated": [c.truncated for c in flat_c]})
+    total = torch.tensor([t for j in range(rounds) for e in everyone for t in e["totals"][j]],
+                         dtype=torch.float64).view(-1, g)  # [B,G] (B x rounds with dynamic sampling)
     adv, keep = group_advantages(total, scale_std=not cfg.dr_grpo)
     zero_std = 1.0 - keep.float().mean().item()
     if cfg.dynamic_sampling:  # train on the first B mixed groups: the batch size stays B
-        keep = keep & (keep.long().cumsum(0) <= len(problems))
-    lengths = [len(c.ids) for c in flat_c]
+        keep = keep & (keep.long().cumsum(0) <= b)
+    accuracy, fmt = (sum((e[k] for e in everyone), []) for k in ("accuracy", "format"))
+    lengths, truncated = (sum((e[k] for e in everyone), []) for k in ("lengths", "truncated"))
     stats: dict[str, Any] = {
         "reward": total.mean().item(),
-        "reward_accuracy": sum(r.accuracy for r in flat_r) / len(flat_r),
-        "reward_format": sum(r.format for r in flat_r) / len(flat_r),
+        "reward_accuracy": sum(accuracy) / len(accuracy),
+        "reward_format": sum(fmt) / len(fmt),
         "reward_std": total.std(1).mean().item(),
         "frac_zero_std": zero_std,
-        "rollouts": len(flat_c),
+        "rollouts": len(lengths),
         "sampling_rounds": rounds,
         "trained_groups": int(keep.sum()),
         "response_len_mean": sum(lengths) / len(lengths),
         "response_len_max": max(lengths),
-        "truncated_frac": sum(c.truncated for c in flat_c) / len(flat_c),
+        "truncated_frac": sum(truncated) / len(truncated),
     }
     stats["accuracy"] = stats["reward_accuracy"]
 
     t1 = time.perf_counter()
-    rows = [i * g + j for i in range(len(prompts)) if keep[i] for j in range(g)]
-    if rows:
-        row_prompts = [prompts[i // g] for i in rows]
-        input_ids, targets, mask = rollout_tensors(row_prompts, [flat_c[i].ids for i in rows], tokenizer.pad_id)
-        if cfg.mask_truncated:
-            mask = mask * torch.tensor([0.0 if flat_c[i].truncated else 1.0 for i in rows])[:, None]
-        advantages = adv.flatten()[rows]
-        weights = loss_weights(mask, cfg.dr_grpo, cfg.max_new_tokens)
-        chunks = [slice(s, s + cfg.micro_batch) for s in range(0, len(rows), cfg.micro_batch)]
-        ref_logp = [None] * len(chunks)
-        if cfg.beta and ref_model is not None:
-            with torch.no_grad():
-                ref_logp = [token_logprobs(ref_model, input_ids[c], targets[c], cfg.temperature)[0] for c in chunks]
-        old_logp: list[torch.Tensor] = []
-        sums: dict[str, float] = {}
-        entropy_sum = 0.0
-        policy.train()
-        for it in range(cfg.mu):
-            optimizer.zero_grad(set_to_none=True)
-            for k, c in enumerate(chunks):
-                logp, entropy = token_logprobs(policy, input_ids[c], targets[c], cfg.temperature)
-                if it == 0:  # the policy has not moved yet: pi_old = pi_theta (no extra forward needed)
-                    old_logp.append(logp.detach())
-                    entropy_sum += float((entropy * mask[c]).sum())
-                loss, s = grpo_loss(logp, old_logp[k], advantages[c], weights[c], cfg.epsilon, cfg.epsilon_high,
-                                    cfg.beta, ref_logp[k])
-                loss.backward()
-                for key, v in s.items():
-                    sums[key] = sums.get(key, 0.0) + v
-                sums["loss"] = sums.get("loss", 0.0) + loss.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
-            optimizer.step()
+    groups = [j * b + i for j in range(rounds) for i in mine]  # this rank's groups in the whole batch's order
+    rows = [k * g + j for k, gi in enumerate(groups) if keep[gi] for j in range(g)]
+    if keep.any():
+        micro = _update(policy, optimizer, tokenizer, cfg, prompts, flat_c, rows, adv[groups].flatten(),
+                        int(keep.sum()) * g, ref_model, autocast)
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         policy.eval()
+        if distributed.initialized():  # the bias follows the whole batch's load, as in Trainer.train_step
+            for gate in policy.gates():
+                torch.distributed.all_reduce(gate.expert_load)
         stats["maxvio"] = policy.update_expert_bias(bias_update_speed)
+        sums = distributed.all_reduce_mean(micro)  # the loss: each rank's share times W; the rest: counts
+        sums = {k: v if k == "loss" else v * world for k, v in sums.items()}
         n_tok = max(sums["tokens"], 1.0)
         stats.update(loss=sums["loss"] / cfg.mu, kl=sums["kl"] / n_tok, clip_frac_low=sums["clip_low"] / n_tok,
                      clip_frac_high=sums["clip_high"] / n_tok, ratio=sums["ratio"] / n_tok,
-                     entropy=entropy_sum / max(float(mask.sum()), 1.0), grad_norm=float(grad_norm),
-                     trained_seqs=len(rows), tokens=input_ids.numel() * cfg.mu)
+                     entropy=sums["entropy"] / max(sums["mask"], 1.0), grad_norm=float(grad_norm),
+                     trained_seqs=int(keep.sum()) * g, tokens=int(sums["numel"]) * cfg.mu)
         stats["clip_frac"] = stats["clip_frac_low"] + stats["clip_frac_high"]
     else:  # every group was all-right or all-wrong: nothing to learn from this batch
         stats.update(loss=0.0, kl=0.0, clip_frac=0.0, clip_frac_low=0.0, clip_frac_high=0.0, ratio=1.0,
@@ -258,6 +281,73 @@ def grpo_step(policy: Transformer, optimizer: torch.optim.Optimizer, tokenizer: 
     stats["t_sample"] = t_sample
     stats["t_train"] = time.perf_counter() - t1
     return stats
+
+
+def _update(policy: Transformer, optimizer: torch.optim.Optimizer, tokenizer: Tokenizer, cfg: GRPOConfig,
+            prompts: list[list[int]], completions: list[Completion], rows: list[int], advantages: torch.Tensor,
+            total_rows: int, ref_model: Transformer | None,
+            autocast: Callable[[], AbstractContextManager]) -> dict[str, float]:
+    """cfg.mu gradient passes of the GRPO loss over this rank's trained rows (indices into `completions`, G per
+    prompt; advantages [rows of completions]), in micro-batches; leaves the gradients for the optimizer step.
+    Returns this rank's sums (loss, token counts and sums for the clip fractions, ratio, KL and entropy).
+
+    Under torchrun the loss weights use the whole batch's token count (or rows, Dr. GRPO) times the world size:
+    DDP/FSDP average the ranks' gradients into one process's. Every rank runs as many micro-batches as the busiest
+    one (a backward is a collective): a rank with fewer runs zero-weight ones on a single padding token."""
+    g, device = cfg.group_size, next(policy.parameters()).device
+    world = distributed.world_size()
+    input_ids, targets, mask = rollout_tensors([prompts[i // g] for i in rows], [completions[i].ids for i in rows],
+                                               tokenizer.pad_id) if rows else (torch.full((1, 1), tokenizer.pad_id),
+                                                                               torch.full((1, 1), IGNORE),
+                                                                               torch.zeros(1, 1))
+    if cfg.mask_truncated and rows:
+        mask = mask * torch.tensor([0.0 if completions[i].truncated else 1.0 for i in rows])[:, None]
+    tokens = distributed.all_reduce_sum(mask.sum()).item()
+    weights = loss_weights(mask, cfg.dr_grpo, cfg.max_new_tokens, total=total_rows if cfg.dr_grpo else tokens) \
+        * world
+    adv = advantages[rows] if rows else torch.zeros(1)
+    chunks = [slice(s, s + cfg.micro_batch) for s in range(0, len(rows), cfg.micro_batch)]
+    n_chunks = max(distributed.all_gather_object(len(chunks)))
+    chunks += [slice(0, 0)] * (n_chunks - len(chunks))  # zero-weight passes (see above)
+    input_ids, targets, mask, weights, adv = (t.to(device) for t in (input_ids, targets, mask, weights, adv))
+    ref_logp: list[torch.Tensor | None] = [None] * n_chunks
+    if cfg.beta and ref_model is not None:
+        with torch.no_grad(), autocast():
+            ref_logp = [token_logprobs(ref_model, *_rows(c, input_ids, targets), cfg.temperature)[0] for c in chunks]
+    old_logp: list[torch.Tensor] = []
+    sums = {"loss": 0.0, "tokens": 0.0, "clip_low": 0.0, "clip_high": 0.0, "ratio": 0.0, "kl": 0.0,
+            "entropy": 0.0, "mask": float(mask.sum()) if rows else 0.0, "numel": float(input_ids.numel()) if rows
+            else 0.0}
+    policy.train()
+    for it in range(cfg.mu):
+        optimizer.zero_grad(set_to_none=True)
+        for k, c in enumerate(chunks):
+            pad = c.stop == c.start
+            if pad:
+                policy.eval()  # the padding token must not count towards the experts' loads
+            with distributed.gradient_sync(policy, k == n_chunks - 1), autocast():
+                x, y = _rows(c, input_ids, targets)
+                logp, entropy = token_logprobs(policy, x, y, cfg.temperature)
+                if it == 0:  # the policy has not moved yet: pi_old = pi_theta (no extra forward needed)
+                    old_logp.append(logp.detach())
+                    sums["entropy"] += 0.0 if pad else float((entropy * mask[c]).sum())
+                w = torch.zeros_like(logp) if pad else weights[c]
+                a = torch.zeros(x.shape[0], device=device) if pad else adv[c]
+                loss, s = grpo_loss(logp, old_logp[k], a, w, cfg.epsilon, cfg.epsilon_high, cfg.beta, ref_logp[k])
+                loss.backward()
+            if pad:
+                policy.train()
+            for key, v in s.items():
+                sums[key] += v
+            sums["loss"] += loss.item()
+    return sums
+
+
+def _rows(c: slice, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows c of the batch, or for an empty slice (a zero-weight pass) the first row's first token."""
+    if c.stop == c.start:
+        return input_ids[:1, :1], targets[:1, :1]
+    return input_ids[c], targets[c]
 
 
 # ----- logging and plots --------------------------------------------------------------------------------------------
@@ -316,8 +406,9 @@ class RLConfig(GRPOConfig, TrainConfig):
 
     Of TrainConfig's settings rl uses steps, the lr schedule (constant after warmup by default, as DAPO), weight_decay,
     grad_clip, bias_update_speed, eval_every (the held-out greedy accuracy; 0 = off), save_every, keep_last, seed,
-    out, resume, threads and price_per_hour. batch_size (B x G rollouts) and seq_len (the longest prompt +
-    max_new_tokens) are derived; rollouts and updates run in fp32 on the CPU, one micro-batch list per step.
+    out, resume, threads, price_per_hour, device, dtype, parallel and async_save. batch_size (B x G rollouts) and
+    seq_len (the longest prompt + max_new_tokens) are derived. dtype "auto" is fp32 on the CPU and bf16 autocast on
+    CUDA (where the rollouts sample from a bf16 copy of the policy: RolloutWeights).
     """
 
     model: Path  # checkpoint to start from (with tokenizer files); also the frozen reference for beta > 0
@@ -329,7 +420,7 @@ class RLConfig(GRPOConfig, TrainConfig):
     decay_frac: float = 0.0
     min_lr_frac: float = 1.0
     weight_decay: float = 0.0
-    dtype: str = "fp32"
+    dtype: str = "auto"
     bias_update_speed: float = 0.0  # routing stays as SFT left it
     balance_alpha: float = 0.0  # the GRPO loss is the only objective
     mtp_lambda: float = 0.0
@@ -354,9 +445,9 @@ class RLConfig(GRPOConfig, TrainConfig):
             raise NanoseekError("--epsilon must be in (0, 1) and --epsilon-high > 0")
         if self.beta < 0 or not self.lr > 0 or self.weight_decay < 0 or self.grad_clip <= 0:
             raise NanoseekError("--beta and --weight-decay must be >= 0, --lr and --grad-clip > 0")
-        if self.dtype != "fp32" or self.grad_accum != 1 or self.device not in (None, "cpu"):
-            raise NanoseekError("rl trains in fp32 on the CPU with one micro-batch list per step (dtype 'fp32', "
-                                "grad_accum 1, device cpu)")
+        if self.dtype not in ("auto", "fp32", "bf16") or self.grad_accum != 1:
+            raise NanoseekError("rl trains with one micro-batch list per step (grad_accum 1) in dtype auto, fp32 or "
+                                "bf16")
         for name in ("min_lr_frac", "decay_frac"):
             if not 0 <= getattr(self, name) <= 1:
                 raise NanoseekError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
@@ -371,21 +462,28 @@ def extra_problems(task: Task, n: int, seed: int, step: int, round_: int) -> lis
 
 def heldout_accuracy(policy: Transformer, tokenizer: Tokenizer, task: Task, problems: list[Problem],
                      max_new_tokens: int) -> float:
-    longest = max(len(prompt_ids(tokenizer, p)) for p in problems)
-    engine = make_engine(policy, min(len(problems), 128), longest + max_new_tokens)
-    return greedy_accuracy(engine, tokenizer, task, problems, max_new_tokens)
+    """Greedy accuracy on `problems`; under torchrun each rank decodes its share and the counts are summed."""
+    share = distributed.shard_range(len(problems))
+    mine = problems[share.start:share.stop]
+    correct = 0.0
+    if mine:
+        longest = max(len(prompt_ids(tokenizer, p)) for p in mine)
+        engine = make_engine(policy, min(len(mine), 128), longest + max_new_tokens)
+        correct = greedy_accuracy(engine, tokenizer, task, mine, max_new_tokens) * len(mine)
+    return sum(distributed.all_gather_object(correct)) / len(problems)
 
 
 class GRPOStep(TrainStep):
     """One GRPO step on the shared loop: the B problems of step s (train_problems[s*B:(s+1)*B], plus dynamic
     sampling's rounds), G rollouts each with seed * 1_000_003 + s, one update. Every step appends its row to
     rl_log.jsonl (so a run killed between checkpoints keeps the steps it did); the held-out greedy accuracy goes to
-    history["heldout"]; rl_curves.png is redrawn after each checkpoint."""
+    history["heldout"]; rl_curves.png is redrawn after each checkpoint. Under torchrun rank 0 writes the files."""
 
     def __init__(self, cfg: RLConfig, tokenizer: Tokenizer, task: Task, train_problems: list[Problem],
-                 eval_problems: list[Problem], ref_model: Transformer | None = None):
+                 eval_problems: list[Problem], weights: RolloutWeights, ref_model: Transformer | None = None):
         self.cfg, self.tokenizer, self.task = cfg, tokenizer, task
         self.train_problems, self.eval_problems, self.ref_model = train_problems, eval_problems, ref_model
+        self.weights = weights
 
     def step(self, trainer: Trainer) -> dict[str, Any]:
         cfg, step, b = self.cfg, trainer.step, self.cfg.prompts_per_step
@@ -394,10 +492,12 @@ class GRPOStep(TrainStep):
                           self.train_problems[step * b:(step + 1) * b], cfg, seed=cfg.seed * 1_000_003 + step,
                           ref_model=self.ref_model, bias_update_speed=cfg.bias_update_speed,
                           max_grad_norm=cfg.grad_clip,
-                          more_problems=lambda r: extra_problems(self.task, b, cfg.seed, step, r))
+                          more_problems=lambda r: extra_problems(self.task, b, cfg.seed, step, r),
+                          sampler=self.weights.current(), autocast=trainer.autocast)
         row = trainer.end_step({"lr": lr, **stats}, stats["tokens"], stats["t_train"])
-        with open(trainer.out_dir / "rl_log.jsonl", "a") as log:
-            log.write(json.dumps(row) + "\n")
+        if distributed.is_main():
+            with open(trainer.out_dir / "rl_log.jsonl", "a") as log:
+                log.write(json.dumps(row) + "\n")
         tqdm.write(format_step(row))
         return row
 
@@ -407,51 +507,67 @@ class GRPOStep(TrainStep):
     def evaluate(self, trainer: Trainer) -> None:
         if not self.eval_problems:
             return
-        acc = heldout_accuracy(trainer.model, self.tokenizer, self.task, self.eval_problems, self.cfg.max_new_tokens)
+        acc = heldout_accuracy(self.weights.current(), self.tokenizer, self.task, self.eval_problems,
+                               self.cfg.max_new_tokens)
         trainer.history["heldout"].append({"step": trainer.step, "accuracy": acc})
         tqdm.write(f"step {trainer.step:4d} | held-out greedy accuracy {acc:.3f}")
 
     def saved(self, trainer: Trainer) -> None:
-        write_curves(trainer.out_dir, trainer.history["train"], trainer.history["heldout"])
+        if distributed.is_main():
+            write_curves(trainer.out_dir, trainer.history["train"], trainer.history["heldout"])
 
 
 def rl(cfg: RLConfig) -> Path:
-    """GRPO from cfg.model into cfg.out; returns the final checkpoint (HF layout + tokenizer)."""
+    """GRPO from cfg.model into cfg.out; returns the final checkpoint (HF layout + tokenizer). One process, or one
+    rank of `torchrun --nproc_per_node=N -m nanoseek rl ... [--parallel fsdp]`: each rank samples and trains on its
+    share of every step's groups."""
     cfg.check()
+    return distributed.run(resolve_device(cfg.device), lambda device: _rl(cfg, device))
+
+
+def _rl(cfg: RLConfig, device: torch.device) -> Path:
     set_threads(cfg.threads)
     task = load_task(cfg.task)
     out = Path(cfg.out)
     resume_from = resume_point(out, cfg.resume)
     check_writable(out)  # a read-only or full out fails now, not after the first GRPO steps
-    policy = load_model(cfg.model)
+    policy = load_model(cfg.model, device=device)
     tokenizer = Tokenizer.from_dir(cfg.model)
     ref_model = None
     if cfg.beta:
-        ref_model = load_model(cfg.model).requires_grad_(False)  # the frozen initial policy
+        ref_model = load_model(cfg.model, device=device).requires_grad_(False)  # the frozen initial policy
     b = cfg.prompts_per_step
     train_problems = task.problems("train", cfg.steps * b, seed=cfg.seed)  # step s uses [s*B, (s+1)*B)
     eval_problems = distinct_problems(task, "test", cfg.eval_n, seed=cfg.seed) if cfg.eval_every and cfg.eval_n \
         else []
     seq_len = max(len(prompt_ids(tokenizer, p)) for p in train_problems[:64]) + cfg.max_new_tokens
-    cfg = dataclasses.replace(cfg, batch_size=b * cfg.group_size, seq_len=seq_len)
+    dtype = cfg.dtype if cfg.dtype != "auto" else "bf16" if device.type == "cuda" else "fp32"
+    cfg = dataclasses.replace(cfg, batch_size=b * cfg.group_size, seq_len=seq_len, dtype=dtype)
+    # the update calls the policy's forward: DDP reduces the gradients of that method (before the optimizer exists)
+    policy = distributed.wrap_model(policy, cfg.parallel, resolve_dtype(dtype, device, policy.config.hidden_size),
+                                    method="forward")
     trainer = Trainer(policy, cfg, tokenizer_dir=cfg.model, stage="rl")
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
+    weights = RolloutWeights(policy)
     heldout: list[dict[str, Any]] = trainer.history.setdefault("heldout", [])
-    n = policy.num_params()
+    n = policy.config.num_params()
+    world = distributed.world_size()
     print(f"rl: {n['total'] / 1e6:.2f}M params | {cfg.task} | {cfg.steps} steps x {b} prompts x "
           f"{cfg.group_size} samples | {'Dr. GRPO' if cfg.dr_grpo else 'GRPO'} mu={cfg.mu} eps={cfg.epsilon}"
-          f"{f'/{cfg.epsilon_high}' if cfg.epsilon_high is not None else ''} beta={cfg.beta} lr={cfg.lr:g}")
+          f"{f'/{cfg.epsilon_high}' if cfg.epsilon_high is not None else ''} beta={cfg.beta} lr={cfg.lr:g} | "
+          f"{dtype} on {device}" + (f" | {world} processes ({cfg.parallel})" if world > 1 else ""))
     if not heldout and eval_problems:
-        acc = heldout_accuracy(policy, tokenizer, task, eval_problems, cfg.max_new_tokens)
+        acc = heldout_accuracy(weights.current(), tokenizer, task, eval_problems, cfg.max_new_tokens)
         heldout.append({"step": trainer.step, "accuracy": acc})
         print(f"step {trainer.step:4d} | held-out greedy accuracy {acc:.3f} ({len(eval_problems)} test problems)")
-    # the log starts from the rows of the checkpoint resumed from, dropping a killed run's later lines
-    write_log(out, trainer.history["train"])
-    train(trainer, GRPOStep(cfg, tokenizer, task, train_problems, eval_problems, ref_model))
+    if distributed.is_main():  # the log starts from the rows of the checkpoint resumed from (a killed run's later
+        write_log(out, trainer.history["train"])  # lines dropped)
+    train(trainer, GRPOStep(cfg, tokenizer, task, train_problems, eval_problems, weights, ref_model))
     final = trainer.save_final()
-    write_curves(out, trainer.history["train"], heldout)
     record = trainer.write_report()
+    if distributed.is_main():
+        write_curves(out, trainer.history["train"], heldout)
     first, last = (heldout[0]["accuracy"], heldout[-1]["accuracy"]) if heldout else (None, None)
     summary = f"; held-out greedy accuracy {first:.3f} -> {last:.3f}" if heldout else ""
     print(f"done: {record.steps} steps in {record.wall_seconds / 60:.1f} min{summary}")

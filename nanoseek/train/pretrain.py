@@ -12,7 +12,6 @@ Run directory (out):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import shutil
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nanoseek import distributed
+from nanoseek import distributed, expert_parallel
 from nanoseek.config import ModelConfig, get_preset
 from nanoseek.data import TokenDataset, default_corpus_files, prepare_data, read_documents
 from nanoseek.errors import NanoseekError
@@ -38,6 +37,7 @@ from nanoseek.train.trainer import (
     Trainer,
     check_same_config,
     resolve_device,
+    resolve_dtype,
     resume_point,
     train,
 )
@@ -54,7 +54,7 @@ class PretrainConfig(TrainConfig):
     vocab_size: int | None = None  # tokenizer vocabulary when one is trained (None: the config's vocab_size)
     sample_prompt: str = "ROMEO:"  # prompt of the periodic text samples
     fp8: bool = False  # V3's FP8 GEMMs for every projection and expert (emulated exactly; slower on CPU)
-    parallel: str = "ddp"  # under torchrun: "ddp" (whole model per process) or "fsdp" (FSDP2, sharded)
+    ep: int = 1  # under torchrun: spread each MoE layer's routed experts over this many processes (expert_parallel)
 
 
 # --- text samples ---------------------------------------------------------------------------------------------------
@@ -91,11 +91,16 @@ def sample(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens
 
 # --- the objective, tokenizer and data --------------------------------------------------------------------------------
 def pretrain_loss(mtp_lambda: float, balance_alpha: float) -> LossFn:
-    """L_main + lambda * L_MTP + alpha * L_Bal; stats['loss'] is L_main alone (comparable with the val loss)."""
+    """L_main + lambda * L_MTP + alpha * L_Bal; stats['loss'] is L_main alone (comparable with the val loss).
+
+    Under torchrun each term is normalised by the whole batch's counts (distributed.loss_norm): the ranks' losses
+    and gradients then average to the single-process ones, however the rows or their targets are spread."""
 
     def loss_fn(model: Transformer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        loss, stats = model.compute_loss(x, y, mtp_lambda=mtp_lambda if model.training else 0.0,
-                                         balance_alpha=balance_alpha if model.training else 0.0)
+        lam = mtp_lambda if model.training else 0.0
+        norm = distributed.loss_norm(y, -1, len(model.mtp) if lam else 0)
+        loss, stats = model.compute_loss(x, y, mtp_lambda=lam, balance_alpha=balance_alpha if model.training else 0.0,
+                                         norm=norm)
         return loss, {"loss": stats["loss_main"], "loss_total": stats["loss"],
                       **{k: v for k, v in stats.items() if k in ("loss_mtp", "loss_balance")}}
 
@@ -159,14 +164,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
     One process, or one rank of `torchrun --nproc_per_node=N -m nanoseek pretrain ... [--parallel fsdp]`.
     """
-    device = distributed.setup(resolve_device(cfg.device))  # joins torchrun's process group; no-op without it
-    try:
-        if distributed.is_main():
-            return _pretrain(cfg, device)
-        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # only rank 0 prints
-            return _pretrain(cfg, device)  # (errors still reach stderr from every rank)
-    finally:  # also on errors and Ctrl-C: a rank that leaves must not keep the others waiting
-        distributed.cleanup()
+    return distributed.run(resolve_device(cfg.device), lambda device: _pretrain(cfg, device))
 
 
 def _pretrain(cfg: PretrainConfig, device: torch.device) -> Path:
@@ -184,6 +182,10 @@ def _pretrain(cfg: PretrainConfig, device: torch.device) -> Path:
     os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # the tokenizers library's thread pool
     config = load_config(cfg.preset, cfg.config)
     cfg.check(config)
+    if cfg.ep > 1 and not distributed.initialized():
+        raise NanoseekError(f"--ep {cfg.ep} spreads the experts over processes: start with torchrun "
+                            f"--nproc_per_node (a multiple of {cfg.ep})")
+    expert_parallel.check(config, cfg.ep, distributed.world_size())
     local_batch = distributed.local_batch_size(cfg.batch_size)  # the batch is global: same run at any world size
     paths = [Path(p) for p in (cfg.data or default_corpus_files())]
     for p in paths:
@@ -201,7 +203,9 @@ def _pretrain(cfg: PretrainConfig, device: torch.device) -> Path:
         model = Transformer(config)
     if cfg.fp8:
         print(f"fp8: {enable_fp8(model)} weight tensors compute with DeepSeek-V3 FP8 GEMMs (emulated)")
-    model = distributed.wrap_model(model, cfg.parallel)  # before the Trainer builds the optimizer (FSDP shards)
+    expert_parallel.parallelize(model, cfg.ep)  # --ep: keep this rank's experts (before DDP / FSDP wrap the rest)
+    # before the Trainer builds the optimizer (FSDP shards the parameters)
+    model = distributed.wrap_model(model, cfg.parallel, resolve_dtype(cfg.dtype, device, config.hidden_size))
     trainer = Trainer(model, cfg, tokenizer_dir=out / "tokenizer", stage="pretrain")
     trainer.session_start = t_start  # the wall clock includes tokenizer and data preparation
     if resume_from is not None:
@@ -213,7 +217,11 @@ def _pretrain(cfg: PretrainConfig, device: torch.device) -> Path:
 
     if distributed.initialized():
         print(f"distributed: {distributed.world_size()} processes ({cfg.parallel}, {dist.get_backend()}), "
-              f"{local_batch} of the {cfg.batch_size} sequences per micro-batch each")
+              f"{local_batch} of the {cfg.batch_size} sequences per micro-batch on rank 0")
+    if cfg.ep > 1:
+        print(f"expert parallel: {cfg.ep} ranks x {config.n_routed_experts // cfg.ep} routed experts per MoE layer "
+              f"({distributed.world_size() // cfg.ep} data-parallel replicas of each); a token visits at most "
+              f"{expert_parallel.max_ranks_per_token(config, cfg.ep)} of them")
     loss_fn = pretrain_loss(cfg.mtp_lambda, cfg.balance_alpha)
     # every rank draws the same global batch and keeps its rows (distributed.shard): the tokens of a step do not
     # depend on the world size

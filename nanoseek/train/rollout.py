@@ -1,6 +1,8 @@
 """Rollouts: the chat prompt of a problem, completions sampled through the Engine, and their rule-based rewards.
 
 What every reasoning stage shares: evaluation (evaluate.py), GRPO (grpo.py) and rejection sampling (sample.py).
+Under torchrun each rank samples its share of the problems with its own engine; a request's seed comes from its
+index in the whole job (first_index), so the samples do not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -8,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from nanoseek import distributed
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.model import Transformer
 from nanoseek.tasks import Problem, Reward, Task
@@ -29,16 +34,18 @@ def prompt_ids(tokenizer: Tokenizer, problem: Problem) -> list[int]:
 
 def sample_completions(engine: Engine, tokenizer: Tokenizer, prompts: list[list[int]], n: int,
                        max_new_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = 0,
-                       seed: int = 0) -> list[list[Completion]]:
+                       seed: int = 0, first_index: int = 0) -> list[list[Completion]]:
     """n completions for each prompt, all decoded together by the engine; result[i][j] = sample j of prompt i.
 
-    Each request gets its own seed (seed * 1_000_003 + its index), so the n samples of a prompt differ and the whole
-    call is reproducible. temperature 0 is greedy decoding (then n should be 1: every sample would be the same).
+    Each request gets its own seed (seed * 1_000_003 + first_index + its index), so the n samples of a prompt differ
+    and the whole call is reproducible; a rank that samples prompts p0.. of a larger batch passes first_index = p0 * n
+    and draws what one process would. temperature 0 is greedy decoding (then n should be 1).
     """
     if not prompts or n <= 0:
         return [[] for _ in prompts]
     stop = [tokenizer.eos_id]
-    reqs = [engine.submit(p, SamplingParams(max_new_tokens, temperature, top_p, top_k, stop, seed * 1_000_003 + i))
+    reqs = [engine.submit(p, SamplingParams(max_new_tokens, temperature, top_p, top_k, stop,
+                                            seed * 1_000_003 + first_index + i))
             for i, p in enumerate(p for p in prompts for _ in range(n))]  # prompt-major: row i*n + j
     while not all(r.finished for r in reqs):
         engine.step()
@@ -54,12 +61,41 @@ def score_all(task: Task, problems: list[Problem], completions: list[list[Comple
     return [[task.score(p, c.text) for c in cs] for p, cs in zip(problems, completions, strict=True)]
 
 
-def load_engine(model_dir: Path, max_batch_size: int, max_seq_len: int | None = None) -> Engine:
-    """An engine over a checkpoint directory."""
-    return Engine.from_pretrained(model_dir, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+def load_engine(model_dir: Path, max_batch_size: int, max_seq_len: int | None = None,
+                device: torch.device | None = None) -> Engine:
+    """An engine over a checkpoint directory on `device` (default the CPU): bf16 weights and cache on CUDA, fp32 on
+    the CPU (distributed.inference_dtype)."""
+    device = torch.device("cpu") if device is None else device
+    return Engine.from_pretrained(model_dir, dtype=distributed.inference_dtype(device), max_batch_size=max_batch_size,
+                                  max_seq_len=max_seq_len, device=str(device))
 
 
 def make_engine(model: Transformer, rows: int, max_seq_len: int) -> Engine:
     """A fresh engine over a model's current weights (the engine keeps fused copies of some weights, so one built
     before an optimizer step would sample from the old policy)."""
     return Engine(model, max_batch_size=rows, max_seq_len=min(max_seq_len, model.config.max_position_embeddings))
+
+
+class RolloutWeights:
+    """The plain model a rank's engine samples from while `policy` trains: the policy itself in one process on the
+    CPU; otherwise a copy refreshed from it before each use (current()): the whole weights under FSDP (gathered
+    from the shards, a collective), in bf16 on CUDA (distributed.inference_dtype; the routing biases stay fp32)."""
+
+    def __init__(self, policy: Transformer):
+        self.policy = policy
+        p = next(policy.parameters())
+        device = p.device
+        dtype = distributed.inference_dtype(device)
+        self.copy: Transformer | None = None
+        if distributed.is_sharded(policy) or dtype != p.dtype:
+            with torch.random.fork_rng(devices=[]), torch.device(device):  # the init draws no numbers of the run's
+                self.copy = Transformer(policy.config).to(dtype).eval().requires_grad_(False)
+            for gate in self.copy.gates():
+                gate.e_score_correction_bias.data = gate.e_score_correction_bias.data.float()
+
+    def current(self) -> Transformer:
+        """The policy's current weights as a plain model (every rank must call this under FSDP)."""
+        if self.copy is None:
+            return self.policy
+        distributed.copy_full_weights(self.policy, self.copy)
+        return self.copy

@@ -9,7 +9,8 @@ Output: SFT chat JSONL (`nanoseek sft --data` / `nanoseek distill --teacher-data
   {"messages": [{"role": "user", "content": prompt},
                 {"role": "assistant", "reasoning_content": text before </think>, "content": text after it}],
    "task": spec, "problem": index, "sample": j, "accuracy": 1.0, "format": 0.1}
-sample_traces(SampleConfig) is the stage.
+sample_traces(SampleConfig) is the stage. Under torchrun each rank samples its contiguous share of the problems (seeds
+from the whole job's indices, so the file is one process's) and rank 0 writes all the records.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from nanoseek import distributed
 from nanoseek.errors import NanoseekError
 from nanoseek.osutil import check_writable, write_text_atomically
 from nanoseek.tasks import EOS_TEXT, Problem, Reward, Task, load_task, split_completion
@@ -35,10 +37,11 @@ def is_verified(reward: Reward, completion: Completion) -> bool:
 
 
 def trace_records(problems: list[Problem], completions: list[list[Completion]], rewards: list[list[Reward]],
-                  keep_correct: bool = True, task_spec: str = "") -> list[dict[str, Any]]:
-    """Chat records for the samples (only verified ones with keep_correct), one per distinct completion text."""
+                  keep_correct: bool = True, task_spec: str = "", first_problem: int = 0) -> list[dict[str, Any]]:
+    """Chat records for the samples (only verified ones with keep_correct), one per distinct completion text;
+    "problem" is the index in the whole list (first_problem + position here)."""
     records = []
-    for i, (problem, cs, rs) in enumerate(zip(problems, completions, rewards, strict=True)):
+    for i, (problem, cs, rs) in enumerate(zip(problems, completions, rewards, strict=True), first_problem):
         seen: set[str] = set()
         for j, (c, r) in enumerate(zip(cs, rs, strict=True)):
             if keep_correct and not is_verified(r, c):
@@ -61,13 +64,19 @@ def rejection_sample(engine: Any, tokenizer: Tokenizer, task: Task, problems: li
                      max_new_tokens: int, temperature: float = EVAL_TEMPERATURE, top_p: float = EVAL_TOP_P,
                      seed: int = 0, keep_correct: bool = True, task_spec: str = "",
                      ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Sample k completions per problem and return (records, summary counts)."""
-    prompts = [prompt_ids(tokenizer, p) for p in problems]
-    completions = sample_completions(engine, tokenizer, prompts, k, max_new_tokens, temperature, top_p, seed=seed)
-    rewards = score_all(task, problems, completions)
-    records = trace_records(problems, completions, rewards, keep_correct, task_spec)
+    """Sample k completions per problem and return (records, summary counts). Under torchrun every rank passes all
+    the problems, samples its share and returns every rank's records, in problem order."""
+    share = distributed.shard_range(len(problems))
+    mine = problems[share.start:share.stop]
+    prompts = [prompt_ids(tokenizer, p) for p in mine]
+    completions = sample_completions(engine, tokenizer, prompts, k, max_new_tokens, temperature, top_p, seed=seed,
+                                     first_index=share.start * k)
+    rewards = score_all(task, mine, completions)
+    records = trace_records(mine, completions, rewards, keep_correct, task_spec, first_problem=share.start)
     verified = [[is_verified(r, c) for r, c in zip(rs, cs, strict=True)] for rs, cs in zip(rewards, completions,
                                                                                             strict=True)]
+    parts = distributed.all_gather_object((records, verified))
+    records, verified = sum((p[0] for p in parts), []), sum((p[1] for p in parts), [])
     summary = {"problems": len(problems), "samples": len(problems) * k, "written": len(records),
                "verified": sum(map(sum, verified)),
                "problems_with_verified": sum(any(v) for v in verified)}
@@ -92,13 +101,19 @@ class SampleConfig:
     max_new_tokens: int = 256
     temperature: float = EVAL_TEMPERATURE
     top_p: float = EVAL_TOP_P
-    batch_size: int = 64  # engine batch size
+    batch_size: int = 64  # engine batch size (per process under torchrun)
     seed: int = 0
     threads: int = 2
+    device: str | None = None  # torch device (None: cuda if available, else cpu)
 
 
 def sample_traces(cfg: SampleConfig) -> dict[str, float]:
-    """Rejection-sample cfg.model into cfg.out; prints and returns the summary counts."""
+    """Rejection-sample cfg.model into cfg.out; prints and returns the summary counts. One process, or one rank of
+    `torchrun --nproc_per_node=N -m nanoseek sample ...`."""
+    return distributed.run(distributed.resolve_device(cfg.device), lambda device: _sample_traces(cfg, device))
+
+
+def _sample_traces(cfg: SampleConfig, device: torch.device) -> dict[str, float]:
     check_positive(n=cfg.n, k=cfg.k, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                    threads=cfg.threads)
     if cfg.out.is_dir():
@@ -108,12 +123,13 @@ def sample_traces(cfg: SampleConfig) -> dict[str, float]:
         raise NanoseekError("--temperature 0 is greedy: all k samples would be identical; use k=1 or sample")
     torch.set_num_threads(cfg.threads)
     task = load_task(cfg.task)
-    engine = load_engine(cfg.model, cfg.batch_size)
+    engine = load_engine(cfg.model, cfg.batch_size, device=device)
     tokenizer = Tokenizer.from_dir(cfg.model)
     problems = task.problems("train", cfg.n, seed=cfg.seed)
     records, summary = rejection_sample(engine, tokenizer, task, problems, cfg.k, cfg.max_new_tokens,
                                         cfg.temperature, cfg.top_p, cfg.seed, cfg.keep_correct, cfg.task)
-    write_jsonl(records, cfg.out)
+    if distributed.is_main():
+        write_jsonl(records, cfg.out)
     print(f"{summary['verified']}/{summary['samples']} samples verified correct; "
           f"{summary['problems_with_verified']}/{summary['problems']} problems have at least one; "
           f"wrote {summary['written']} records to {cfg.out}")

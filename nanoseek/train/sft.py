@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from nanoseek import distributed
 from nanoseek.checkpoint import load_model
 from nanoseek.config import ModelConfig, get_preset
 from nanoseek.errors import NanoseekError
@@ -48,6 +49,7 @@ from nanoseek.train.trainer import (
     TrainConfig,
     Trainer,
     resolve_device,
+    resolve_dtype,
     resume_point,
     set_threads,
     train,
@@ -233,9 +235,14 @@ class DistillConfig(FinetuneConfig):
 
 
 def fit(model: Transformer, examples: list[Example], cfg: FinetuneConfig, pad_id: int, tokenizer_dir: str | Path,
-        stage: str = "sft") -> Trainer:
+        stage: str = "sft", device: torch.device | None = None) -> Trainer:
     """Fine-tune `model` on examples with the shared Trainer (optimizer, schedule, expert-bias update, checkpoints,
-    resume, progress bar); writes <out>/final, run.json and loss.png. Returns the trainer (history in it)."""
+    resume, progress bar) on `device` (default: cfg.device's); writes <out>/final, run.json and loss.png. Returns
+    the trainer (history in it).
+
+    Under torchrun (see sft()) every rank draws the same global batch of a step and keeps its rows
+    (distributed.shard); the loss is normalised by the whole batch's target tokens (pretrain_loss), so the averaged
+    gradient is the single-process one. Every rank scores the whole (small) validation set."""
     out = Path(cfg.out)
     resume_from = resume_point(out, cfg.resume)
     train_examples, val_examples = split_validation(examples, cfg.seed)
@@ -244,7 +251,11 @@ def fit(model: Transformer, examples: list[Example], cfg: FinetuneConfig, pad_id
         cfg = dataclasses.replace(cfg, steps=steps)
     cfg.check(model.config)
     check_writable(out)  # a read-only or full out fails now, not at the first checkpoint
-    model.to(resolve_device(cfg.device))
+    device = resolve_device(cfg.device) if device is None else device
+    model.to(device)
+    distributed.local_batch_size(cfg.batch_size)  # every rank needs at least one row
+    # before the Trainer builds the optimizer (FSDP shards the parameters)
+    model = distributed.wrap_model(model, cfg.parallel, resolve_dtype(cfg.dtype, device, model.config.hidden_size))
     trainer = Trainer(model, cfg, tokenizer_dir=tokenizer_dir, stage=stage)
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
@@ -252,7 +263,8 @@ def fit(model: Transformer, examples: list[Example], cfg: FinetuneConfig, pad_id
                    for i in range(0, len(val_examples), cfg.batch_size)]
 
     def get_batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return collate(batch_at(train_examples, cfg.batch_size, step * cfg.grad_accum + micro, cfg.seed), pad_id)
+        return distributed.shard(collate(batch_at(train_examples, cfg.batch_size, step * cfg.grad_accum + micro,
+                                                  cfg.seed), pad_id))
 
     n = model.num_params()
     n_targets = sum(sum(t != IGNORE for t in ex.targets) for ex in train_examples)
@@ -294,7 +306,12 @@ def read_conversations(data: list[Path] | None, task_spec: str | None, n: int | 
 
 # ----- the stages ---------------------------------------------------------------------------------------------------
 def sft(cfg: SFTConfig) -> Path:
-    """Fine-tune into cfg.out; returns the final checkpoint (HF layout + tokenizer)."""
+    """Fine-tune into cfg.out; returns the final checkpoint (HF layout + tokenizer). One process, or one rank of
+    `torchrun --nproc_per_node=N -m nanoseek sft ... [--parallel fsdp]`."""
+    return distributed.run(resolve_device(cfg.device), lambda device: _sft(cfg, device))
+
+
+def _sft(cfg: SFTConfig, device: torch.device) -> Path:
     if sum(x is not None for x in (cfg.model, cfg.preset, cfg.config)) != 1:
         raise NanoseekError("sft: give exactly one of --model, --preset and --config")
     set_threads(cfg.threads)
@@ -312,11 +329,16 @@ def sft(cfg: SFTConfig) -> Path:
                             f"({tokenizer.vocab_size})")
     cfg = dataclasses.replace(cfg, seq_len=min(cfg.seq_len, model.config.max_position_embeddings))
     examples = encode_for_training(tokenizer, convs, cfg.seq_len)
-    return fit(model, examples, cfg, tokenizer.pad_id, tokenizer_dir, stage="sft").out_dir / "final"
+    return fit(model, examples, cfg, tokenizer.pad_id, tokenizer_dir, stage="sft", device=device).out_dir / "final"
 
 
 def distill(cfg: DistillConfig) -> Path:
-    """Train the dense student into cfg.out; returns its final checkpoint (HF layout + the teacher's tokenizer)."""
+    """Train the dense student into cfg.out; returns its final checkpoint (HF layout + the teacher's tokenizer).
+    One process, or one rank of `torchrun --nproc_per_node=N -m nanoseek distill ...`."""
+    return distributed.run(resolve_device(cfg.device), lambda device: _distill(cfg, device))
+
+
+def _distill(cfg: DistillConfig, device: torch.device) -> Path:
     if (cfg.student_preset is None) == (cfg.student_config is None):
         raise NanoseekError("distill: give exactly one of --student-preset and --student-config")
     set_threads(cfg.threads)
@@ -333,4 +355,5 @@ def distill(cfg: DistillConfig) -> Path:
         raise NanoseekError("distill: the student must be dense without MTP")  # dense_student_config guarantees it
     cfg = dataclasses.replace(cfg, seq_len=min(cfg.seq_len, student.config.max_position_embeddings))
     examples = encode_for_training(tokenizer, convs, cfg.seq_len)
-    return fit(student, examples, cfg, tokenizer.pad_id, cfg.teacher, stage="distill").out_dir / "final"
+    return fit(student, examples, cfg, tokenizer.pad_id, cfg.teacher, stage="distill", device=device).out_dir \
+        / "final"

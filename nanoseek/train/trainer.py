@@ -13,9 +13,11 @@ balancing: after every optimizer step each expert's routing bias moves by gamma 
   train()       the loop: progress bar, evaluations, samples, periodic checkpoints, Ctrl-C saves
 
 Run directory (TrainConfig.out):
-  checkpoints/step_NNNNNN/ (HF checkpoint + trainer_state.json + optimizer.pt)
+  checkpoints/step_NNNNNN/ (HF checkpoint + trainer_state.json + optimizer.pt; under torchrun config.json +
+                            trainer_state.json + dcp/, the model and optimizer as torch.distributed.checkpoint shards)
   checkpoints/latest (names the newest complete checkpoint)  final/  run.json  loss.png  peak_flops.json
-Under torchrun (pre-training only) the model trains data-parallel with DDP or FSDP2 (nanoseek/distributed.py).
+Under torchrun the stages train data-parallel with DDP or FSDP2 (nanoseek/distributed.py, docs/distributed.md), and
+with pretrain's --ep the routed experts are spread over the ranks (nanoseek/expert_parallel.py).
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from nanoseek import distributed
-from nanoseek.checkpoint import load_model, save_pretrained
+from nanoseek import distributed, expert_parallel
+from nanoseek.checkpoint import load_model, save_pretrained, save_state_dict, write_dir_atomically
 from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
 from nanoseek.model import Transformer
@@ -92,6 +94,8 @@ class TrainConfig:
     device: str | None = None  # torch device (None: cuda if available, else cpu)
     threads: int | None = None  # torch CPU threads (None: all cores)
     price_per_hour: float = 0.10  # USD per machine-hour for the cost in run.json
+    parallel: str = "ddp"  # under torchrun: "ddp" (whole model per process) or "fsdp" (FSDP2, sharded)
+    async_save: bool = False  # under torchrun: checkpoints written by a background thread after a copy to CPU memory
 
     def check(self, config: ModelConfig) -> None:
         """One NanoseekError naming the first bad setting (and the flag that sets it)."""
@@ -126,16 +130,7 @@ class TrainConfig:
 
 
 # --- machine, schedule, optimizer ----------------------------------------------------------------------------------
-def resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise NanoseekError(f"--device: unknown device {name!r} (use cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise NanoseekError("--device cuda: no CUDA device is available")
-    return device
+resolve_device = distributed.resolve_device  # --device -> torch.device (the stages import it from here)
 
 
 def resolve_dtype(name: str, device: torch.device, hidden_size: int) -> torch.dtype:
@@ -153,8 +148,9 @@ def resolve_dtype(name: str, device: torch.device, hidden_size: int) -> torch.dt
 
 
 def set_threads(threads: int | None) -> int:
-    """torch's CPU threads: `threads`, or one per available core when None. Returns the number set."""
-    threads = threads or available_cpus()
+    """torch's CPU threads: `threads`, or one per available core when None (under torchrun the processes of a node
+    share its cores: cores / processes each). Returns the number set."""
+    threads = threads or max(1, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     if threads < 1:
         raise NanoseekError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
@@ -180,8 +176,11 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused: one kernel for all parameters (CPU and CUDA); the default per-parameter loop took 58.5 ms a step on the
     # cpu preset against 8.7 ms fused (docs/bench_train.md). It also takes FSDP2's DTensor parameters on CPU (checked
-    # with torch 2.13 and gloo), so torchrun --parallel fsdp needs no foreach fallback.
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    # with torch 2.13 and gloo), so torchrun --parallel fsdp needs no foreach fallback. It refuses a mix of plain
+    # tensors and DTensors (--ep with DDP: the experts are DTensors): then the per-parameter loop.
+    mixed = len({type(p) for p in model.parameters()}) > 1
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=not mixed,
+                             foreach=False if mixed else None)
 
 
 def config_difference(a: ModelConfig, b: ModelConfig) -> str | None:
@@ -226,7 +225,9 @@ class Trainer:
         self._count_flops = flops_per_token
         self._flops_per_token: dict[int, float] = {}
         self._last_saved_step = -1
-        self._gathered: Transformer | None = None  # FSDP: rank 0's whole-weights copy for checkpoints and samples
+        self._gathered: Transformer | None = None  # FSDP: rank 0's whole-weights copy for text samples
+        self._pending_save: tuple[Any, Callable[[], None]] | None = None  # an async save: (future, what completes it)
+        self.expert_parallel = expert_parallel.of(model)  # --ep: the experts' all-to-all and gradient reduction
         model.train()
 
     # ----- one optimizer step --------------------------------------------------------------------------------------
@@ -265,13 +266,18 @@ class Trainer:
         config, model = self.config, self.model
         t0 = time.perf_counter()
         lr = self.set_lr()
+        par = self.expert_parallel
+        if par is not None:
+            par.bytes_sent = 0
         sums: dict[str, float] = {}
         tokens, flops = 0, 0.0
-        for x, y in micro_batches:
+        for i, (x, y) in enumerate(micro_batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self.autocast():
-                loss, stats = loss_fn(model, x, y)
-            (loss / len(micro_batches)).backward()
+            # under torchrun the gradients are reduced once, in the last micro-batch's backward
+            with distributed.gradient_sync(model, i == len(micro_batches) - 1):
+                with self.autocast():
+                    loss, stats = loss_fn(model, x, y)
+                (loss / len(micro_batches)).backward()
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
             tokens += x.numel()
@@ -280,7 +286,13 @@ class Trainer:
         # are already averaged by DDP / FSDP, so clipping sees the global norm (FSDP: a DTensor norm over all shards)
         sums = distributed.all_reduce_mean(sums)
         tokens *= distributed.world_size()
-        if config.grad_clip > 0:
+        extra = {}
+        if par is not None:  # --ep: DDP / FSDP leave the experts' gradients to expert_parallel
+            par.reduce_gradients(model)
+            extra["a2a_bytes"] = par.total_bytes_sent()  # by all ranks' all-to-alls in this step
+        if config.grad_clip > 0 and par is not None:
+            expert_parallel.clip_grad_norm_(model.parameters(), config.grad_clip)
+        elif config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -289,7 +301,8 @@ class Trainer:
                 dist.all_reduce(gate.expert_load)
         maxvio = model.update_expert_bias(config.bias_update_speed)
         dt = time.perf_counter() - t0
-        row = self.end_step({**{k: v / len(micro_batches) for k, v in sums.items()}, "lr": lr, "maxvio": maxvio},
+        row = self.end_step({**{k: v / len(micro_batches) for k, v in sums.items()}, "lr": lr, "maxvio": maxvio,
+                             **extra},
                             tokens, dt)
         # flops are this rank's and peak_flops this process's: the MFU of one rank (all do the same work)
         return {**row, "tokens_per_second": tokens / dt, "mfu": flops / dt / self.peak_flops}
@@ -314,11 +327,11 @@ class Trainer:
         return self.previous_wall_seconds + time.time() - self.session_start
 
     def full_model(self) -> Transformer | None:
-        """On rank 0, a plain model with the current whole weights (the model itself unless FSDP shards it);
-        None on the other ranks. Under FSDP this gathers the shards: every rank must call it."""
+        """On rank 0, a plain model with the current whole weights (the model itself unless FSDP shards it), for
+        text samples; None on the other ranks. Under FSDP this gathers the shards: every rank must call it."""
         if not distributed.is_sharded(self.model):
             return self.model if distributed.is_main() else None
-        full = distributed.full_state_dict(self.model)
+        full = distributed.full_state_dict_cpu(self.model)
         if not distributed.is_main():
             return None
         if self._gathered is None:
@@ -331,25 +344,72 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """checkpoints/step_NNNNNN (written atomically), then `latest` is pointed at it, then old ones pruned.
 
-        Under torchrun every rank calls this (FSDP gathers weights and optimizer moments); rank 0 writes the same
-        files a single process would, so the checkpoint resumes at any world size. Without checkpoints, nothing.
+        One process writes the HF checkpoint + trainer_state.json + optimizer.pt. Under torchrun every rank calls
+        this and writes its own shards of the model and optimizer with torch.distributed.checkpoint (dcp/), rank 0
+        adds config.json and trainer_state.json: nobody gathers the whole state, and the checkpoint resumes at any
+        world size. With config.async_save the shards are written by a background thread; the checkpoint becomes
+        `latest` once they are complete (at the next save, or at the end). Without checkpoints, nothing.
         """
         if not self.checkpoints:
             return self.out_dir
+        self.wait_for_save()
         name = f"step_{self.step:06d}"
         path = self.ckpt_dir / name
-        model, optimizer_state = self.full_model(), distributed.full_optimizer_state(self.optimizer)
         self._last_saved_step = self.step
-        if model is None:  # not rank 0
-            return path
         state = {"stage": self.stage, "step": self.step, "tokens": self.tokens, "train_seconds": self.train_seconds,
                  "wall_seconds": self.wall_seconds(), "compute_dtype": str(self.amp_dtype),
-                 "args": self.config.to_dict(), "history": self.history}
+                 "args": self.config.to_dict(), "history": self.history,
+                 "world_size": distributed.world_size()}
+        trainer_state = (json.dumps(state, indent=1) + "\n").encode()
+        if distributed.initialized():
+            self._save_sharded(name, trainer_state)
+            return path
         buf = io.BytesIO()
-        torch.save(optimizer_state, buf)
-        extra = {"trainer_state.json": (json.dumps(state, indent=1) + "\n").encode(), "optimizer.pt": buf.getvalue()}
-        save_pretrained(model, path, tokenizer_dir=self.tokenizer_dir, extra_files=extra)  # one line on failure
+        torch.save(self.optimizer.state_dict(), buf)
+        extra = {"trainer_state.json": trainer_state, "optimizer.pt": buf.getvalue()}
+        save_pretrained(self.model, path, tokenizer_dir=self.tokenizer_dir, extra_files=extra)  # one line on failure
+        self._point_latest(name)
+        return path
 
+    def _save_sharded(self, name: str, trainer_state: bytes) -> None:
+        """Every rank writes its shards into checkpoints/.step_N.dcp-tmp/; rank 0 then moves them into the atomic
+        write of step_N (with config.json and trainer_state.json) and points `latest` at it."""
+        shards = self.ckpt_dir / f".{name}.dcp-tmp"
+        if distributed.is_main():
+            shutil.rmtree(shards, ignore_errors=True)
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()
+        future = distributed.save_sharded(self.model, self.optimizer, shards, asynchronous=self.config.async_save)
+
+        def complete() -> None:
+            if not distributed.is_main():
+                return
+
+            def write(tmp: Path) -> None:
+                os.replace(shards, tmp / distributed.SHARDED_DIR)
+                (tmp / "config.json").write_text(json.dumps(self.model.config.to_hf_dict(), indent=2) + "\n")
+                (tmp / "trainer_state.json").write_bytes(trainer_state)
+
+            write_dir_atomically(self.ckpt_dir / name, write)
+            self._point_latest(name)
+
+        if future is None:
+            complete()
+            distributed.barrier()  # the checkpoint is complete on disk for every rank before any goes on
+        else:
+            self._pending_save = (future, complete)
+
+    def wait_for_save(self) -> None:
+        """Wait for an async save to be written and make it `latest` (a no-op when none is in flight)."""
+        if self._pending_save is None:
+            return
+        future, complete = self._pending_save
+        self._pending_save = None
+        future.result()
+        complete()
+        distributed.barrier()
+
+    def _point_latest(self, name: str) -> None:
         def write_latest(tmp: Path) -> None:
             with open(tmp, "w") as f:
                 f.write(name + "\n")
@@ -358,7 +418,6 @@ class Trainer:
 
         write_file_atomically(self.ckpt_dir / "latest", write_latest)  # only now, with the directory complete
         self._prune()
-        return path
 
     def _prune(self) -> None:
         """Keep the newest --keep-last checkpoints; remove temporaries of writes that were killed."""
@@ -367,7 +426,7 @@ class Trainer:
         for old in steps[:-self.config.keep_last]:
             if old != latest:
                 shutil.rmtree(old, ignore_errors=True)  # a checkpoint that could not be removed costs only space
-        for stray in self.ckpt_dir.glob(".step_*"):  # .step_N.tmp-PID / .step_N.old-PID from an interrupted write
+        for stray in self.ckpt_dir.glob(".step_*"):  # .step_N.{tmp,old}-PID / .step_N.dcp-tmp of an interrupted write
             shutil.rmtree(stray, ignore_errors=True)
         for stray in self.ckpt_dir.glob(".latest.tmp-*"):
             stray.unlink(missing_ok=True)
@@ -380,14 +439,18 @@ class Trainer:
         trainer_state.json and optimizer.pt are checked against this model before anything is loaded: moments of
         the wrong shape would otherwise reach the fused AdamW kernel, which reads out of bounds (a segfault)."""
         check_same_config(self.model.config, path)
-        for f in ("trainer_state.json", "optimizer.pt"):
+        sharded = (path / distributed.SHARDED_DIR).is_dir()
+        for f in ("trainer_state.json",) if sharded else ("trainer_state.json", "optimizer.pt"):
             if not (path / f).is_file():
                 raise NanoseekError(f"--resume: {path} has no {f}: not a training checkpoint")
         state = read_trainer_state(path / "trainer_state.json", self.stage)
-        optimizer_state = read_optimizer_state(path / "optimizer.pt", self.optimizer, self.device)
-        with torch.no_grad():  # the files hold whole tensors; under FSDP each rank keeps its own shard
-            distributed.load_state_dict(self.model, load_model(path).state_dict())
-        distributed.load_optimizer_state(self.optimizer, optimizer_state)
+        if sharded:  # torchrun's shards, at any world size and with or without FSDP (names identify the tensors)
+            distributed.load_sharded(self.model, self.optimizer, path / distributed.SHARDED_DIR)
+        else:
+            optimizer_state = read_optimizer_state(path / "optimizer.pt", self.optimizer, self.device)
+            with torch.no_grad():  # the files hold whole tensors; under FSDP each rank keeps its own shard
+                distributed.load_state_dict(self.model, load_model(path).state_dict())
+            distributed.load_optimizer_state(self.optimizer, optimizer_state)
         self.step, self.tokens, self.history = state["step"], state["tokens"], state["history"]
         self.train_seconds, self.previous_wall_seconds = state["train_seconds"], state["wall_seconds"]
         self._last_saved_step = self.step
@@ -409,11 +472,18 @@ class Trainer:
         return f"interrupted: saved {path} (continue with the same command plus --resume)"
 
     def save_final(self) -> Path:
-        """final/: the weights + tokenizer (no optimizer): what the next stage or a user loads."""
+        """final/: the weights + tokenizer (no optimizer) in the HF layout: what the next stage or a user loads.
+        Under FSDP rank 0 gathers the whole weights into CPU memory, one tensor at a time, and writes them."""
         if self._last_saved_step != self.step:
             self.save_checkpoint()
-        model, path = self.full_model(), self.out_dir / "final"
-        return save_pretrained(model, path, tokenizer_dir=self.tokenizer_dir) if model is not None else path
+        self.wait_for_save()
+        path = self.out_dir / "final"
+        state = distributed.full_state_dict_cpu(self.model)  # a collective under FSDP; {} on ranks > 0
+        if distributed.is_main():
+            save_state_dict(self.model.config, state, path, tokenizer_dir=self.tokenizer_dir, owned=True)
+        del state
+        distributed.barrier()
+        return path
 
     def run_record(self) -> RunRecord:
         cfg, config = self.model.config, self.config
