@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -429,3 +430,44 @@ def test_rl_killed_or_interrupted_then_resumed_equals_an_uninterrupted_run(tok, 
     reference_weights = load_model(reference / "final").state_dict()
     for name, value in load_model(out / "final").state_dict().items():
         torch.testing.assert_close(value, reference_weights[name], rtol=0, atol=0, msg=name)
+
+
+# ----- the problems of each step -------------------------------------------------------------------------------------
+def write_gsm8k(tmp_path, n):
+    rows = [{"question": f"What is {i} plus one?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(n)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:1]))
+
+
+def test_gsm8k_problems_are_reshuffled_each_epoch_and_never_run_dry(tmp_path):
+    from nanoseek.tasks import load_task
+    from nanoseek.train.grpo import step_problems, train_pool
+
+    write_gsm8k(tmp_path, 40)
+    task = load_task(f"gsm8k:data_dir={tmp_path}")
+    n_train = len(task.problems("train", None))
+    pool = train_pool(task, steps=30, b=4, seed=0)  # 120 draws from a smaller split: the whole split, in epochs
+    assert pool.finite and len(pool.problems) == n_train
+    steps = [step_problems(pool, 4, s, seed=0) for s in range(30)]  # 3+ epochs, and nothing raises
+    flat = [p.prompt for ps in steps for p in ps]
+    file_order = [p.prompt for p in task.problems("train", None)]
+    epochs = [flat[e * n_train:(e + 1) * n_train] for e in range(len(flat) // n_train)]
+    assert all(sorted(e) == sorted(file_order) for e in epochs)  # every problem once per epoch
+    assert all(e != file_order for e in epochs) and epochs[0] != epochs[1]  # shuffled, freshly each epoch
+    other = [p.prompt for s in range(10) for p in step_problems(train_pool(task, 30, 4, seed=1), 4, s, seed=1)]
+    assert other != flat[:40]  # the seed changes the order
+    assert [p.prompt for p in step_problems(pool, 4, 7, seed=0)] == [p.prompt for p in steps[7]]  # pure
+    # a synthetic task: steps x B fresh problems, and a longer run starts with the shorter run's problems
+    arith = load_task("arithmetic")
+    short, long = train_pool(arith, 3, 4, seed=0), train_pool(arith, 5, 4, seed=0)
+    assert not short.finite and len(short.problems) == 12
+    assert [step_problems(short, 4, s, 0) for s in range(3)] == [step_problems(long, 4, s, 0) for s in range(3)]
+
+
+def test_rl_on_an_empty_train_split_is_one_clear_error(tmp_path):
+    from nanoseek.tasks import load_task
+    from nanoseek.train.grpo import train_pool
+
+    write_gsm8k(tmp_path, 0)
+    with pytest.raises(NanoseekError, match="no problems to train on"):
+        train_pool(load_task(f"gsm8k:data_dir={tmp_path}"), steps=2, b=2, seed=0)

@@ -46,7 +46,7 @@ from nanoseek.tasks import Problem, Task, distinct_problems, load_task
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.evaluate import greedy_accuracy
 from nanoseek.train.rollout import Completion, make_engine, prompt_ids, sample_completions, score_all
-from nanoseek.train.trainer import TrainConfig, Trainer, TrainStep, resume_point, set_threads, train
+from nanoseek.train.trainer import TrainConfig, Trainer, TrainStep, epoch_batch, resume_point, set_threads, train
 
 IGNORE = -1
 
@@ -362,6 +362,32 @@ class RLConfig(GRPOConfig, TrainConfig):
                 raise NanoseekError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
 
 
+@dataclass
+class ProblemPool:
+    problems: list[Problem]
+    finite: bool  # the task's whole train split, smaller than steps x B: drawn in epochs
+
+
+def train_pool(task: Task, steps: int, b: int, seed: int) -> ProblemPool:
+    """The train problems a run's steps draw from. A synthetic task gives steps x B fresh problems (one more is asked
+    for to tell it from a finite data set, which returns its whole split, GSM8K in file order, when asked for more
+    than it has)."""
+    drawn = task.problems("train", steps * b + 1, seed=seed)
+    if not drawn:
+        raise NanoseekError(f"task {task.name}: its train split has no problems to train on")
+    finite = len(drawn) <= steps * b
+    return ProblemPool(drawn if finite else drawn[:steps * b], finite)
+
+
+def step_problems(pool: ProblemPool, b: int, step: int, seed: int) -> list[Problem]:
+    """Step `step`'s B problems: slice `step` of the fresh draw, or, for a finite data set, batch `step` of seeded
+    epoch shuffles (a new order per seed and epoch, never file order, never running dry). A pure function of the
+    arguments, so a resumed run continues exactly, and a longer run begins with the shorter run's problems."""
+    if pool.finite:
+        return epoch_batch(pool.problems, b, step, seed, "rl")
+    return pool.problems[step * b:(step + 1) * b]
+
+
 def extra_problems(task: Task, n: int, seed: int, step: int, round_: int) -> list[Problem]:
     """Dynamic sampling's round `round_` (>= 1) of step `step`: n train problems, a pure function of the arguments
     (so a resumed run samples the same ones), drawn with seeds the main schedule does not use (a synthetic task
@@ -377,12 +403,12 @@ def heldout_accuracy(policy: Transformer, tokenizer: Tokenizer, task: Task, prob
 
 
 class GRPOStep(TrainStep):
-    """One GRPO step on the shared loop: the B problems of step s (train_problems[s*B:(s+1)*B], plus dynamic
-    sampling's rounds), G rollouts each with seed * 1_000_003 + s, one update. Every step appends its row to
+    """One GRPO step on the shared loop: the B problems of step s (step_problems(), plus dynamic sampling's rounds),
+    G rollouts each with seed * 1_000_003 + s, one update. Every step appends its row to
     rl_log.jsonl (so a run killed between checkpoints keeps the steps it did); the held-out greedy accuracy goes to
     history["heldout"]; rl_curves.png is redrawn after each checkpoint."""
 
-    def __init__(self, cfg: RLConfig, tokenizer: Tokenizer, task: Task, train_problems: list[Problem],
+    def __init__(self, cfg: RLConfig, tokenizer: Tokenizer, task: Task, train_problems: ProblemPool,
                  eval_problems: list[Problem], ref_model: Transformer | None = None):
         self.cfg, self.tokenizer, self.task = cfg, tokenizer, task
         self.train_problems, self.eval_problems, self.ref_model = train_problems, eval_problems, ref_model
@@ -391,7 +417,7 @@ class GRPOStep(TrainStep):
         cfg, step, b = self.cfg, trainer.step, self.cfg.prompts_per_step
         lr = trainer.set_lr()
         stats = grpo_step(trainer.model, trainer.optimizer, self.tokenizer, self.task,
-                          self.train_problems[step * b:(step + 1) * b], cfg, seed=cfg.seed * 1_000_003 + step,
+                          step_problems(self.train_problems, b, step, cfg.seed), cfg, seed=cfg.seed * 1_000_003 + step,
                           ref_model=self.ref_model, bias_update_speed=cfg.bias_update_speed,
                           max_grad_norm=cfg.grad_clip,
                           more_problems=lambda r: extra_problems(self.task, b, cfg.seed, step, r))
@@ -429,10 +455,10 @@ def rl(cfg: RLConfig) -> Path:
     if cfg.beta:
         ref_model = load_model(cfg.model).requires_grad_(False)  # the frozen initial policy
     b = cfg.prompts_per_step
-    train_problems = task.problems("train", cfg.steps * b, seed=cfg.seed)  # step s uses [s*B, (s+1)*B)
+    train_problems = train_pool(task, cfg.steps, b, cfg.seed)
     eval_problems = distinct_problems(task, "test", cfg.eval_n, seed=cfg.seed) if cfg.eval_every and cfg.eval_n \
         else []
-    seq_len = max(len(prompt_ids(tokenizer, p)) for p in train_problems[:64]) + cfg.max_new_tokens
+    seq_len = max(len(prompt_ids(tokenizer, p)) for p in train_problems.problems[:64]) + cfg.max_new_tokens
     cfg = dataclasses.replace(cfg, batch_size=b * cfg.group_size, seq_len=seq_len)
     trainer = Trainer(policy, cfg, tokenizer_dir=cfg.model, stage="rl")
     if resume_from is not None:

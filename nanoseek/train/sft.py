@@ -27,9 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +45,8 @@ from nanoseek.train.trainer import (
     SupervisedStep,
     TrainConfig,
     Trainer,
+    epoch_batch,
+    epoch_permutation,
     resolve_device,
     resume_point,
     set_threads,
@@ -141,26 +141,14 @@ def collate(batch: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tens
 def batch_at(examples: list[Example], batch_size: int, index: int, seed: int) -> list[Example]:
     """Batch number `index` of an endless stream of seeded epoch shuffles: a pure function of its arguments, so a
     resumed run sees exactly the batches it would have seen."""
-    n = len(examples)
-    out = []
-    for pos in range(index * batch_size, (index + 1) * batch_size):
-        epoch, i = divmod(pos, n)
-        out.append(examples[_permutation(n, seed, epoch)[i]])
-    return out
-
-
-@lru_cache(maxsize=4)
-def _permutation(n: int, seed: int, epoch: int) -> list[int]:
-    perm = list(range(n))
-    random.Random(f"sft:{seed}:{epoch}").shuffle(perm)
-    return perm
+    return epoch_batch(examples, batch_size, index, seed, "sft")
 
 
 def split_validation(examples: list[Example], seed: int) -> tuple[list[Example], list[Example]]:
     """Hold out ~5% (at most 64) examples for the validation loss; none when there are fewer than 40."""
     if len(examples) < 40:
         return examples, []
-    order = _permutation(len(examples), seed, -1)
+    order = epoch_permutation(len(examples), seed, -1, "sft")
     n_val = min(64, len(examples) // 20)
     return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
 
