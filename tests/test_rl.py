@@ -50,26 +50,51 @@ def tiny_model(vocab_size, seed=0):
 
 # ----- advantages ---------------------------------------------------------------------------------------------------
 def test_group_advantages_by_hand():
-    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0],
-                            [0.0, 0.0, 0.0, 0.0],  # all wrong: no signal
-                            [1.1, 1.1, 1.1, 1.1],  # all right: no signal
-                            [1.1, 0.1, 0.0, 0.1]])
-    adv, keep = group_advantages(rewards)
+    acc = torch.tensor([[1.0, 0.0, 0.0, 1.0],
+                        [0.0, 0.0, 0.0, 0.0],  # all wrong: no signal
+                        [1.0, 1.0, 1.0, 1.0],  # all right: no signal
+                        [1.0, 0.0, 0.0, 0.0]])
+    fmt = torch.tensor([[0.0] * 4, [0.0] * 4, [0.1] * 4, [0.1, 0.1, 0.0, 0.1]])
+    adv, keep = group_advantages(acc, fmt)
     assert keep.tolist() == [True, False, False, True]
     std0 = math.sqrt(4 * 0.25 / 3)  # unbiased sample std of [1, 0, 0, 1]
     a = 0.5 / (std0 + 1e-4)
     assert adv[0].tolist() == pytest.approx([a, -a, -a, a], abs=1e-6)
     assert adv[1].tolist() == [0.0] * 4 and adv[2].tolist() == [0.0] * 4  # exactly zero, not rounding noise
-    dev = [1.1 - 0.325, 0.1 - 0.325, -0.325, 0.1 - 0.325]
-    std3 = math.sqrt(sum(d * d for d in dev) / 3)
-    assert adv[3].tolist() == pytest.approx([d / (std3 + 1e-4) for d in dev], abs=1e-6)
-    # Dr. GRPO: no division by the std
-    adv_dr, keep_dr = group_advantages(rewards, scale_std=False)
+    std3 = math.sqrt((0.75**2 + 3 * 0.25**2) / 3)  # correctness only is scaled; format 0.1 is added as it is
+    dev = [0.75 / (std3 + 1e-4), -0.25 / (std3 + 1e-4), -0.25 / (std3 + 1e-4), -0.25 / (std3 + 1e-4)]
+    expected = [d + f - 0.075 for d, f in zip(dev, fmt[3].tolist(), strict=True)]
+    assert adv[3].tolist() == pytest.approx(expected, abs=1e-6)
+    # Dr. GRPO: no division by the std, r - mean(r) of the total reward
+    adv_dr, keep_dr = group_advantages(acc, fmt, scale_std=False)
     assert keep_dr.tolist() == keep.tolist()
     assert adv_dr[0].tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5])
-    assert adv_dr[3].tolist() == pytest.approx(dev, abs=1e-6)
+    total = (acc + fmt)[3].tolist()
+    assert adv_dr[3].tolist() == pytest.approx([t - sum(total) / 4 for t in total], abs=1e-6)
     with pytest.raises(NanoseekError, match="group"):
         group_advantages(torch.ones(3, 1))
+
+
+@pytest.mark.parametrize("g", [3, 8, 16, 64])
+def test_format_reward_never_outweighs_correctness(g):
+    """Issue 21's case: all wrong, one malformed. Summing and then scaling by the std gave it +0.35 / -2.47 at G = 8,
+    the advantages of one right answer among wrong ones."""
+    acc = torch.zeros(3, g)
+    fmt = torch.full((3, g), 0.1)
+    fmt[0, 0] = 0.0  # group 0: all wrong, one malformed
+    acc[1, 0] = 1.0  # group 1: one right, the rest wrong (all well formed)
+    acc[2, 1:] = 1.0  # group 2: one wrong, the rest right
+    fmt[2, 1] = 0.0  # ... one right answer malformed
+    adv, keep = group_advantages(acc, fmt)
+    assert keep.all()
+    format_only = adv[0].abs().max()
+    assert format_only <= 0.1 + 1e-6
+    assert format_only < adv[1].abs().min()  # both sides of right-vs-wrong, the majority's small share included
+    assert format_only < adv[2, 2:].min() and format_only < -adv[2, 0]
+    assert adv[2, 0] < 0 < adv[2, 1]  # a malformed right answer still beats a well-formed wrong one
+    if g == 8:
+        assert adv[0].tolist() == pytest.approx([-0.0875] + [0.0125] * 7, abs=1e-6)
+        assert adv[1, 0] == pytest.approx(7 / 8 / math.sqrt(1 / 8) + 0.0, abs=1e-3)  # 2.47, unchanged
 
 
 # ----- the clipped objective ----------------------------------------------------------------------------------------

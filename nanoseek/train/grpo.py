@@ -4,7 +4,8 @@ One step:
   1. sample: B train problems, G completions each from the current policy through the Engine (temperature 1, no
      top-k/top-p, so the samples follow pi_theta exactly)
   2. reward: task.score -> accuracy (1/0) + format (0.1/0), summed
-  3. advantages per group of G: A_i = (r_i - mean(r)) / (std(r) + 1e-4)  (Dr. GRPO: r_i - mean(r)); groups whose
+  3. advantages per group of G: A_i = (acc_i - mean(acc)) / (std(acc) + 1e-4) + (fmt_i - mean(fmt)), correctness
+     normalised and format an unscaled tie-breaker that never outweighs it (Dr. GRPO: r_i - mean(r)); groups whose
      rewards are all equal carry no signal and are dropped from the batch (logged as frac_zero_std). With
      --dynamic-sampling (DAPO's dynamic sampling) more fresh problems are sampled, up to --max-sampling-rounds
      batches of B, until B groups with mixed rewards fill the batch; the surplus is dropped
@@ -71,18 +72,29 @@ class GRPOConfig:
 
 
 # ----- the objective ------------------------------------------------------------------------------------------------
-def group_advantages(rewards: torch.Tensor, scale_std: bool = True, eps: float = 1e-4,
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """rewards [B,G] -> advantages [B,G] and keep [B] (False for groups whose rewards are all equal, whose advantages
-    are set to exactly 0). std is the unbiased sample std over the group, as trl computes it."""
-    if rewards.dim() != 2 or rewards.shape[1] < 2:
+def group_advantages(accuracy: torch.Tensor, fmt: torch.Tensor | None = None, scale_std: bool = True,
+                     eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Correctness rewards [B,G] (and format rewards [B,G]) -> advantages [B,G] and keep [B] (False for groups whose
+    total rewards are all equal, whose advantages are set to exactly 0).
+
+    A_i = (acc_i - mean(acc)) / (std(acc) + eps) + (fmt_i - mean(fmt)): only correctness is divided by the group's
+    std (the unbiased sample std, as trl computes it); format is a tie-breaker added unscaled. Scaling the summed
+    reward instead lets the 0.1 format reward stand in for correctness: a group of all-wrong answers with one
+    malformed sample would get advantages +0.35 / -2.47, exactly those of one right answer among wrong ones. Here
+    such a group gets +0.0125 / -0.0875, and within a group every correct sample's advantage exceeds every wrong
+    one's (for 0/1 accuracy the scaled gap is >= 1/0.71 = 1.41, the format difference <= format_weight = 0.1).
+    With scale_std=False (Dr. GRPO) this is r_i - mean(r) of the total reward."""
+    if accuracy.dim() != 2 or accuracy.shape[1] < 2:
         raise NanoseekError(f"GRPO needs a group of >= 2 samples per prompt, got rewards of shape "
-                            f"{list(rewards.shape)}")
-    rewards = rewards.double()
-    adv = rewards - rewards.mean(1, keepdim=True)
+                            f"{list(accuracy.shape)}")
+    accuracy = accuracy.double()
+    fmt = torch.zeros_like(accuracy) if fmt is None else fmt.double()
+    adv = accuracy - accuracy.mean(1, keepdim=True)
     if scale_std:
-        adv = adv / (rewards.std(1, keepdim=True) + eps)
-    keep = rewards.amax(1) > rewards.amin(1)
+        adv = adv / (accuracy.std(1, keepdim=True) + eps)
+    adv = adv + fmt - fmt.mean(1, keepdim=True)
+    total = accuracy + fmt
+    keep = total.amax(1) > total.amin(1)
     return torch.where(keep[:, None], adv, torch.zeros_like(adv)).float(), keep
 
 
@@ -191,7 +203,8 @@ def grpo_step(policy: Transformer, optimizer: torch.optim.Optimizer, tokenizer: 
     flat_c = [c for cs in completions for c in cs]
     flat_r = [r for rs in rewards for r in rs]
     total = torch.tensor([[r.total for r in rs] for rs in rewards])  # [B,G] (B x rounds with dynamic sampling)
-    adv, keep = group_advantages(total, scale_std=not cfg.dr_grpo)
+    adv, keep = group_advantages(torch.tensor([[r.accuracy for r in rs] for rs in rewards]),
+                                 torch.tensor([[r.format for r in rs] for rs in rewards]), scale_std=not cfg.dr_grpo)
     zero_std = 1.0 - keep.float().mean().item()
     if cfg.dynamic_sampling:  # train on the first B mixed groups: the batch size stays B
         keep = keep & (keep.long().cumsum(0) <= len(problems))
