@@ -135,6 +135,10 @@ def test_evaluate_and_cli_json(tiny, tmp_path):
     assert data["split"] == "test" and data["n"] == 5 and data["task"] == TASK
     m = data["metrics"]["pass@1_greedy"]
     assert m["value"] == 0.0 and m["ci95"][0] == 0.0 and 0 < m["ci95"][1] < 0.6
+    # the validation split, for choosing settings
+    evaluate_checkpoint(EvalConfig(model=model_dir, task=TASK, n=5, k=0, max_new_tokens=4, batch_size=8, threads=1,
+                                   split="val", json=out))
+    assert json.loads(out.read_text())["split"] == "val"
 
 
 def test_cli_evaluates_each_problem_once(tiny, tmp_path, capsys):

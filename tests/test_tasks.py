@@ -120,6 +120,9 @@ def test_arithmetic_splits_disjoint_and_deterministic():
     assert prompts(3) == prompts(3) and prompts(3) != prompts(4)
     with pytest.raises(NanoseekError, match="split"):
         task.problems("validation", 5, seed=0)
+    # the validation split is held out of train, and never a test problem
+    val = task.problems("val", 300, seed=0)
+    assert len(sums(val)) > 20 and sums(val).isdisjoint(sums(train)) and sums(val).isdisjoint(sums(test))
 
 
 def test_arithmetic_knobs():
@@ -237,7 +240,9 @@ def test_distinct_problems_for_evaluation(gsm8k: GSM8KTask):
 
 def test_gsm8k_traces_score_full(gsm8k: GSM8KTask):
     problems = gsm8k.problems("train", None)
-    assert len(problems) == 7473 and len(gsm8k.problems("test", None)) == 1319
+    val = gsm8k.problems("val", None)
+    assert len(problems) + len(val) == 7473 and len(gsm8k.problems("test", None)) == 1319
+    assert 300 < len(val) < 450 and not {p.prompt for p in val} & {p.prompt for p in problems}  # ~5%, held out
     for p in problems[:50]:
         reasoning, answer = gsm8k.solution_trace(p)
         assert "<<" not in reasoning and "####" not in reasoning
@@ -268,7 +273,7 @@ def test_gsm8k_sampling(gsm8k: GSM8KTask):
     assert [p.prompt for p in gsm8k.problems("test", 20, seed=2)] != [p.prompt for p in a]
     test_lines = {p.meta["line"] for p in gsm8k.problems("test", None)}
     assert max(test_lines) == 1319
-    assert len(gsm8k.problems("train", 10**6)) == 7473
+    assert len(gsm8k.problems("train", 10**6)) + len(gsm8k.problems("val", 10**6)) == 7473
 
 
 def test_gsm8k_bad_files(tmp_path: Path):

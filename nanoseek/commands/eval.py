@@ -13,7 +13,9 @@ from nanoseek.train.evaluate import EVAL_TEMPERATURE, EVAL_TOP_P, EvalConfig, ev
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, required=True, help="checkpoint directory (with tokenizer files)")
     p.add_argument("--task", required=True, help="task spec, e.g. arithmetic or arithmetic:max_digits=2,ops=+-")
-    p.add_argument("-n", "--n", type=int, default=200, help="test problems (default 200)")
+    p.add_argument("-n", "--n", type=int, default=200, help="problems (default 200)")
+    p.add_argument("--split", choices=("val", "test"), default="test",
+                   help="test (default), or val: held out of train, for choosing settings without the test split")
     p.add_argument("--k", type=int, default=4, help="samples per problem for sampled pass@1/pass@k/maj@k "
                    "(default 4; 0 = greedy only)")
     p.add_argument("--max-new-tokens", type=int, default=256)

@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, default=d.eval_every,
                    help="held-out greedy accuracy every N steps, and before the first and after the last (0 = off)")
     g.add_argument("--eval-n", type=int, default=d.eval_n,
-                   help=f"held-out (test split) problems for it (default {d.eval_n})")
+                   help=f"held-out (validation split) problems for it (default {d.eval_n})")
     t = p.add_argument_group("training")
     t.add_argument("--lr", type=float, default=d.lr, help="peak learning rate, constant after warmup (default 3e-5)")
     t.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup steps (default 5)")

@@ -31,7 +31,7 @@ THINK_CLOSE = "</think>"
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 # Small next to accuracy (1.0): well-formed but wrong earns 0.1, correct earns 1.1, so form alone is not worth learning
 FORMAT_WEIGHT = 0.1
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")  # val: held out of train for choosing settings
 
 
 @dataclass
@@ -98,14 +98,27 @@ def format_completion(reasoning: str, answer: str) -> str:
     return f"{reasoning}\n{THINK_CLOSE}\n\n{answer}"
 
 
-def hash_split(key: str, test_every: int = 10) -> str:
-    """Assign a synthetic problem to "train" or "test" by a stable hash of its canonical key.
+def _key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
 
-    Partitioning the problem space (about 1 in test_every problems is a test problem) makes the splits disjoint by
-    construction, however many problems are drawn, unlike drawing both splits from different seeds.
+
+def in_validation(key: str) -> bool:
+    """Whether a problem with this canonical key belongs to the validation split: about 1 in 20 keys (those whose
+    hash is 1 mod 20, so never a hash_split test key)."""
+    return _key_hash(key) % 20 == 1
+
+
+def hash_split(key: str, test_every: int = 10) -> str:
+    """Assign a synthetic problem to "train", "val" or "test" by a stable hash of its canonical key.
+
+    Partitioning the problem space (about 1 in test_every problems is a test problem, 1 in 20 a validation problem)
+    makes the splits disjoint by construction, however many problems are drawn, unlike drawing the splits from
+    different seeds. "val" is held out from training for choosing settings, so the test split is looked at once.
     """
-    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
-    return "test" if h % test_every == 0 else "train"
+    h = _key_hash(key)
+    if h % test_every == 0:
+        return "test"
+    return "val" if h % 20 == 1 else "train"
 
 
 def rng_for(*parts: object) -> random.Random:
@@ -115,7 +128,7 @@ def rng_for(*parts: object) -> random.Random:
 
 def check_split(split: str) -> None:
     if split not in SPLITS:
-        raise NanoseekError(f"unknown split {split!r}: expected 'train' or 'test'")
+        raise NanoseekError(f"unknown split {split!r}: expected 'train', 'val' or 'test'")
 
 
 def draw_problems(
@@ -165,7 +178,7 @@ class Task:
     format_weight: float = FORMAT_WEIGHT
 
     def problems(self, split: str, n: int | None, seed: int = 0) -> list[Problem]:
-        """n problems of split ("train" or "test"), the same for the same arguments; train and test are disjoint."""
+        """n problems of split ("train", "val" or "test"), the same for the same arguments; the splits are disjoint."""
         raise NotImplementedError
 
     def check(self, problem: Problem, answer: str) -> bool:

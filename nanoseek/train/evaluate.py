@@ -146,7 +146,7 @@ def greedy_accuracy(engine: Engine, tokenizer: Tokenizer, task: Task, problems: 
 
 
 def format_report(result: dict[str, Any]) -> str:
-    lines = [f"{result.get('task', '?')}: {result['n']} test problems, k={result['k']}"]
+    lines = [f"{result.get('task', '?')}: {result['n']} {result.get('split', 'test')} problems, k={result['k']}"]
     for name, m in result["metrics"].items():
         if isinstance(m, dict):
             lo, hi = m["ci95"]
@@ -159,11 +159,13 @@ def format_report(result: dict[str, Any]) -> str:
 # ----- the stage ----------------------------------------------------------------------------------------------------
 @dataclass(kw_only=True)
 class EvalConfig:
-    """An evaluation of a checkpoint on n distinct problems of a task's test split."""
+    """An evaluation of a checkpoint on n distinct problems of a task's test split (or its validation split, for
+    choosing settings without looking at the test split)."""
 
     model: Path  # checkpoint directory (with tokenizer files)
     task: str  # task spec, e.g. arithmetic or arithmetic:max_digits=2,ops=+-
     n: int = 200  # test problems
+    split: str = "test"  # "val" while choosing settings, "test" once at the end
     k: int = 4  # samples per problem for sampled pass@1 / pass@k / maj@k (0 = greedy only)
     max_new_tokens: int = 256
     temperature: float = EVAL_TEMPERATURE
@@ -193,11 +195,11 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
     task = load_task(cfg.task)
     engine = load_engine(cfg.model, cfg.batch_size)
     tokenizer = Tokenizer.from_dir(cfg.model)
-    problems = distinct_problems(task, "test", cfg.n, seed=cfg.seed)
+    problems = distinct_problems(task, cfg.split, cfg.n, seed=cfg.seed)
     if len(problems) < cfg.n:
-        print(f"note: the test split of {cfg.task} has only {len(problems)} different problems; evaluating "
+        print(f"note: the {cfg.split} split of {cfg.task} has only {len(problems)} different problems; evaluating "
               f"those instead of {cfg.n}", file=sys.stderr)
-    result = {"task": cfg.task, "model": str(cfg.model), "split": "test", "n_requested": cfg.n}
+    result = {"task": cfg.task, "model": str(cfg.model), "split": cfg.split, "n_requested": cfg.n}
     result.update(evaluate(engine, tokenizer, task, problems, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed))
     print(format_report(result))

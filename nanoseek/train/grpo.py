@@ -335,7 +335,7 @@ class RLConfig(GRPOConfig, TrainConfig):
 
     model: Path  # checkpoint to start from (with tokenizer files); also the frozen reference for beta > 0
     task: str  # task spec, e.g. arithmetic:min_digits=2,max_digits=2,ops=+-
-    eval_n: int = 100  # held-out (test split) problems for the greedy accuracy
+    eval_n: int = 100  # held-out (validation split) problems for the greedy accuracy
     steps: int = 50
     lr: float = 3e-5
     warmup_steps: int = 5
@@ -469,7 +469,8 @@ def rl(cfg: RLConfig) -> Path:
         ref_model = load_model(cfg.model).requires_grad_(False)  # the frozen initial policy
     b = cfg.prompts_per_step
     train_problems = train_pool(task, cfg.steps, b, cfg.seed)
-    eval_problems = distinct_problems(task, "test", cfg.eval_n, seed=cfg.seed) if cfg.eval_every and cfg.eval_n \
+    # the held-out monitor reads the validation split (held out of train), never the test split
+    eval_problems = distinct_problems(task, "val", cfg.eval_n, seed=cfg.seed) if cfg.eval_every and cfg.eval_n \
         else []
     seq_len = max(len(prompt_ids(tokenizer, p)) for p in train_problems.problems[:64]) + cfg.max_new_tokens
     cfg = dataclasses.replace(cfg, batch_size=b * cfg.group_size, seq_len=seq_len)
@@ -484,7 +485,7 @@ def rl(cfg: RLConfig) -> Path:
     if not heldout and eval_problems:
         acc = heldout_accuracy(policy, tokenizer, task, eval_problems, cfg.max_new_tokens)
         heldout.append({"step": trainer.step, "accuracy": acc})
-        print(f"step {trainer.step:4d} | held-out greedy accuracy {acc:.3f} ({len(eval_problems)} test problems)")
+        print(f"step {trainer.step:4d} | held-out greedy accuracy {acc:.3f} ({len(eval_problems)} validation problems)")
     # the log starts from the rows of the checkpoint resumed from, dropping a killed run's later lines
     write_log(out, trainer.history["train"])
     train(trainer, GRPOStep(cfg, tokenizer, task, train_problems, eval_problems, ref_model))
