@@ -7,6 +7,7 @@ import torch
 from nanoseek.checkpoint import save_pretrained
 from nanoseek.config import get_preset
 from nanoseek.engine import Engine
+from nanoseek.errors import NanoseekError
 from nanoseek.model import Transformer
 from nanoseek.tasks import Reward, distinct_problems, format_completion, load_task
 from nanoseek.tokenizer import train_tokenizer
@@ -17,6 +18,9 @@ from nanoseek.train.evaluate import (
     evaluate,
     evaluate_checkpoint,
     majority_vote,
+    mcnemar_test,
+    paired_bootstrap,
+    paired_comparison,
     pass_at_k,
     wilson_interval,
 )
@@ -154,3 +158,40 @@ def test_cli_evaluates_each_problem_once(tiny, tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["n"] == n_test and data["n_requested"] == 50
     assert f"only {n_test} different problems" in capsys.readouterr().err
+
+
+def test_mcnemar_and_paired_bootstrap_by_hand():
+    a = [1.0] * 5 + [0.0] * 10 + [1.0, 0.0]  # 1 problem only a solves, 10 only b solves
+    b = [1.0] * 5 + [1.0] * 10 + [0.0, 0.0]
+    m = mcnemar_test(a, b)
+    assert (m["b_only"], m["a_only"]) == (10, 1)
+    assert m["p"] == pytest.approx(2 * (1 + 11) / 2**11)  # 2 P(Bin(11, 1/2) <= 1) = 0.01172
+    assert mcnemar_test([1.0, 0.0], [1.0, 0.0])["p"] == 1.0  # no discordant pair: no evidence
+    assert mcnemar_test([1.0, 0.0, 1.0], [0.0, 1.0, 1.0])["p"] == 1.0
+    boot = paired_bootstrap(a, b)
+    assert boot["delta"] == pytest.approx(9 / 17) and boot["ci95"][0] > 0 and boot["p"] < 0.01
+    same = paired_bootstrap([0.5, 0.25, 1.0], [0.5, 0.25, 1.0])
+    assert same["delta"] == 0.0 and same["p"] == 1.0
+
+
+def test_eval_json_stores_outcomes_for_paired_comparisons(tiny, tmp_path):
+    task, tok, model, model_dir = tiny
+    engine = Engine(model, max_batch_size=16, max_seq_len=128)
+    problems = task.problems("test", 6)
+    result = evaluate(engine, tok, task, problems, k=3, max_new_tokens=8)
+    o = result["outcomes"]
+    assert o["problem"] == [p.identity for p in problems]
+    assert len(o["greedy"]) == len(o["sampled"]) == len(o["maj"]) == 6
+    assert sum(o["greedy"]) / 6 == result["metrics"]["pass@1_greedy"]["value"]
+    assert sum(o["sampled"]) / 6 == pytest.approx(result["metrics"]["pass@1_sampled_mean@3"]["value"])
+    assert sum(o["maj"]) / 6 == result["metrics"]["maj@3"]["value"]
+    # a model against itself: no difference; outcomes edited to a clear gain: small p
+    cmp = paired_comparison(result, result)
+    assert cmp["n"] == 6 and cmp["greedy"]["p"] == 1.0 and cmp["greedy"]["delta"] == 0.0
+    better = {**result, "outcomes": {**o, "problem": o["problem"][::-1], "greedy": [1.0] * 6}}
+    cmp = paired_comparison(result, better)  # matched by problem, whatever the order
+    assert cmp["greedy"]["b_only"] == 6 - sum(o["greedy"]) and cmp["greedy"]["b"] == 1.0
+    with pytest.raises(NanoseekError, match="outcomes"):
+        paired_comparison({"metrics": {}}, result)
+    with pytest.raises(NanoseekError, match="share no problem"):
+        paired_comparison(result, {**result, "outcomes": {**o, "problem": ["x"] * 6}})

@@ -86,6 +86,60 @@ def bootstrap_interval(values: Sequence[float], n_boot: int = 2000, seed: int = 
     return lo, hi
 
 
+def mcnemar_test(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """Exact two-sided McNemar test of paired 0/1 outcomes of two models on the same problems: only the discordant
+    problems count (b_only: b right and a wrong; a_only: the reverse); under "no difference" each is a fair coin, so
+    p = 2 * P(Binomial(b_only + a_only, 1/2) <= min(b_only, a_only)), capped at 1."""
+    if len(a) != len(b):
+        raise ValueError(f"paired outcomes of different lengths: {len(a)} and {len(b)}")
+    b_only = sum(1 for x, y in zip(a, b, strict=True) if x < 0.5 <= y)
+    a_only = sum(1 for x, y in zip(a, b, strict=True) if y < 0.5 <= x)
+    n = a_only + b_only
+    tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1))
+    return {"b_only": b_only, "a_only": a_only, "p": min(1.0, 2 * tail / 2**n) if n else 1.0}
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """Mean of b - a over paired per-problem values (e.g. the fraction of k samples correct), its 95% percentile
+    interval over problems resampled with replacement, and a two-sided p-value: how often the resampled mean, centred
+    on the observed one, is at least as far from it as the observed mean is from 0 (at least 1 / n_boot)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired bootstrap needs two non-empty lists of one length, got {len(a)} and {len(b)}")
+    d = torch.tensor([y - x for x, y in zip(a, b, strict=True)], dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    means = d[torch.randint(len(d), (n_boot, len(d)), generator=g)].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    obs = float(d.mean())
+    p = float(((means - obs).abs() >= abs(obs)).double().mean()) if obs else 1.0
+    return {"delta": obs, "ci95": [lo, hi], "p": max(p, 1 / n_boot)}
+
+
+def paired_comparison(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Compare two `evaluate` results (model a, then model b) problem by problem on the problems both scored:
+    greedy pass@1 by the exact McNemar test, sampled pass@1 and maj@k by the paired bootstrap / McNemar. Problems
+    are matched by identity, so the evals must have drawn the same problems (same task, split, n and seed)."""
+    oa, ob = a.get("outcomes"), b.get("outcomes")
+    if not oa or not ob:
+        raise NanoseekError("paired comparison needs per-problem outcomes in both results (evals written by "
+                            "nanoseek eval since 2026-12-05)")
+    index_b = {pid: i for i, pid in enumerate(ob["problem"])}
+    pairs = [(i, index_b[pid]) for i, pid in enumerate(oa["problem"]) if pid in index_b]
+    if not pairs:
+        raise NanoseekError("the two evals share no problem: evaluate both on the same task, split, -n and --seed")
+    out: dict[str, Any] = {"n": len(pairs)}
+    for name in ("greedy", "sampled", "maj"):
+        if oa.get(name) is not None and ob.get(name) is not None:
+            xa, xb = [oa[name][i] for i, _ in pairs], [ob[name][j] for _, j in pairs]
+            row = {"a": sum(xa) / len(xa), "b": sum(xb) / len(xb)}
+            row["delta"] = row["b"] - row["a"]
+            if name == "sampled":
+                row.update(paired_bootstrap(xa, xb), test="paired bootstrap")
+            else:
+                row.update(mcnemar_test(xa, xb), test="McNemar exact")
+            out[name] = row
+    return out
+
+
 def _metric(values: Sequence[float], method: str) -> dict[str, Any]:
     est = sum(values) / len(values) if values else 0.0
     lo, hi = wilson_interval(sum(values), len(values)) if method == "wilson" else bootstrap_interval(values)
@@ -131,6 +185,16 @@ def evaluate(engine: Engine, tokenizer: Tokenizer, task: Task, problems: list[Pr
         result["sampled_truncated"] = sum(c.truncated for cs in s for c in cs) / max(len(s) * k, 1)
         result["sampled_mean_tokens"] = sum(len(c.ids) for cs in s for c in cs) / max(len(s) * k, 1)
     result["metrics"] = compute_metrics(g_rewards, s_rewards, k)
+    # per-problem outcomes, for paired comparisons of two models on the same problems (paired_comparison)
+    outcomes: dict[str, Any] = {"problem": [p.identity for p in problems]}
+    if g_rewards is not None:
+        outcomes["greedy"] = [r.accuracy for r in g_rewards]
+    if s_rewards is not None:
+        outcomes["sampled"] = [sum(r.accuracy > 0 for r in rs) / k for rs in s_rewards]
+        if k > 1:
+            outcomes["maj"] = [float(majority_vote([r.parsed for r in rs], [r.accuracy > 0 for r in rs]))
+                               for rs in s_rewards]
+    result["outcomes"] = outcomes
     result["seconds"] = time.perf_counter() - t0
     return result
 
