@@ -22,6 +22,7 @@ from nanoseek.train.evaluate import (
     paired_bootstrap,
     paired_comparison,
     pass_at_k,
+    vote_key,
     wilson_interval,
 )
 from nanoseek.train.rollout import sample_completions
@@ -195,3 +196,25 @@ def test_eval_json_stores_outcomes_for_paired_comparisons(tiny, tmp_path):
         paired_comparison({"metrics": {}}, result)
     with pytest.raises(NanoseekError, match="share no problem"):
         paired_comparison(result, {**result, "outcomes": {**o, "problem": ["x"] * 6}})
+
+
+def test_maj_votes_on_the_verified_value():
+    from nanoseek.tasks import Problem
+
+    countdown = load_task("countdown")
+    p = Problem("", "3 * 4 + 5", {"numbers": [3, 4, 5, 9], "target": 17}, key="k")
+    # two different strings for one right expression outvote a repeated wrong one (the string vote split them)
+    texts = ["5 + 4 * 3", "3 * 9", "4 * 3 + 5 = 17", "3 * 9"]
+    rs = [countdown.score(p, f"r\n</think>\n\n\\boxed{{{t}}}") for t in texts]
+    assert [r.accuracy for r in rs] == [1.0, 0.0, 1.0, 0.0]
+    assert rs[0].key == rs[2].key == ("value", "17") and rs[1].key == ("value", "27")
+    assert majority_vote([vote_key(r) for r in rs], [r.accuracy > 0 for r in rs]) is True
+    assert majority_vote([r.parsed for r in rs], [r.accuracy > 0 for r in rs]) is False  # the old string vote
+    # an illegal expression (9 used twice) votes as its text, never with the legal value it computes
+    assert countdown.score(p, "r\n</think>\n\n\\boxed{9 + 9 - 1}").key == ("text", "9+9-1")
+    arith, gsm = load_task("arithmetic"), load_task("gsm8k")
+    q = Problem("", "-1234", {})
+    assert arith.answer_key(q, "-1,234") == arith.answer_key(q, "- 1234") == ("int", -1234)
+    assert gsm.answer_key(q, "$18.00") == gsm.answer_key(q, "18") != gsm.answer_key(q, "18 dollars")
+    m = compute_metrics(None, [rs], 4)
+    assert m["maj@4"]["value"] == 1.0

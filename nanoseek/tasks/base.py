@@ -51,6 +51,7 @@ class Reward:
     accuracy: float  # 1.0 or 0.0, judged only on the single \boxed{} of the answer part
     format: float  # 0.0 or the task's format_weight
     parsed: str | None = None  # the \boxed{} content that was judged, None if there was none
+    key: tuple | None = None  # the verified value the answer stands for (Task.answer_key), what maj@k votes on
 
     @property
     def total(self) -> float:
@@ -189,6 +190,12 @@ class Task:
         """(reasoning, answer_text): a correct step-by-step trace and the answer text "\\boxed{...}", for SFT."""
         raise NotImplementedError
 
+    def answer_key(self, problem: Problem, answer: str) -> tuple:
+        """What an answer (the content of the \\boxed{}) stands for, for majority votes: two answers with the same
+        key are the same answer and are judged alike (arithmetic: the integer; gsm8k: the number; countdown: the
+        value of a legal expression). By default the text without whitespace."""
+        return ("text", "".join(answer.split()))
+
     def score(self, problem: Problem, completion: str) -> Reward:
         """Rule-based reward of a completion.
 
@@ -203,7 +210,8 @@ class Task:
         fmt = self.format_weight if well_formed else 0.0
         boxed = extract_boxed(answer) if answer is not None else None
         accuracy = 1.0 if boxed is not None and self.check(problem, boxed) else 0.0
-        return Reward(accuracy=accuracy, format=fmt, parsed=boxed)
+        key = self.answer_key(problem, boxed) if boxed is not None else None
+        return Reward(accuracy=accuracy, format=fmt, parsed=boxed, key=key)
 
 
 BUILTIN_TASKS = {

@@ -86,6 +86,10 @@ class GSM8KTask(Task):
         value = parse_number(answer)
         return value is not None and value == Decimal(problem.answer)
 
+    def answer_key(self, problem: Problem, answer: str) -> tuple:
+        value = parse_number(answer)  # "$18.00" and "18" are the same answer
+        return ("number", str(value.normalize())) if value is not None else super().answer_key(problem, answer)
+
     def solution_trace(self, problem: Problem) -> tuple[str, str]:
         """The reference solution without its <<...>> calculator annotations, and the gold number boxed."""
         reasoning = CALC_RE.sub("", problem.meta["solution"]).strip()

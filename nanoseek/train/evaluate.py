@@ -5,7 +5,8 @@ R1 evaluates reasoning by sampling (temperature 0.6, top-p 0.95) and averaging c
 checkpoint. We report both, plus
 
   pass@k   the unbiased estimator of Chen et al. (2021): 1 - C(n-c, k) / C(n, k) with n samples, c correct
-  maj@k    majority vote over the parsed \\boxed{} answers of the k samples (R1's cons@64), ties to the first seen
+  maj@k    majority vote over the k samples' answers by verified value (Task.answer_key: equal countdown expressions
+           vote together; R1's cons@64), ties to the first seen
 
 Confidence intervals (95%) are over problems: Wilson score intervals for the two 0/1-per-problem metrics (greedy
 pass@1, maj@k) and percentile bootstrap (2000 resamples of the problems) for the averaged ones (sampled pass@1,
@@ -22,7 +23,7 @@ import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,16 +52,23 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def majority_vote(parsed: Sequence[str | None], correct: Sequence[bool]) -> bool:
-    """Whether the most frequent parsed answer (whitespace-normalised; unparsed samples don't vote; ties go to the
-    answer seen first) is correct. Samples with the same parsed answer are judged alike, so any one of them decides."""
-    keys = ["".join(p.split()) if p is not None else None for p in parsed]
+def majority_vote(keys: Sequence[Hashable | None], correct: Sequence[bool]) -> bool:
+    """Whether the most frequent answer is correct. keys are the samples' answer keys (Reward.key: the verified value,
+    so "3 * 4 + 5" and "5 + 4 * 3" vote together) or parsed strings (compared without whitespace); None (unparsed)
+    does not vote; a tie goes to the answer seen first. Samples with the same key are judged alike, so any one of
+    them decides."""
+    keys = ["".join(k.split()) if isinstance(k, str) else k for k in keys]
     votes = Counter(k for k in keys if k is not None)
     if not votes:
         return False
     best = max(votes.values())
     winner = next(k for k in keys if k is not None and votes[k] == best)
     return bool(correct[keys.index(winner)])
+
+
+def vote_key(r: Reward) -> Hashable | None:
+    """A sample's vote: its answer key, or its parsed string from a task whose own score() sets no key."""
+    return r.key if r.key is not None else r.parsed
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -157,7 +165,7 @@ def compute_metrics(greedy: list[Reward] | None, sampled: list[list[Reward]] | N
         out[f"pass@1_sampled_mean@{k}"] = _metric([sum(a) / k for a in acc], "bootstrap")
         if k > 1:
             out[f"pass@{k}"] = _metric([pass_at_k(k, sum(a), k) for a in acc], "bootstrap")
-            votes = [majority_vote([r.parsed for r in rs], a) for rs, a in zip(sampled, acc, strict=True)]
+            votes = [majority_vote([vote_key(r) for r in rs], a) for rs, a in zip(sampled, acc, strict=True)]
             out[f"maj@{k}"] = _metric([float(v) for v in votes], "wilson")
         out["format_sampled"] = sum(r.format > 0 for rs in sampled for r in rs) / (len(sampled) * k)
     return out
@@ -192,7 +200,7 @@ def evaluate(engine: Engine, tokenizer: Tokenizer, task: Task, problems: list[Pr
     if s_rewards is not None:
         outcomes["sampled"] = [sum(r.accuracy > 0 for r in rs) / k for rs in s_rewards]
         if k > 1:
-            outcomes["maj"] = [float(majority_vote([r.parsed for r in rs], [r.accuracy > 0 for r in rs]))
+            outcomes["maj"] = [float(majority_vote([vote_key(r) for r in rs], [r.accuracy > 0 for r in rs]))
                                for rs in s_rewards]
     result["outcomes"] = outcomes
     result["seconds"] = time.perf_counter() - t0
