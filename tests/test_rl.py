@@ -13,6 +13,7 @@ from nanoseek.tokenizer import train_tokenizer
 from nanoseek.train.grpo import (
     IGNORE,
     GRPOConfig,
+    RLConfig,
     group_advantages,
     grpo_loss,
     grpo_step,
@@ -130,6 +131,22 @@ def test_clip_higher():
     assert (s["clip_high"], s["clip_low"]) == (0, 1)
 
 
+def test_sequence_level_aggregation():
+    """--loss-agg seq: the mean over each sequence's tokens, then over sequences (the original GRPO)."""
+    logp, old_logp, adv, mask = clip_case()
+    w = loss_weights(mask, dr_grpo=False, max_len=3, agg="seq")
+    assert w.flatten().tolist() == pytest.approx([1 / 6] * 3 + [1 / 4, 1 / 4, 0.0])
+    loss, _ = grpo_loss(logp, old_logp, adv, w, epsilon=0.2)
+    assert loss.item() == pytest.approx(-((1.2 + 0.7 + 1.0) / 3 + (-2.6 - 1.6) / 2) / 2)
+    # an empty row (a masked truncated completion) counts as no sequence at all
+    w = loss_weights(torch.tensor([[1.0, 1.0], [0.0, 0.0]]), dr_grpo=False, max_len=2, agg="seq")
+    assert w.tolist() == [[0.5, 0.5], [0.0, 0.0]]
+    with pytest.raises(NanoseekError, match="loss-agg"):
+        RLConfig(model=".", task="x", loss_agg="mean").check()
+    with pytest.raises(NanoseekError, match="dr-grpo"):
+        RLConfig(model=".", task="x", loss_agg="seq", dr_grpo=True).check()
+
+
 def test_dr_grpo_normaliser():
     logp, old_logp, adv, mask = clip_case()
     w = loss_weights(mask, dr_grpo=True, max_len=10)
@@ -202,15 +219,17 @@ def test_rollout_tensors():
 
 
 # ----- one real step ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mu, beta, dr", [(1, 0.0, False), (2, 0.05, True)])
-def test_grpo_step_end_to_end(tok, mu, beta, dr):
+@pytest.mark.parametrize("mu, beta, dr, agg", [(1, 0.0, False, "token"), (2, 0.05, True, "token"),
+                                               (1, 0.0, False, "seq")])
+def test_grpo_step_end_to_end(tok, mu, beta, dr, agg):
     torch.set_num_threads(1)
     model = tiny_model(tok.vocab_size, seed=1)
     ref = tiny_model(tok.vocab_size, seed=1) if beta else None
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     task = ParityTask()
-    cfg = GRPOConfig(group_size=4, prompts_per_step=3, max_new_tokens=6, mu=mu, beta=beta, dr_grpo=dr, micro_batch=5)
+    cfg = GRPOConfig(group_size=4, prompts_per_step=3, max_new_tokens=6, mu=mu, beta=beta, dr_grpo=dr, micro_batch=5,
+                     loss_agg=agg)
     stats = grpo_step(model, opt, tok, task, task.problems("train", 3), cfg, seed=0, ref_model=ref)
     assert stats["trained_seqs"] > 0 and stats["frac_zero_std"] < 1
     assert 0 <= stats["accuracy"] <= 1 and stats["response_len_max"] <= 7

@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epsilon-high", type=float, help="clip: rho <= 1 + epsilon_high (default: epsilon; DAPO 0.28)")
     g.add_argument("--beta", type=float, default=d.beta, help="k3 KL weight to the initial model (default 0)")
     g.add_argument("--dr-grpo", action="store_true", help="Dr. GRPO: advantage r - mean, loss / (N * max tokens)")
+    g.add_argument("--loss-agg", choices=("token", "seq"), default=d.loss_agg,
+                   help="token: mean over all completion tokens of the batch (default; DAPO); seq: each completion's "
+                        "mean, then the mean over completions (the original GRPO)")
     g.add_argument("--mask-truncated", action="store_true", help="no loss on completions cut by --max-new-tokens")
     g.add_argument("--dynamic-sampling", action="store_true",
                    help="DAPO dynamic sampling: sample more fresh problems (up to --max-sampling-rounds batches of "

@@ -12,8 +12,9 @@ One step:
   4. mu updates on the batch, each minimising, per completion token t of sample i (A_i on every token),
          l_it = -min(rho_it A_i, clip(rho_it, 1 - eps, 1 + eps_high) A_i) + beta * k3_it
          rho_it = pi_theta(o_it) / pi_old(o_it),   k3_it = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1  (>= 0)
-     averaged over all completion tokens of the batch (token-level, as DAPO and trl's default), or with --dr-grpo
-     summed and divided by (sequences x max_new_tokens), a constant, which removes GRPO's length bias.
+     averaged over all completion tokens of the batch (token-level, as DAPO and trl's default), with --loss-agg seq
+     averaged per sequence and then over sequences (the original GRPO), or with --dr-grpo summed and divided by
+     (sequences x max_new_tokens), a constant, which removes GRPO's length bias.
 With mu = 1, pi_old = pi_theta, so rho = 1, clipping never triggers, and the gradient is REINFORCE's:
 -sum(mask * A * grad log pi) / sum(mask). The ratio and clip only matter for mu > 1, but the code is the general one.
 
@@ -65,6 +66,7 @@ class GRPOConfig:
     epsilon_high: float | None = None  # clip high: rho <= 1 + epsilon_high (DAPO's clip-higher: 0.28); None = epsilon
     beta: float = 0.0  # k3 KL weight to the frozen reference (the initial policy); 0 = no reference model
     dr_grpo: bool = False  # advantages without /std, loss / (N * max_new_tokens) instead of / tokens
+    loss_agg: str = "token"  # "token": mean over the batch's tokens; "seq": per-sequence mean, then mean (GRPO)
     mask_truncated: bool = False  # exclude completions cut by max_new_tokens from the loss (DAPO overlong filter)
     micro_batch: int = 32  # sequences per forward/backward (gradients accumulate; the result does not depend on it)
     dynamic_sampling: bool = False  # DAPO: sample more problems until B groups have mixed rewards
@@ -104,11 +106,20 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
-def loss_weights(mask: torch.Tensor, dr_grpo: bool, max_len: int) -> torch.Tensor:
-    """Per-token weights [N,T] so that loss = sum(weights * l): mask / sum(mask) (token-level), or mask / (N * max_len)
-    (Dr. GRPO). Computed once for the whole batch so micro-batches add up to exactly the full-batch loss."""
+def loss_weights(mask: torch.Tensor, dr_grpo: bool, max_len: int, agg: str = "token") -> torch.Tensor:
+    """Per-token weights [N,T] so that loss = sum(weights * l):
+      token   mask / sum(mask): every completion token of the batch counts the same (DAPO, trl's default)
+      seq     mask / (len_i * n): each sequence's mean, then the mean over the n sequences with a token (the original
+              GRPO of DeepSeekMath; a long completion's tokens weigh less)
+      Dr. GRPO (dr_grpo, whatever agg) mask / (N * max_len), a constant, without GRPO's length bias.
+    Computed once for the whole batch so micro-batches add up to exactly the full-batch loss."""
     if dr_grpo:
         return mask / (mask.shape[0] * max_len)
+    if agg == "seq":
+        lengths = mask.sum(1, keepdim=True)
+        return mask / (lengths.clamp(min=1) * (lengths > 0).sum().clamp(min=1))
+    if agg != "token":
+        raise ValueError(f"unknown loss aggregation {agg!r}: expected 'token' or 'seq'")
     return mask / mask.sum().clamp(min=1)
 
 
@@ -232,7 +243,7 @@ def grpo_step(policy: Transformer, optimizer: torch.optim.Optimizer, tokenizer: 
         if cfg.mask_truncated:
             mask = mask * torch.tensor([0.0 if flat_c[i].truncated else 1.0 for i in rows])[:, None]
         advantages = adv.flatten()[rows]
-        weights = loss_weights(mask, cfg.dr_grpo, cfg.max_new_tokens)
+        weights = loss_weights(mask, cfg.dr_grpo, cfg.max_new_tokens, cfg.loss_agg)
         chunks = [slice(s, s + cfg.micro_batch) for s in range(0, len(rows), cfg.micro_batch)]
         ref_logp = [None] * len(chunks)
         if cfg.beta and ref_model is not None:
@@ -361,6 +372,11 @@ class RLConfig(GRPOConfig, TrainConfig):
                 raise NanoseekError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.group_size < 2:
             raise NanoseekError("--group-size must be >= 2: GRPO's baseline is the mean reward of the group")
+        if self.loss_agg not in ("token", "seq"):
+            raise NanoseekError(f"--loss-agg must be 'token' or 'seq', got {self.loss_agg!r}")
+        if self.dr_grpo and self.loss_agg != "token":
+            raise NanoseekError("--dr-grpo sets its own loss normaliser (sum / (N x max tokens)): leave --loss-agg "
+                                "at token")
         if not self.temperature > 0:
             raise NanoseekError("--temperature must be > 0: GRPO needs samples, not greedy decoding")
         if not 0 < self.epsilon < 1 or (self.epsilon_high is not None and not self.epsilon_high > 0):
