@@ -257,6 +257,22 @@ def test_grpo_step_skips_zero_variance_groups(tok):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # no update at all
 
 
+def test_grpo_step_on_a_task_mix_logs_each_tasks_accuracy(tok):
+    from nanoseek.tasks import MixedTask
+
+    torch.set_num_threads(1)
+    model = tiny_model(tok.vocab_size, seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    mix = MixedTask([ParityTask(), ConstantTask()], [1.0, 1.0], ["parity", "const"])
+    problems = mix.problems("train", 4, seed=3)
+    assert {p.meta["mix_task"] for p in problems} == {0, 1}
+    cfg = GRPOConfig(group_size=3, prompts_per_step=4, max_new_tokens=5)
+    stats = grpo_step(model, opt, tok, mix, problems, cfg, seed=0)
+    assert stats["accuracy_const"] == 1.0 and 0 <= stats["accuracy_parity"] <= 1  # each task's own reward
+    n_const = sum(p.meta["mix_task"] == 1 for p in problems)
+    assert stats["accuracy"] == pytest.approx((n_const + stats["accuracy_parity"] * (4 - n_const)) / 4)
+
+
 class HalfConstantTask(ParityTask):
     """Problems whose prompt says "same" always score 1.1 (zero-variance groups); the others score by parity."""
 

@@ -11,6 +11,7 @@ from nanoseek.tasks import (
     ArithmeticTask,
     CountdownTask,
     GSM8KTask,
+    MixedTask,
     Problem,
     Task,
     distinct_problems,
@@ -357,3 +358,36 @@ def test_broken_plugins(tmp_path: Path, source: str | None, cls: str, message: s
     with pytest.raises(NanoseekError, match=message) as e:
         load_task(f"{path}:{cls}")
     assert str(path) in str(e.value)
+
+
+# ---------------------------------------------------------------- mixes
+
+
+def test_task_mix_spec_problems_and_rewards(tmp_path: Path):
+    from nanoseek.tasks.base import split_mix
+
+    assert split_mix("arithmetic:min_digits=3,ops=+-") == [(1.0, "arithmetic:min_digits=3,ops=+-")]
+    assert split_mix("3*arithmetic:min_digits=3,ops=+-*, 0.5*countdown:max_numbers=3,gsm8k") == [
+        (3.0, "arithmetic:min_digits=3,ops=+-*"), (0.5, "countdown:max_numbers=3"), (1.0, "gsm8k")]
+    assert isinstance(load_task("arithmetic:min_digits=3,ops=+-"), ArithmeticTask)  # one task is not a mix
+    mix = load_task("3*arithmetic:min_digits=2,max_digits=2,countdown:max_numbers=3")
+    assert isinstance(mix, MixedTask) and mix.labels == ["arithmetic", "countdown"] and mix.weights == [3.0, 1.0]
+    problems = mix.problems("train", 400, seed=0)
+    share = sum(p.meta["mix_task"] == 0 for p in problems) / 400
+    assert 0.68 < share < 0.82  # 3 : 1
+    assert [p.prompt for p in mix.problems("train", 40, seed=0)] == [p.prompt for p in problems[:40]]  # a prefix
+    for p in problems[:60]:  # each problem keeps its own task's traces, rewards and answer keys
+        reasoning, answer = mix.solution_trace(p)
+        assert reward(mix, p, format_completion(reasoning, answer)) == (1.0, FORMAT_WEIGHT)
+    arith = next(p for p in problems if p.meta["mix_task"] == 0)
+    count = next(p for p in problems if p.meta["mix_task"] == 1)
+    assert mix.answer_key(arith, "1,0") == ("int", 10) and mix.answer_key(count, "3")[0] in ("value", "text")
+    test_ids = {p.identity for p in mix.problems("test", 200, seed=0)}
+    assert not test_ids & {p.identity for p in problems}  # each task's splits stay disjoint
+    # a finite task gives what it has: the mix then returns fewer problems (GRPO draws those in epochs)
+    (tmp_path / "train.jsonl").write_text('{"question": "1+1?", "answer": "#### 2"}\n')
+    small = load_task(f"arithmetic,gsm8k:data_dir={tmp_path}")
+    assert len(small.problems("train", 50, seed=0)) < 50
+    for bad in ("arithmetic,0*countdown", "arithmetic,,countdown", "arithmetic,nope"):
+        with pytest.raises(NanoseekError):
+            load_task(bad)

@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import inspect
 import random
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -276,13 +277,91 @@ def _check_task_class(cls: object, where: str) -> None:
         raise NanoseekError(f"task plugin {where}: defines neither check(problem, answer) nor score(problem, text)")
 
 
+class MixedTask(Task):
+    """Several tasks in one: each problem comes from sub-task i with probability weights[i] / sum(weights), and is
+    scored, traced and keyed by that task's own rules (its reward, its format weight). Built by load_task from a mix
+    spec such as "3*arithmetic:min_digits=3,countdown"."""
+
+    name = "mix"
+
+    def __init__(self, tasks: list[Task], weights: list[float], labels: list[str]):
+        if not tasks or len(tasks) != len(weights) or any(not w > 0 for w in weights):
+            raise NanoseekError(f"task mix: needs tasks with positive weights, got {weights}")
+        self.tasks, self.weights, self.labels = tasks, weights, labels
+
+    def problems(self, split: str, n: int | None, seed: int = 0) -> list[Problem]:
+        """n problems, sub-task by sub-task in a seeded order; a finite sub-task (GSM8K) that has fewer problems than
+        its share gives all it has, so the mix may return fewer than n. n=None: every sub-task's whole split."""
+        check_split(split)
+        if n is None:
+            return [self._tag(i, q) for i, t in enumerate(self.tasks) for q in t.problems(split, None, seed=seed)]
+        if not isinstance(n, int) or n < 0:
+            raise NanoseekError(f"task mix: n must be None or a non-negative int, got {n!r}")
+        picks = rng_for("mix", split, seed).choices(range(len(self.tasks)), self.weights, k=n)
+        drawn = {i: iter(self.tasks[i].problems(split, picks.count(i), seed=seed)) for i in set(picks)}
+        out = []
+        for i in picks:
+            q = next(drawn[i], None)
+            if q is not None:
+                out.append(self._tag(i, q))
+        return out
+
+    def _tag(self, i: int, q: Problem) -> Problem:
+        # a new Problem: a data set task may hand out its cached objects
+        return Problem(q.prompt, q.answer, {**q.meta, "mix_task": i}, key=f"{self.labels[i]}|{q.identity}")
+
+    def task_of(self, problem: Problem) -> tuple[str, Task]:
+        i = problem.meta["mix_task"]
+        return self.labels[i], self.tasks[i]
+
+    def score(self, problem: Problem, completion: str) -> Reward:
+        return self.task_of(problem)[1].score(problem, completion)
+
+    def check(self, problem: Problem, answer: str) -> bool:
+        return self.task_of(problem)[1].check(problem, answer)
+
+    def solution_trace(self, problem: Problem) -> tuple[str, str]:
+        return self.task_of(problem)[1].solution_trace(problem)
+
+    def answer_key(self, problem: Problem, answer: str) -> tuple:
+        return self.task_of(problem)[1].answer_key(problem, answer)
+
+
+def split_mix(spec: str) -> list[tuple[float, str]]:
+    """A mix spec -> [(weight, task spec)]. Items are separated by commas; an item of the form key=value continues the
+    previous task's arguments, any other item starts a task, optionally weighted as "<weight>*<task spec>" (default
+    1). So "arithmetic:min_digits=3,ops=+-" is one task and "3*arithmetic:min_digits=3,ops=+-,countdown" two."""
+    out: list[tuple[float, str]] = []
+    for item in spec.split(","):
+        if out and re.match(r"\s*[A-Za-z_]\w*\s*=", item):
+            out[-1] = (out[-1][0], f"{out[-1][1]},{item}")
+            continue
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*\*\s*(.+)", item)
+        weight, task_spec = (float(m.group(1)), m.group(2)) if m else (1.0, item.strip())
+        if not task_spec:
+            raise NanoseekError(f"task spec {spec!r}: an empty task in the mix")
+        out.append((weight, task_spec))
+    return out
+
+
 def load_task(spec: str) -> Task:
     """Build a task from a spec string.
+
+    Several tasks separated by commas (each optionally weighted, "3*arithmetic:max_digits=3,countdown") make a
+    MixedTask (split_mix).
 
     Built-in: "arithmetic", "countdown", "gsm8k", optionally with constructor arguments, e.g.
     "arithmetic:min_digits=2,max_digits=4,ops=+-". Plugin: "path/to/file.py:MyTask" (optionally
     "path/to/file.py:MyTask:key=value,..."), where MyTask subclasses nanoseek.tasks.Task.
     """
+    items = split_mix(spec)
+    if len(items) > 1:
+        if any(not w > 0 for w, _ in items):
+            raise NanoseekError(f"task spec {spec!r}: mix weights must be positive")
+        labels = [t.partition(":")[0].rsplit("/", 1)[-1] for _, t in items]
+        labels = [f"{lab}{i}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
+        return MixedTask([load_task(t) for _, t in items], [w for w, _ in items], labels)
+    spec = items[0][1]
     if ".py:" in spec or spec.endswith(".py"):
         file_part, sep, rest = spec.partition(".py:")
         path = Path(file_part + ".py") if sep else Path(spec)

@@ -44,7 +44,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
 from nanoseek.model import Transformer
 from nanoseek.osutil import check_writable, write_file_atomically, write_text_atomically
-from nanoseek.tasks import Problem, Task, distinct_problems, load_task
+from nanoseek.tasks import MixedTask, Problem, Task, distinct_problems, load_task
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.evaluate import greedy_accuracy
 from nanoseek.train.rollout import Completion, make_engine, prompt_ids, sample_completions, score_all
@@ -201,13 +201,15 @@ def grpo_step(policy: Transformer, optimizer: torch.optim.Optimizer, tokenizer: 
     g = cfg.group_size
     t0 = time.perf_counter()
     prompts, completions, rewards = sample_groups(policy, tokenizer, task, problems, cfg, seed)
+    problems_all = list(problems)
     rounds = 1
     if cfg.dynamic_sampling and more_problems is None:
         raise ValueError("dynamic sampling needs more_problems")
     while (cfg.dynamic_sampling and rounds < cfg.max_sampling_rounds
            and sum(len({r.total for r in rs}) > 1 for rs in rewards) < len(problems)):  # groups with mixed rewards
-        p2, c2, r2 = sample_groups(policy, tokenizer, task, more_problems(rounds), cfg, seed + 7919 * rounds)
-        prompts, completions, rewards = prompts + p2, completions + c2, rewards + r2
+        fresh = more_problems(rounds)
+        p2, c2, r2 = sample_groups(policy, tokenizer, task, fresh, cfg, seed + 7919 * rounds)
+        prompts, completions, rewards, problems_all = prompts + p2, completions + c2, rewards + r2, problems_all + fresh
         rounds += 1
     t_sample = time.perf_counter() - t0
 
@@ -234,6 +236,11 @@ def grpo_step(policy: Transformer, optimizer: torch.optim.Optimizer, tokenizer: 
         "truncated_frac": sum(c.truncated for c in flat_c) / len(flat_c),
     }
     stats["accuracy"] = stats["reward_accuracy"]
+    if isinstance(task, MixedTask):  # one accuracy per task of the mix
+        by_task: dict[str, list[float]] = {}
+        for problem, rs in zip(problems_all, rewards, strict=True):
+            by_task.setdefault(task.task_of(problem)[0], []).extend(r.accuracy for r in rs)
+        stats.update({f"accuracy_{name}": sum(v) / len(v) for name, v in sorted(by_task.items())})
 
     t1 = time.perf_counter()
     rows = [i * g + j for i in range(len(prompts)) if keep[i] for j in range(g)]
