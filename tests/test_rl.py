@@ -531,3 +531,25 @@ def test_rl_on_an_empty_train_split_is_one_clear_error(tmp_path):
     write_gsm8k(tmp_path, 0)
     with pytest.raises(NanoseekError, match="no problems to train on"):
         train_pool(load_task(f"gsm8k:data_dir={tmp_path}"), steps=2, b=2, seed=0)
+
+
+def test_rl_zero_runs_from_a_base_model_with_the_r1_zero_template(tok, tmp_path, capsys):
+    from nanoseek.commands import rl
+    from nanoseek.train.rollout import prompt_ids
+
+    p = Problem("What is 2 + 3?\nPlease reason step by step, and put your final answer within \\boxed{}.", "5")
+    zero = tok.decode(prompt_ids(tok, p, zero=True))
+    assert zero.startswith(tok.decode([tok.bos_id]) + "A conversation between User and Assistant.")
+    assert zero.endswith("User: " + p.prompt + "\nAssistant: <think>\n")  # the completion starts inside <think>
+    assert "<｜User｜>" not in zero and tok.user_id not in prompt_ids(tok, p, zero=True)  # no chat tokens
+    out = tmp_path / "zero"
+    args = parity_rl_args(tok, tmp_path)
+    torch.manual_seed(0)  # the template is ~320 tokens with this 300-token vocabulary: a longer context
+    long = Transformer(get_preset("test", vocab_size=tok.vocab_size, max_position_embeddings=512)).eval()
+    save_pretrained(long, tmp_path / "init", tokenizer_dir=tmp_path / "init")
+    rl.run(args(out, "--zero", "--steps", "2", "--eval-every", "1", "--eval-n", "2"))
+    assert "R1-Zero template" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "rl_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]  # reward and mean response length, step by step
+    assert all(0 <= r["reward"] and r["response_len_mean"] > 0 for r in rows)
+    assert json.loads((out / "checkpoints" / "step_000002" / "trainer_state.json").read_text())["args"]["zero"] is True

@@ -16,6 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--n", type=int, default=200, help="problems (default 200)")
     p.add_argument("--split", choices=("val", "test"), default="test",
                    help="test (default), or val: held out of train, for choosing settings without the test split")
+    p.add_argument("--zero", action="store_true",
+                   help="prompt with the R1-Zero template, as `nanoseek rl --zero` trained the model")
     p.add_argument("--k", type=int, default=4, help="samples per problem for sampled pass@1/pass@k/maj@k "
                    "(default 4; 0 = greedy only)")
     p.add_argument("--max-new-tokens", type=int, default=256)

@@ -15,6 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "usually an SFT model's final/; also the frozen reference for --beta")
     p.add_argument("--task", required=True, help="task spec, e.g. arithmetic:min_digits=2,max_digits=2,ops=+-")
     g = p.add_argument_group("GRPO")
+    g.add_argument("--zero", action="store_true",
+                   help="R1-Zero: prompt with the R1-Zero plain-text template (think, then a \\boxed{} answer) "
+                        "instead of the chat template; give --model the pre-trained base model, no SFT")
     g.add_argument("--steps", type=int, default=d.steps, help=f"GRPO steps (default {d.steps})")
     g.add_argument("--group-size", "-G", type=int, default=d.group_size,
                    help=f"samples per prompt (default {d.group_size})")

@@ -174,10 +174,10 @@ def compute_metrics(greedy: list[Reward] | None, sampled: list[list[Reward]] | N
 # ----- the evaluation -----------------------------------------------------------------------------------------------
 def evaluate(engine: Engine, tokenizer: Tokenizer, task: Task, problems: list[Problem], k: int = 4,
              max_new_tokens: int = 256, temperature: float = EVAL_TEMPERATURE, top_p: float = EVAL_TOP_P,
-             seed: int = 0, greedy: bool = True) -> dict[str, Any]:
+             seed: int = 0, greedy: bool = True, zero: bool = False) -> dict[str, Any]:
     """Greedy and k-sample metrics of `engine` on `problems` (see compute_metrics); returns a JSON-able dict."""
-    prompts = [prompt_ids(tokenizer, p) for p in problems]
-    result: dict[str, Any] = {"n": len(problems), "k": k, "max_new_tokens": max_new_tokens,
+    prompts = [prompt_ids(tokenizer, p, zero) for p in problems]
+    result: dict[str, Any] = {"n": len(problems), "k": k, "max_new_tokens": max_new_tokens, "zero": zero,
                               "sampling": {"temperature": temperature, "top_p": top_p, "seed": seed}}
     t0 = time.perf_counter()
     g_rewards = None
@@ -208,11 +208,11 @@ def evaluate(engine: Engine, tokenizer: Tokenizer, task: Task, problems: list[Pr
 
 
 def greedy_accuracy(engine: Engine, tokenizer: Tokenizer, task: Task, problems: list[Problem],
-                    max_new_tokens: int) -> float:
+                    max_new_tokens: int, zero: bool = False) -> float:
     """Fraction of problems solved by greedy decoding (the cheap held-out check run during training)."""
     if not problems:
         return 0.0
-    prompts = [prompt_ids(tokenizer, p) for p in problems]
+    prompts = [prompt_ids(tokenizer, p, zero) for p in problems]
     g = sample_completions(engine, tokenizer, prompts, 1, max_new_tokens, temperature=0.0)
     return sum(task.score(p, c[0].text).accuracy for p, c in zip(problems, g, strict=True)) / len(problems)
 
@@ -238,6 +238,7 @@ class EvalConfig:
     task: str  # task spec, e.g. arithmetic or arithmetic:max_digits=2,ops=+-
     n: int = 200  # test problems
     split: str = "test"  # "val" while choosing settings, "test" once at the end
+    zero: bool = False  # prompt with the R1-Zero template (a model trained by `rl --zero`), not the chat template
     k: int = 4  # samples per problem for sampled pass@1 / pass@k / maj@k (0 = greedy only)
     max_new_tokens: int = 256
     temperature: float = EVAL_TEMPERATURE
@@ -273,7 +274,7 @@ def evaluate_checkpoint(cfg: EvalConfig) -> dict[str, Any]:
               f"those instead of {cfg.n}", file=sys.stderr)
     result = {"task": cfg.task, "model": str(cfg.model), "split": cfg.split, "n_requested": cfg.n}
     result.update(evaluate(engine, tokenizer, task, problems, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
-                           temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed))
+                           temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, zero=cfg.zero))
     print(format_report(result))
     if cfg.json:
         write_text_atomically(cfg.json, json.dumps(result, indent=2) + "\n")

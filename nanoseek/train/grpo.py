@@ -66,6 +66,7 @@ class GRPOConfig:
     epsilon_high: float | None = None  # clip high: rho <= 1 + epsilon_high (DAPO's clip-higher: 0.28); None = epsilon
     beta: float = 0.0  # k3 KL weight to the frozen reference (the initial policy); 0 = no reference model
     dr_grpo: bool = False  # advantages without /std, loss / (N * max_new_tokens) instead of / tokens
+    zero: bool = False  # R1-Zero: the plain-text R1-Zero template (rollout.ZERO_TEMPLATE) for a base model, no chat
     loss_agg: str = "token"  # "token": mean over the batch's tokens; "seq": per-sequence mean, then mean (GRPO)
     mask_truncated: bool = False  # exclude completions cut by max_new_tokens from the loss (DAPO overlong filter)
     micro_batch: int = 32  # sequences per forward/backward (gradients accumulate; the result does not depend on it)
@@ -184,7 +185,7 @@ def rollout_tensors(prompts: list[list[int]], completions: list[list[int]], pad_
 def sample_groups(policy: Transformer, tokenizer: Tokenizer, task: Task, problems: list[Problem], cfg: GRPOConfig,
                   seed: int) -> tuple[list[list[int]], list[list[Completion]], list[list[Any]]]:
     """G completions of each problem from the current policy and their rewards: (prompts, completions, rewards)."""
-    prompts = [prompt_ids(tokenizer, p) for p in problems]
+    prompts = [prompt_ids(tokenizer, p, cfg.zero) for p in problems]
     engine = make_engine(policy, len(prompts) * cfg.group_size, max(len(p) for p in prompts) + cfg.max_new_tokens)
     completions = sample_completions(engine, tokenizer, prompts, cfg.group_size, cfg.max_new_tokens,
                                      cfg.temperature, seed=seed)
@@ -432,10 +433,10 @@ def extra_problems(task: Task, n: int, seed: int, step: int, round_: int) -> lis
 
 
 def heldout_accuracy(policy: Transformer, tokenizer: Tokenizer, task: Task, problems: list[Problem],
-                     max_new_tokens: int) -> float:
-    longest = max(len(prompt_ids(tokenizer, p)) for p in problems)
+                     max_new_tokens: int, zero: bool = False) -> float:
+    longest = max(len(prompt_ids(tokenizer, p, zero)) for p in problems)
     engine = make_engine(policy, min(len(problems), 128), longest + max_new_tokens)
-    return greedy_accuracy(engine, tokenizer, task, problems, max_new_tokens)
+    return greedy_accuracy(engine, tokenizer, task, problems, max_new_tokens, zero=zero)
 
 
 class GRPOStep(TrainStep):
@@ -469,7 +470,8 @@ class GRPOStep(TrainStep):
     def evaluate(self, trainer: Trainer) -> None:
         if not self.eval_problems:
             return
-        acc = heldout_accuracy(trainer.model, self.tokenizer, self.task, self.eval_problems, self.cfg.max_new_tokens)
+        acc = heldout_accuracy(trainer.model, self.tokenizer, self.task, self.eval_problems, self.cfg.max_new_tokens,
+                               self.cfg.zero)
         trainer.history["heldout"].append({"step": trainer.step, "accuracy": acc})
         tqdm.write(f"step {trainer.step:4d} | held-out greedy accuracy {acc:.3f}")
 
@@ -495,7 +497,7 @@ def rl(cfg: RLConfig) -> Path:
     # the held-out monitor reads the validation split (held out of train), never the test split
     eval_problems = distinct_problems(task, "val", cfg.eval_n, seed=cfg.seed) if cfg.eval_every and cfg.eval_n \
         else []
-    seq_len = max(len(prompt_ids(tokenizer, p)) for p in train_problems.problems[:64]) + cfg.max_new_tokens
+    seq_len = max(len(prompt_ids(tokenizer, p, cfg.zero)) for p in train_problems.problems[:64]) + cfg.max_new_tokens
     cfg = dataclasses.replace(cfg, batch_size=b * cfg.group_size, seq_len=seq_len)
     trainer = Trainer(policy, cfg, tokenizer_dir=cfg.model, stage="rl")
     if resume_from is not None:
@@ -503,10 +505,11 @@ def rl(cfg: RLConfig) -> Path:
     heldout: list[dict[str, Any]] = trainer.history.setdefault("heldout", [])
     n = policy.num_params()
     print(f"rl: {n['total'] / 1e6:.2f}M params | {cfg.task} | {cfg.steps} steps x {b} prompts x "
-          f"{cfg.group_size} samples | {'Dr. GRPO' if cfg.dr_grpo else 'GRPO'} mu={cfg.mu} eps={cfg.epsilon}"
+          f"{cfg.group_size} samples | {'Dr. GRPO' if cfg.dr_grpo else 'GRPO'}"
+          f"{' (R1-Zero template)' if cfg.zero else ''} mu={cfg.mu} eps={cfg.epsilon}"
           f"{f'/{cfg.epsilon_high}' if cfg.epsilon_high is not None else ''} beta={cfg.beta} lr={cfg.lr:g}")
     if not heldout and eval_problems:
-        acc = heldout_accuracy(policy, tokenizer, task, eval_problems, cfg.max_new_tokens)
+        acc = heldout_accuracy(policy, tokenizer, task, eval_problems, cfg.max_new_tokens, cfg.zero)
         heldout.append({"step": trainer.step, "accuracy": acc})
         print(f"step {trainer.step:4d} | held-out greedy accuracy {acc:.3f} ({len(eval_problems)} validation problems)")
     # the log starts from the rows of the checkpoint resumed from, dropping a killed run's later lines
