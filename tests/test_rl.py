@@ -234,7 +234,8 @@ def test_grpo_step_end_to_end(tok, mu, beta, dr, agg):
     assert stats["trained_seqs"] > 0 and stats["frac_zero_std"] < 1
     assert 0 <= stats["accuracy"] <= 1 and stats["response_len_max"] <= 7
     assert stats["entropy"] > 0 and stats["grad_norm"] > 0 and stats["kl"] >= 0
-    assert stats["t_sample"] > 0 and stats["t_train"] > 0
+    assert stats["t_sample"] > 0 and stats["t_train"] > 0 and stats["t_generate"] > 0 and stats["t_engine"] > 0
+    assert stats["t_sample"] >= stats["t_engine"] + stats["t_generate"] + stats["t_score"]
     changed = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
     assert any("layers.0.self_attn" in k for k in changed) and "lm_head.weight" in changed
     if mu == 1:
@@ -369,7 +370,8 @@ def test_rl_cli_logs_checkpoints_and_resume(tok, tmp_path, capsys):
     rows = [json.loads(line) for line in (out / "rl_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("reward", "reward_accuracy", "reward_format", "accuracy", "response_len_mean", "response_len_max",
-                "truncated_frac", "kl", "clip_frac", "entropy", "frac_zero_std", "t_sample", "t_train"):
+                "truncated_frac", "kl", "clip_frac", "entropy", "frac_zero_std", "t_sample", "t_train", "t_engine",
+                "t_generate", "t_score"):
         assert key in rows[0], key
     assert (out / "rl_curves.png").stat().st_size > 1000 and (out / "run.json").is_file()
     state = json.loads((out / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
@@ -446,7 +448,7 @@ def test_rl_killed_or_interrupted_then_resumed_equals_an_uninterrupted_run(tok, 
 
     def rows(out):  # rl_log.jsonl without the step timings
         lines = (out / "rl_log.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(line).items() if k not in ("t_sample", "t_train")} for line in lines]
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith("t_")} for line in lines]
 
     reference = tmp_path / "reference"
     rl.run(rl_args(reference, *flags))

@@ -183,13 +183,23 @@ def rollout_tensors(prompts: list[list[int]], completions: list[list[int]], pad_
 
 # ----- one step -----------------------------------------------------------------------------------------------------
 def sample_groups(policy: Transformer, tokenizer: Tokenizer, task: Task, problems: list[Problem], cfg: GRPOConfig,
-                  seed: int) -> tuple[list[list[int]], list[list[Completion]], list[list[Any]]]:
-    """G completions of each problem from the current policy and their rewards: (prompts, completions, rewards)."""
+                  seed: int, timings: dict[str, float] | None = None,
+                  ) -> tuple[list[list[int]], list[list[Completion]], list[list[Any]]]:
+    """G completions of each problem from the current policy and their rewards: (prompts, completions, rewards).
+    Adds the seconds spent building the engine, generating and scoring to timings["engine" / "generate" / "score"]."""
+    timings = {} if timings is None else timings
+    t0 = time.perf_counter()
     prompts = [prompt_ids(tokenizer, p, cfg.zero) for p in problems]
     engine = make_engine(policy, len(prompts) * cfg.group_size, max(len(p) for p in prompts) + cfg.max_new_tokens)
+    t1 = time.perf_counter()
     completions = sample_completions(engine, tokenizer, prompts, cfg.group_size, cfg.max_new_tokens,
                                      cfg.temperature, seed=seed)
-    return prompts, completions, score_all(task, problems, completions)
+    t2 = time.perf_counter()
+    rewards = score_all(task, problems, completions)
+    t3 = time.perf_counter()
+    for key, dt in (("engine", t1 - t0), ("generate", t2 - t1), ("score", t3 - t2)):
+        timings[key] = timings.get(key, 0.0) + dt
+    return prompts, completions, rewards
 
 
 def grpo_step(policy: Transformer, optimizer: torch.optim.Optimizer, tokenizer: Tokenizer, task: Task,
@@ -201,7 +211,8 @@ def grpo_step(policy: Transformer, optimizer: torch.optim.Optimizer, tokenizer: 
     more_problems(round) supplies the fresh problems of sampling rounds 1, 2, ..."""
     g = cfg.group_size
     t0 = time.perf_counter()
-    prompts, completions, rewards = sample_groups(policy, tokenizer, task, problems, cfg, seed)
+    timings: dict[str, float] = {}
+    prompts, completions, rewards = sample_groups(policy, tokenizer, task, problems, cfg, seed, timings)
     problems_all = list(problems)
     rounds = 1
     if cfg.dynamic_sampling and more_problems is None:
@@ -209,7 +220,7 @@ def grpo_step(policy: Transformer, optimizer: torch.optim.Optimizer, tokenizer: 
     while (cfg.dynamic_sampling and rounds < cfg.max_sampling_rounds
            and sum(len({r.total for r in rs}) > 1 for rs in rewards) < len(problems)):  # groups with mixed rewards
         fresh = more_problems(rounds)
-        p2, c2, r2 = sample_groups(policy, tokenizer, task, fresh, cfg, seed + 7919 * rounds)
+        p2, c2, r2 = sample_groups(policy, tokenizer, task, fresh, cfg, seed + 7919 * rounds, timings)
         prompts, completions, rewards, problems_all = prompts + p2, completions + c2, rewards + r2, problems_all + fresh
         rounds += 1
     t_sample = time.perf_counter() - t0
@@ -287,7 +298,8 @@ def grpo_step(policy: Transformer, optimizer: torch.optim.Optimizer, tokenizer: 
     else:  # every group was all-right or all-wrong: nothing to learn from this batch
         stats.update(loss=0.0, kl=0.0, clip_frac=0.0, clip_frac_low=0.0, clip_frac_high=0.0, ratio=1.0,
                      entropy=None, grad_norm=0.0, trained_seqs=0, tokens=0, maxvio=0.0)
-    stats["t_sample"] = t_sample
+    stats["t_sample"] = t_sample  # = t_engine + t_generate + t_score (+ prompt encoding)
+    stats.update({f"t_{k}": v for k, v in timings.items()})
     stats["t_train"] = time.perf_counter() - t1
     return stats
 
