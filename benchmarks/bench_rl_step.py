@@ -75,7 +75,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tok = train_tokenizer([q.prompt for q in task.problems("train", 300, seed=0)] + traces, 1024, tmp)
     torch.manual_seed(0)
-    model = Transformer(get_preset(args.preset, vocab_size=tok.vocab_size)).eval()
+    # the preset's vocabulary (cpu: 4096, as a pre-trained cpu model has) unless the tokenizer needs more rows
+    vocab = max(get_preset(args.preset).vocab_size, tok.vocab_size)
+    model = Transformer(get_preset(args.preset, vocab_size=vocab)).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     cfg = GRPOConfig(group_size=args.G, prompts_per_step=args.B, max_new_tokens=args.max_new_tokens)
     rows = []

@@ -206,8 +206,11 @@ def test_token_logprobs_and_entropy():
     logp, ent = token_logprobs(model, x, y, temperature=0.7)
     ref = torch.log_softmax(model(x).float() / 0.7, -1)
     assert torch.allclose(logp[1], ref[1].gather(-1, y[1, :, None]).squeeze(-1), atol=1e-6)
-    assert (logp[0, :2] == 0).all()
-    assert torch.allclose(ent, -(ref.exp() * ref).sum(-1), atol=1e-5)
+    assert (logp[0, :2] == 0).all() and (ent[0, :2] == 0).all()  # no head at ignored positions
+    assert torch.allclose(logp[0, 2:], ref[0, 2:].gather(-1, y[0, 2:, None]).squeeze(-1), atol=1e-6)
+    assert torch.allclose(ent[y != IGNORE], -(ref.exp() * ref).sum(-1)[y != IGNORE], atol=1e-5)
+    logp.sum().backward()  # the gradient reaches the head and the blocks through the selected positions
+    assert model.lm_head.weight.grad.abs().sum() > 0 and model.embed_tokens.weight.grad.abs().sum() > 0
     assert ((ent >= 0) & (ent <= math.log(64) + 1e-5)).all()
 
 

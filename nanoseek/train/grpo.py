@@ -155,15 +155,23 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 def token_logprobs(model: Transformer, input_ids: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(targets | prefix) [N,T] (0 where targets is IGNORE) and the exact entropy of each next-token
-    distribution [N,T] (no gradient): logsumexp(z) - sum softmax(z) z, in fp32."""
-    logits = model(input_ids).float()
+    distribution [N,T] (0 where targets is IGNORE; no gradient): logsumexp(z) - sum softmax(z) z, in fp32.
+
+    The final norm, the head and the [*, V] softmax run only at the M completion positions: a prompt or padding
+    position's logits are never used, and the head with its fp32 log-softmax is the largest part of the update
+    at a small model's vocabulary (roughly 40% of the positions of a short-answer batch are prompt)."""
+    sel = targets != IGNORE  # [N,T]
+    h = model.hidden_states(input_ids)  # [N,T,D]
+    logits = model.lm_head(model.norm(h[sel])).float()  # [M,V]
     if temperature != 1.0:
         logits = logits / temperature  # the distribution the completion was sampled from
-    logp_all = F.log_softmax(logits, dim=-1)  # [N,T,V]
-    logp = logp_all.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    logp_all = F.log_softmax(logits, dim=-1)  # [M,V]
+    logp = torch.zeros(targets.shape, dtype=logp_all.dtype, device=logp_all.device)
+    logp[sel] = logp_all.gather(-1, targets[sel][:, None]).squeeze(-1)
     with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp * (targets != IGNORE), entropy
+        entropy = torch.zeros_like(logp)
+        entropy[sel] = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
 
 
 def rollout_tensors(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
