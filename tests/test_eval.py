@@ -218,3 +218,22 @@ def test_maj_votes_on_the_verified_value():
     assert gsm.answer_key(q, "$18.00") == gsm.answer_key(q, "18") != gsm.answer_key(q, "18 dollars")
     m = compute_metrics(None, [rs], 4)
     assert m["maj@4"]["value"] == 1.0
+
+
+def test_eval_compare_cli(tmp_path, capsys):
+    from nanoseek.cli import main
+
+    def result(greedy):
+        return {"outcomes": {"problem": [f"q{i}" for i in range(12)], "greedy": greedy}}
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(result([0.0] * 12)))
+    b.write_text(json.dumps(result([1.0] * 10 + [0.0] * 2)))
+    main(["eval", "--compare", str(a), str(b)])
+    out = capsys.readouterr().out
+    assert "paired on 12 problems" in out and "0.000 -> 0.833  +0.833  p = 0.00195 (McNemar exact; b only 10" in out
+    (tmp_path / "old.json").write_text(json.dumps({"metrics": {}}))
+    for argv, message in ((["eval", "--compare", str(a), str(tmp_path / "old.json")], "per-problem outcomes"),
+                          (["eval", "--model", str(tmp_path)], "--model and --task")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err

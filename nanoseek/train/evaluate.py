@@ -228,6 +228,19 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_comparison(c: dict[str, Any], a: str = "A", b: str = "B") -> str:
+    """paired_comparison's result as lines: each metric's values, difference and paired p-value."""
+    lines = [f"paired on {c['n']} problems: A = {a}, B = {b}"]
+    for name in ("greedy", "sampled", "maj"):
+        if name in c:
+            r = c[name]
+            extra = (f"b only {r['b_only']}, a only {r['a_only']}" if "b_only" in r
+                     else f"95% CI [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]")
+            lines.append(f"  {name:<8} {r['a']:.3f} -> {r['b']:.3f}  {r['delta']:+.3f}  p = {r['p']:.3g} "
+                         f"({r['test']}; {extra})")
+    return "\n".join(lines)
+
+
 # ----- the stage ----------------------------------------------------------------------------------------------------
 @dataclass(kw_only=True)
 class EvalConfig:
