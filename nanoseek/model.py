@@ -473,9 +473,11 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, balance_alpha=balance_alpha)
         return x
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids [B,T] -> logits [B,T,V] (main next-token head; MTP is used by compute_loss and the engine)."""
-        return self.lm_head(self.norm(self.hidden_states(input_ids)))
+    def forward(self, input_ids: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B,T] -> logits [B,T,V] (main next-token head; MTP is used by compute_loss and the engine).
+        select [B,T] bool: only those M positions' logits [M,V] (the final norm and the head skip the others)."""
+        h = self.hidden_states(input_ids)
+        return self.lm_head(self.norm(h if select is None else h[select]))
 
     def compute_loss(self, input_ids: torch.Tensor, targets: torch.Tensor, mtp_lambda: float = 0.0,
                      balance_alpha: float = 0.0, ignore_index: int = -1, norm: LossNorm | None = None,

@@ -199,6 +199,26 @@ def test_seeded_sampling_is_reproducible_in_any_batch(model):
     assert req.output_ids == a
 
 
+def test_uncut_sampling_draws_from_the_softmax_without_sorting(model):
+    """Rows without top-k / top-p (GRPO's rollouts) take the inverse CDF of the softmax in vocabulary order: the
+    token is the first whose cumulative probability exceeds the request's uniform draw, and it is reproducible in
+    any batch, next to rows that are cut (and sorted)."""
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([PROMPTS[3]]))[0, -1].float() / 1.3, -1)
+    for seed in range(5):
+        u = torch.rand(1, generator=torch.Generator().manual_seed(seed)).item()
+        expected = int((probs.cumsum(0) <= u * probs.sum()).sum())
+        engine = engine_for(model)
+        cut = engine.submit(PROMPTS[0], SamplingParams(3, 0.9, 0.95, 0, [], seed=1))
+        req = engine.submit(PROMPTS[3], SamplingParams(1, 1.3, 1.0, 0, [], seed=seed))
+        while not (req.finished and cut.finished):
+            engine.step()
+        assert req.output_ids == [expected]
+    kw = dict(temperature=1.0, seed=5)
+    assert alone(model, PROMPTS[1], **kw) == engine_for(model).generate(
+        [PROMPTS[0], PROMPTS[1]], 20, stop_token_ids=[], **kw)[1]
+
+
 def test_top_k1_and_tiny_top_p_equal_greedy(model):
     greedy = alone(model, PROMPTS[3])
     assert alone(model, PROMPTS[3], temperature=1.5, top_k=1, seed=0) == greedy

@@ -7,6 +7,7 @@ import torch
 from nanoseek.checkpoint import save_pretrained
 from nanoseek.config import get_preset
 from nanoseek.engine import Engine
+from nanoseek.errors import NanoseekError
 from nanoseek.model import Transformer
 from nanoseek.tasks import Reward, distinct_problems, format_completion, load_task
 from nanoseek.tokenizer import train_tokenizer
@@ -17,7 +18,11 @@ from nanoseek.train.evaluate import (
     evaluate,
     evaluate_checkpoint,
     majority_vote,
+    mcnemar_test,
+    paired_bootstrap,
+    paired_comparison,
     pass_at_k,
+    vote_key,
     wilson_interval,
 )
 from nanoseek.train.rollout import sample_completions
@@ -135,6 +140,10 @@ def test_evaluate_and_cli_json(tiny, tmp_path):
     assert data["split"] == "test" and data["n"] == 5 and data["task"] == TASK
     m = data["metrics"]["pass@1_greedy"]
     assert m["value"] == 0.0 and m["ci95"][0] == 0.0 and 0 < m["ci95"][1] < 0.6
+    # the validation split, for choosing settings
+    evaluate_checkpoint(EvalConfig(model=model_dir, task=TASK, n=5, k=0, max_new_tokens=4, batch_size=8, threads=1,
+                                   split="val", json=out))
+    assert json.loads(out.read_text())["split"] == "val"
 
 
 def test_cli_evaluates_each_problem_once(tiny, tmp_path, capsys):
@@ -150,3 +159,81 @@ def test_cli_evaluates_each_problem_once(tiny, tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["n"] == n_test and data["n_requested"] == 50
     assert f"only {n_test} different problems" in capsys.readouterr().err
+
+
+def test_mcnemar_and_paired_bootstrap_by_hand():
+    a = [1.0] * 5 + [0.0] * 10 + [1.0, 0.0]  # 1 problem only a solves, 10 only b solves
+    b = [1.0] * 5 + [1.0] * 10 + [0.0, 0.0]
+    m = mcnemar_test(a, b)
+    assert (m["b_only"], m["a_only"]) == (10, 1)
+    assert m["p"] == pytest.approx(2 * (1 + 11) / 2**11)  # 2 P(Bin(11, 1/2) <= 1) = 0.01172
+    assert mcnemar_test([1.0, 0.0], [1.0, 0.0])["p"] == 1.0  # no discordant pair: no evidence
+    assert mcnemar_test([1.0, 0.0, 1.0], [0.0, 1.0, 1.0])["p"] == 1.0
+    boot = paired_bootstrap(a, b)
+    assert boot["delta"] == pytest.approx(9 / 17) and boot["ci95"][0] > 0 and boot["p"] < 0.01
+    same = paired_bootstrap([0.5, 0.25, 1.0], [0.5, 0.25, 1.0])
+    assert same["delta"] == 0.0 and same["p"] == 1.0
+
+
+def test_eval_json_stores_outcomes_for_paired_comparisons(tiny, tmp_path):
+    task, tok, model, model_dir = tiny
+    engine = Engine(model, max_batch_size=16, max_seq_len=128)
+    problems = task.problems("test", 6)
+    result = evaluate(engine, tok, task, problems, k=3, max_new_tokens=8)
+    o = result["outcomes"]
+    assert o["problem"] == [p.identity for p in problems]
+    assert len(o["greedy"]) == len(o["sampled"]) == len(o["maj"]) == 6
+    assert sum(o["greedy"]) / 6 == result["metrics"]["pass@1_greedy"]["value"]
+    assert sum(o["sampled"]) / 6 == pytest.approx(result["metrics"]["pass@1_sampled_mean@3"]["value"])
+    assert sum(o["maj"]) / 6 == result["metrics"]["maj@3"]["value"]
+    # a model against itself: no difference; outcomes edited to a clear gain: small p
+    cmp = paired_comparison(result, result)
+    assert cmp["n"] == 6 and cmp["greedy"]["p"] == 1.0 and cmp["greedy"]["delta"] == 0.0
+    better = {**result, "outcomes": {**o, "problem": o["problem"][::-1], "greedy": [1.0] * 6}}
+    cmp = paired_comparison(result, better)  # matched by problem, whatever the order
+    assert cmp["greedy"]["b_only"] == 6 - sum(o["greedy"]) and cmp["greedy"]["b"] == 1.0
+    with pytest.raises(NanoseekError, match="outcomes"):
+        paired_comparison({"metrics": {}}, result)
+    with pytest.raises(NanoseekError, match="share no problem"):
+        paired_comparison(result, {**result, "outcomes": {**o, "problem": ["x"] * 6}})
+
+
+def test_maj_votes_on_the_verified_value():
+    from nanoseek.tasks import Problem
+
+    countdown = load_task("countdown")
+    p = Problem("", "3 * 4 + 5", {"numbers": [3, 4, 5, 9], "target": 17}, key="k")
+    # two different strings for one right expression outvote a repeated wrong one (the string vote split them)
+    texts = ["5 + 4 * 3", "3 * 9", "4 * 3 + 5 = 17", "3 * 9"]
+    rs = [countdown.score(p, f"r\n</think>\n\n\\boxed{{{t}}}") for t in texts]
+    assert [r.accuracy for r in rs] == [1.0, 0.0, 1.0, 0.0]
+    assert rs[0].key == rs[2].key == ("value", "17") and rs[1].key == ("value", "27")
+    assert majority_vote([vote_key(r) for r in rs], [r.accuracy > 0 for r in rs]) is True
+    assert majority_vote([r.parsed for r in rs], [r.accuracy > 0 for r in rs]) is False  # the old string vote
+    # an illegal expression (9 used twice) votes as its text, never with the legal value it computes
+    assert countdown.score(p, "r\n</think>\n\n\\boxed{9 + 9 - 1}").key == ("text", "9+9-1")
+    arith, gsm = load_task("arithmetic"), load_task("gsm8k")
+    q = Problem("", "-1234", {})
+    assert arith.answer_key(q, "-1,234") == arith.answer_key(q, "- 1234") == ("int", -1234)
+    assert gsm.answer_key(q, "$18.00") == gsm.answer_key(q, "18") != gsm.answer_key(q, "18 dollars")
+    m = compute_metrics(None, [rs], 4)
+    assert m["maj@4"]["value"] == 1.0
+
+
+def test_eval_compare_cli(tmp_path, capsys):
+    from nanoseek.cli import main
+
+    def result(greedy):
+        return {"outcomes": {"problem": [f"q{i}" for i in range(12)], "greedy": greedy}}
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(result([0.0] * 12)))
+    b.write_text(json.dumps(result([1.0] * 10 + [0.0] * 2)))
+    main(["eval", "--compare", str(a), str(b)])
+    out = capsys.readouterr().out
+    assert "paired on 12 problems" in out and "0.000 -> 0.833  +0.833  p = 0.00195 (McNemar exact; b only 10" in out
+    (tmp_path / "old.json").write_text(json.dumps({"metrics": {}}))
+    for argv, message in ((["eval", "--compare", str(a), str(tmp_path / "old.json")], "per-problem outcomes"),
+                          (["eval", "--model", str(tmp_path)], "--model and --task")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err

@@ -231,8 +231,9 @@ def test_tool_calls_required_parallel(model, toks, style):
     marker (a special token here) lets it stop."""
     tok = toks["special"]
     c = G.tool_calls(tok, TOOLS, "required", style=style)
-    push = {"v3": 1.5, "v3.1": 2.5}[style]  # found by trying: every request stops, some after several calls
-    reqs = run(engine_for(model), variants(c, n_seeds=4, logit_bias={tok.token_to_id(G.TOOL_CALLS_END): push}))
+    # found by trying (again after uncut rows stopped sorting, 2026-12-05): every request stops, some after several
+    push = {"v3": 1.5, "v3.1": 1.7}[style]
+    reqs = run(engine_for(model), variants(c, n_seeds=8, logit_bias={tok.token_to_id(G.TOOL_CALLS_END): push}))
     counts = [len(check_calls(tok, r, style)[1]) for r in reqs]
     assert max(counts) >= 2  # parallel calls happen
 
@@ -278,7 +279,8 @@ def test_tool_calls_auto(model, toks):
     tok = toks["special"]
     c = G.tool_calls(tok, TOOLS, "auto")
     begin, end = tok.token_to_id(G.TOOL_CALLS_BEGIN), tok.token_to_id(G.TOOL_CALLS_END)
-    reqs = run(engine_for(model), variants(c, n_seeds=3, logit_bias={begin: 3.0, end: 3.0, tok.eos_id: 3.0}))
+    # 8 sampled requests: with 3, whether two of them write the marker came down to their seeds' draws
+    reqs = run(engine_for(model), variants(c, n_seeds=8, logit_bias={begin: 3.0, end: 3.0, tok.eos_id: 3.0}))
     with_calls = 0
     for r in reqs:
         text = text_of(tok, r.output_ids)

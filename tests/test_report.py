@@ -252,3 +252,18 @@ def test_gpu_runs_count_gpu_hours_by_world_size(tmp_path):
     assert data["totals"]["cost_usd"] == pytest.approx(20.0 + 0.05, rel=1e-12)  # $/machine-hour x wall hours
     card = (tmp_path / "report.md").read_text()
     assert "4.00 GPU-h (4 GPU)" in card and "1.00 CPU-h + 4.00 GPU-h" in card and "Test GPU" in card
+
+
+def test_paired_p_values_when_evals_store_outcomes(speedrun):
+    # 50 problems: sft right on the first 20, rl right on the first 20 plus 10 more and wrong on none sft got right
+    for name, right, frac in (("first", 20, 0.25), ("second", 30, 0.5)):
+        path = speedrun / "eval" / f"{name}.json"
+        d = json.loads(path.read_text())
+        d["outcomes"] = {"problem": [f"q{i}" for i in range(50)], "greedy": [float(i < right) for i in range(50)],
+                         "sampled": [frac if i < right else 0.0 for i in range(50)]}
+        path.write_text(json.dumps(d))
+    write_report_card([speedrun], speedrun / "report.md")
+    (gain,) = json.loads((speedrun / "report.json").read_text())["gains"]
+    assert gain["greedy"]["p"] == pytest.approx(2 / 2**10) and gain["greedy"]["test"] == "McNemar exact"
+    assert gain["sampled"]["test"] == "paired bootstrap" and gain["sampled"]["p"] < 0.01
+    assert "+0.100 (CIs overlap; p = 0.002, McNemar exact)" in (speedrun / "report.md").read_text()

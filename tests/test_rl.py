@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -12,6 +13,7 @@ from nanoseek.tokenizer import train_tokenizer
 from nanoseek.train.grpo import (
     IGNORE,
     GRPOConfig,
+    RLConfig,
     group_advantages,
     grpo_loss,
     grpo_step,
@@ -49,26 +51,51 @@ def tiny_model(vocab_size, seed=0):
 
 # ----- advantages ---------------------------------------------------------------------------------------------------
 def test_group_advantages_by_hand():
-    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0],
-                            [0.0, 0.0, 0.0, 0.0],  # all wrong: no signal
-                            [1.1, 1.1, 1.1, 1.1],  # all right: no signal
-                            [1.1, 0.1, 0.0, 0.1]])
-    adv, keep = group_advantages(rewards)
+    acc = torch.tensor([[1.0, 0.0, 0.0, 1.0],
+                        [0.0, 0.0, 0.0, 0.0],  # all wrong: no signal
+                        [1.0, 1.0, 1.0, 1.0],  # all right: no signal
+                        [1.0, 0.0, 0.0, 0.0]])
+    fmt = torch.tensor([[0.0] * 4, [0.0] * 4, [0.1] * 4, [0.1, 0.1, 0.0, 0.1]])
+    adv, keep = group_advantages(acc, fmt)
     assert keep.tolist() == [True, False, False, True]
     std0 = math.sqrt(4 * 0.25 / 3)  # unbiased sample std of [1, 0, 0, 1]
     a = 0.5 / (std0 + 1e-4)
     assert adv[0].tolist() == pytest.approx([a, -a, -a, a], abs=1e-6)
     assert adv[1].tolist() == [0.0] * 4 and adv[2].tolist() == [0.0] * 4  # exactly zero, not rounding noise
-    dev = [1.1 - 0.325, 0.1 - 0.325, -0.325, 0.1 - 0.325]
-    std3 = math.sqrt(sum(d * d for d in dev) / 3)
-    assert adv[3].tolist() == pytest.approx([d / (std3 + 1e-4) for d in dev], abs=1e-6)
-    # Dr. GRPO: no division by the std
-    adv_dr, keep_dr = group_advantages(rewards, scale_std=False)
+    std3 = math.sqrt((0.75**2 + 3 * 0.25**2) / 3)  # correctness only is scaled; format 0.1 is added as it is
+    dev = [0.75 / (std3 + 1e-4), -0.25 / (std3 + 1e-4), -0.25 / (std3 + 1e-4), -0.25 / (std3 + 1e-4)]
+    expected = [d + f - 0.075 for d, f in zip(dev, fmt[3].tolist(), strict=True)]
+    assert adv[3].tolist() == pytest.approx(expected, abs=1e-6)
+    # Dr. GRPO: no division by the std, r - mean(r) of the total reward
+    adv_dr, keep_dr = group_advantages(acc, fmt, scale_std=False)
     assert keep_dr.tolist() == keep.tolist()
     assert adv_dr[0].tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5])
-    assert adv_dr[3].tolist() == pytest.approx(dev, abs=1e-6)
+    total = (acc + fmt)[3].tolist()
+    assert adv_dr[3].tolist() == pytest.approx([t - sum(total) / 4 for t in total], abs=1e-6)
     with pytest.raises(NanoseekError, match="group"):
         group_advantages(torch.ones(3, 1))
+
+
+@pytest.mark.parametrize("g", [3, 8, 16, 64])
+def test_format_reward_never_outweighs_correctness(g):
+    """Issue 21's case: all wrong, one malformed. Summing and then scaling by the std gave it +0.35 / -2.47 at G = 8,
+    the advantages of one right answer among wrong ones."""
+    acc = torch.zeros(3, g)
+    fmt = torch.full((3, g), 0.1)
+    fmt[0, 0] = 0.0  # group 0: all wrong, one malformed
+    acc[1, 0] = 1.0  # group 1: one right, the rest wrong (all well formed)
+    acc[2, 1:] = 1.0  # group 2: one wrong, the rest right
+    fmt[2, 1] = 0.0  # ... one right answer malformed
+    adv, keep = group_advantages(acc, fmt)
+    assert keep.all()
+    format_only = adv[0].abs().max()
+    assert format_only <= 0.1 + 1e-6
+    assert format_only < adv[1].abs().min()  # both sides of right-vs-wrong, the majority's small share included
+    assert format_only < adv[2, 2:].min() and format_only < -adv[2, 0]
+    assert adv[2, 0] < 0 < adv[2, 1]  # a malformed right answer still beats a well-formed wrong one
+    if g == 8:
+        assert adv[0].tolist() == pytest.approx([-0.0875] + [0.0125] * 7, abs=1e-6)
+        assert adv[1, 0] == pytest.approx(7 / 8 / math.sqrt(1 / 8) + 0.0, abs=1e-3)  # 2.47, unchanged
 
 
 # ----- the clipped objective ----------------------------------------------------------------------------------------
@@ -102,6 +129,22 @@ def test_clip_higher():
     # the upper bound is now 1.6: 1.5 (A>0) is no longer clipped; the lower bound stays 0.8
     assert loss.item() == pytest.approx(-(1.5 + 0.7 + 1.0 - 2.6 - 1.6) / 5)
     assert (s["clip_high"], s["clip_low"]) == (0, 1)
+
+
+def test_sequence_level_aggregation():
+    """--loss-agg seq: the mean over each sequence's tokens, then over sequences (the original GRPO)."""
+    logp, old_logp, adv, mask = clip_case()
+    w = loss_weights(mask, dr_grpo=False, max_len=3, agg="seq")
+    assert w.flatten().tolist() == pytest.approx([1 / 6] * 3 + [1 / 4, 1 / 4, 0.0])
+    loss, _ = grpo_loss(logp, old_logp, adv, w, epsilon=0.2)
+    assert loss.item() == pytest.approx(-((1.2 + 0.7 + 1.0) / 3 + (-2.6 - 1.6) / 2) / 2)
+    # an empty row (a masked truncated completion) counts as no sequence at all
+    w = loss_weights(torch.tensor([[1.0, 1.0], [0.0, 0.0]]), dr_grpo=False, max_len=2, agg="seq")
+    assert w.tolist() == [[0.5, 0.5], [0.0, 0.0]]
+    with pytest.raises(NanoseekError, match="loss-agg"):
+        RLConfig(model=".", task="x", loss_agg="mean").check()
+    with pytest.raises(NanoseekError, match="dr-grpo"):
+        RLConfig(model=".", task="x", loss_agg="seq", dr_grpo=True).check()
 
 
 def test_dr_grpo_normaliser():
@@ -163,8 +206,11 @@ def test_token_logprobs_and_entropy():
     logp, ent = token_logprobs(model, x, y, temperature=0.7)
     ref = torch.log_softmax(model(x).float() / 0.7, -1)
     assert torch.allclose(logp[1], ref[1].gather(-1, y[1, :, None]).squeeze(-1), atol=1e-6)
-    assert (logp[0, :2] == 0).all()
-    assert torch.allclose(ent, -(ref.exp() * ref).sum(-1), atol=1e-5)
+    assert (logp[0, :2] == 0).all() and (ent[0, :2] == 0).all()  # no head at ignored positions
+    assert torch.allclose(logp[0, 2:], ref[0, 2:].gather(-1, y[0, 2:, None]).squeeze(-1), atol=1e-6)
+    assert torch.allclose(ent[y != IGNORE], -(ref.exp() * ref).sum(-1)[y != IGNORE], atol=1e-5)
+    logp.sum().backward()  # the gradient reaches the head and the blocks through the selected positions
+    assert model.lm_head.weight.grad.abs().sum() > 0 and model.embed_tokens.weight.grad.abs().sum() > 0
     assert ((ent >= 0) & (ent <= math.log(64) + 1e-5)).all()
 
 
@@ -176,20 +222,23 @@ def test_rollout_tensors():
 
 
 # ----- one real step ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mu, beta, dr", [(1, 0.0, False), (2, 0.05, True)])
-def test_grpo_step_end_to_end(tok, mu, beta, dr):
+@pytest.mark.parametrize("mu, beta, dr, agg", [(1, 0.0, False, "token"), (2, 0.05, True, "token"),
+                                               (1, 0.0, False, "seq")])
+def test_grpo_step_end_to_end(tok, mu, beta, dr, agg):
     torch.set_num_threads(1)
     model = tiny_model(tok.vocab_size, seed=1)
     ref = tiny_model(tok.vocab_size, seed=1) if beta else None
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     task = ParityTask()
-    cfg = GRPOConfig(group_size=4, prompts_per_step=3, max_new_tokens=6, mu=mu, beta=beta, dr_grpo=dr, micro_batch=5)
+    cfg = GRPOConfig(group_size=4, prompts_per_step=3, max_new_tokens=6, mu=mu, beta=beta, dr_grpo=dr, micro_batch=5,
+                     loss_agg=agg)
     stats = grpo_step(model, opt, tok, task, task.problems("train", 3), cfg, seed=0, ref_model=ref)
     assert stats["trained_seqs"] > 0 and stats["frac_zero_std"] < 1
     assert 0 <= stats["accuracy"] <= 1 and stats["response_len_max"] <= 7
     assert stats["entropy"] > 0 and stats["grad_norm"] > 0 and stats["kl"] >= 0
-    assert stats["t_sample"] > 0 and stats["t_train"] > 0
+    assert stats["t_sample"] > 0 and stats["t_train"] > 0 and stats["t_generate"] > 0 and stats["t_engine"] > 0
+    assert stats["t_sample"] >= stats["t_engine"] + stats["t_generate"] + stats["t_score"]
     changed = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
     assert any("layers.0.self_attn" in k for k in changed) and "lm_head.weight" in changed
     if mu == 1:
@@ -210,6 +259,22 @@ def test_grpo_step_skips_zero_variance_groups(tok):
     stats = grpo_step(model, opt, tok, task, task.problems("train", 2), cfg, seed=0)
     assert stats["frac_zero_std"] == 1.0 and stats["trained_seqs"] == 0 and stats["reward"] == pytest.approx(1.1)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # no update at all
+
+
+def test_grpo_step_on_a_task_mix_logs_each_tasks_accuracy(tok):
+    from nanoseek.tasks import MixedTask
+
+    torch.set_num_threads(1)
+    model = tiny_model(tok.vocab_size, seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    mix = MixedTask([ParityTask(), ConstantTask()], [1.0, 1.0], ["parity", "const"])
+    problems = mix.problems("train", 4, seed=3)
+    assert {p.meta["mix_task"] for p in problems} == {0, 1}
+    cfg = GRPOConfig(group_size=3, prompts_per_step=4, max_new_tokens=5)
+    stats = grpo_step(model, opt, tok, mix, problems, cfg, seed=0)
+    assert stats["accuracy_const"] == 1.0 and 0 <= stats["accuracy_parity"] <= 1  # each task's own reward
+    n_const = sum(p.meta["mix_task"] == 1 for p in problems)
+    assert stats["accuracy"] == pytest.approx((n_const + stats["accuracy_parity"] * (4 - n_const)) / 4)
 
 
 class HalfConstantTask(ParityTask):
@@ -308,7 +373,8 @@ def test_rl_cli_logs_checkpoints_and_resume(tok, tmp_path, capsys):
     rows = [json.loads(line) for line in (out / "rl_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("reward", "reward_accuracy", "reward_format", "accuracy", "response_len_mean", "response_len_max",
-                "truncated_frac", "kl", "clip_frac", "entropy", "frac_zero_std", "t_sample", "t_train"):
+                "truncated_frac", "kl", "clip_frac", "entropy", "frac_zero_std", "t_sample", "t_train", "t_engine",
+                "t_generate", "t_score"):
         assert key in rows[0], key
     assert (out / "rl_curves.png").stat().st_size > 1000 and (out / "run.json").is_file()
     state = json.loads((out / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
@@ -385,7 +451,7 @@ def test_rl_killed_or_interrupted_then_resumed_equals_an_uninterrupted_run(tok, 
 
     def rows(out):  # rl_log.jsonl without the step timings
         lines = (out / "rl_log.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(line).items() if k not in ("t_sample", "t_train")} for line in lines]
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith("t_")} for line in lines]
 
     reference = tmp_path / "reference"
     rl.run(rl_args(reference, *flags))
@@ -429,3 +495,66 @@ def test_rl_killed_or_interrupted_then_resumed_equals_an_uninterrupted_run(tok, 
     reference_weights = load_model(reference / "final").state_dict()
     for name, value in load_model(out / "final").state_dict().items():
         torch.testing.assert_close(value, reference_weights[name], rtol=0, atol=0, msg=name)
+
+
+# ----- the problems of each step -------------------------------------------------------------------------------------
+def write_gsm8k(tmp_path, n):
+    rows = [{"question": f"What is {i} plus one?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(n)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:1]))
+
+
+def test_gsm8k_problems_are_reshuffled_each_epoch_and_never_run_dry(tmp_path):
+    from nanoseek.tasks import load_task
+    from nanoseek.train.grpo import step_problems, train_pool
+
+    write_gsm8k(tmp_path, 40)
+    task = load_task(f"gsm8k:data_dir={tmp_path}")
+    n_train = len(task.problems("train", None))
+    pool = train_pool(task, steps=30, b=4, seed=0)  # 120 draws from a smaller split: the whole split, in epochs
+    assert pool.finite and len(pool.problems) == n_train
+    steps = [step_problems(pool, 4, s, seed=0) for s in range(30)]  # 3+ epochs, and nothing raises
+    flat = [p.prompt for ps in steps for p in ps]
+    file_order = [p.prompt for p in task.problems("train", None)]
+    epochs = [flat[e * n_train:(e + 1) * n_train] for e in range(len(flat) // n_train)]
+    assert all(sorted(e) == sorted(file_order) for e in epochs)  # every problem once per epoch
+    assert all(e != file_order for e in epochs) and epochs[0] != epochs[1]  # shuffled, freshly each epoch
+    other = [p.prompt for s in range(10) for p in step_problems(train_pool(task, 30, 4, seed=1), 4, s, seed=1)]
+    assert other != flat[:40]  # the seed changes the order
+    assert [p.prompt for p in step_problems(pool, 4, 7, seed=0)] == [p.prompt for p in steps[7]]  # pure
+    # a synthetic task: steps x B fresh problems, and a longer run starts with the shorter run's problems
+    arith = load_task("arithmetic")
+    short, long = train_pool(arith, 3, 4, seed=0), train_pool(arith, 5, 4, seed=0)
+    assert not short.finite and len(short.problems) == 12
+    assert [step_problems(short, 4, s, 0) for s in range(3)] == [step_problems(long, 4, s, 0) for s in range(3)]
+
+
+def test_rl_on_an_empty_train_split_is_one_clear_error(tmp_path):
+    from nanoseek.tasks import load_task
+    from nanoseek.train.grpo import train_pool
+
+    write_gsm8k(tmp_path, 0)
+    with pytest.raises(NanoseekError, match="no problems to train on"):
+        train_pool(load_task(f"gsm8k:data_dir={tmp_path}"), steps=2, b=2, seed=0)
+
+
+def test_rl_zero_runs_from_a_base_model_with_the_r1_zero_template(tok, tmp_path, capsys):
+    from nanoseek.commands import rl
+    from nanoseek.train.rollout import prompt_ids
+
+    p = Problem("What is 2 + 3?\nPlease reason step by step, and put your final answer within \\boxed{}.", "5")
+    zero = tok.decode(prompt_ids(tok, p, zero=True))
+    assert zero.startswith(tok.decode([tok.bos_id]) + "A conversation between User and Assistant.")
+    assert zero.endswith("User: " + p.prompt + "\nAssistant: <think>\n")  # the completion starts inside <think>
+    assert "<｜User｜>" not in zero and tok.user_id not in prompt_ids(tok, p, zero=True)  # no chat tokens
+    out = tmp_path / "zero"
+    args = parity_rl_args(tok, tmp_path)
+    torch.manual_seed(0)  # the template is ~320 tokens with this 300-token vocabulary: a longer context
+    long = Transformer(get_preset("test", vocab_size=tok.vocab_size, max_position_embeddings=512)).eval()
+    save_pretrained(long, tmp_path / "init", tokenizer_dir=tmp_path / "init")
+    rl.run(args(out, "--zero", "--steps", "2", "--eval-every", "1", "--eval-n", "2"))
+    assert "R1-Zero template" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "rl_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]  # reward and mean response length, step by step
+    assert all(0 <= r["reward"] and r["response_len_mean"] > 0 for r in rows)
+    assert json.loads((out / "checkpoints" / "step_000002" / "trainer_state.json").read_text())["args"]["zero"] is True

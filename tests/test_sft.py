@@ -19,6 +19,7 @@ from nanoseek.train.sft import (
     encode_all,
     encode_conversation,
     init_model,
+    prompt_key,
     read_chat_jsonl,
     split_validation,
     task_conversations,
@@ -143,8 +144,20 @@ def test_batches_are_a_pure_function_of_the_step(tok):
     seen = [id(e) for i in range(5) for e in batch_at(examples, 4, i, seed=1)]  # 20 draws = two epochs
     assert sorted(seen[:10]) == sorted(map(id, examples)) == sorted(seen[10:])  # each epoch is a permutation
     assert [id(e) for e in batch_at(examples, 4, 3, seed=1)] == seen[12:16]
-    train, val = split_validation(examples * 5, seed=0)
-    assert len(val) == 2 and len(train) == 48
+    train, val = split_validation(examples * 5, seed=0)  # 10 problems, each 5 times
+    assert len(val) == 2 and len(train) == 40  # 2 prompts held out, none of their 10 copies trained on
+    assert not {prompt_key(e) for e in val} & {prompt_key(e) for e in train}
+    assert len({prompt_key(e) for e in val}) == 2
+
+
+def test_sft_validation_holds_out_prompts_not_examples(tok):
+    task = load_task("arithmetic:min_digits=1,max_digits=1,ops=+")  # a small space: problems repeat
+    examples, _ = encode_all(tok, task_conversations(task, 400, seed=0), 1000)
+    n_distinct = len({prompt_key(e) for e in examples})
+    assert n_distinct < 300  # the draw repeats problems
+    train, val = split_validation(examples, seed=0)
+    assert len(val) == 20 and not {prompt_key(e) for e in val} & {prompt_key(e) for e in train}
+    assert len({prompt_key(e) for e in val}) == 20 and len(train) + len(val) <= len(examples)
 
 
 def test_sft_cli_from_scratch_and_finetune(tok_dir, tmp_path):

@@ -11,6 +11,7 @@ from nanoseek.tasks import (
     ArithmeticTask,
     CountdownTask,
     GSM8KTask,
+    MixedTask,
     Problem,
     Task,
     distinct_problems,
@@ -120,6 +121,9 @@ def test_arithmetic_splits_disjoint_and_deterministic():
     assert prompts(3) == prompts(3) and prompts(3) != prompts(4)
     with pytest.raises(NanoseekError, match="split"):
         task.problems("validation", 5, seed=0)
+    # the validation split is held out of train, and never a test problem
+    val = task.problems("val", 300, seed=0)
+    assert len(sums(val)) > 20 and sums(val).isdisjoint(sums(train)) and sums(val).isdisjoint(sums(test))
 
 
 def test_arithmetic_knobs():
@@ -237,7 +241,9 @@ def test_distinct_problems_for_evaluation(gsm8k: GSM8KTask):
 
 def test_gsm8k_traces_score_full(gsm8k: GSM8KTask):
     problems = gsm8k.problems("train", None)
-    assert len(problems) == 7473 and len(gsm8k.problems("test", None)) == 1319
+    val = gsm8k.problems("val", None)
+    assert len(problems) + len(val) == 7473 and len(gsm8k.problems("test", None)) == 1319
+    assert 300 < len(val) < 450 and not {p.prompt for p in val} & {p.prompt for p in problems}  # ~5%, held out
     for p in problems[:50]:
         reasoning, answer = gsm8k.solution_trace(p)
         assert "<<" not in reasoning and "####" not in reasoning
@@ -268,7 +274,7 @@ def test_gsm8k_sampling(gsm8k: GSM8KTask):
     assert [p.prompt for p in gsm8k.problems("test", 20, seed=2)] != [p.prompt for p in a]
     test_lines = {p.meta["line"] for p in gsm8k.problems("test", None)}
     assert max(test_lines) == 1319
-    assert len(gsm8k.problems("train", 10**6)) == 7473
+    assert len(gsm8k.problems("train", 10**6)) + len(gsm8k.problems("val", 10**6)) == 7473
 
 
 def test_gsm8k_bad_files(tmp_path: Path):
@@ -352,3 +358,36 @@ def test_broken_plugins(tmp_path: Path, source: str | None, cls: str, message: s
     with pytest.raises(NanoseekError, match=message) as e:
         load_task(f"{path}:{cls}")
     assert str(path) in str(e.value)
+
+
+# ---------------------------------------------------------------- mixes
+
+
+def test_task_mix_spec_problems_and_rewards(tmp_path: Path):
+    from nanoseek.tasks.base import split_mix
+
+    assert split_mix("arithmetic:min_digits=3,ops=+-") == [(1.0, "arithmetic:min_digits=3,ops=+-")]
+    assert split_mix("3*arithmetic:min_digits=3,ops=+-*, 0.5*countdown:max_numbers=3,gsm8k") == [
+        (3.0, "arithmetic:min_digits=3,ops=+-*"), (0.5, "countdown:max_numbers=3"), (1.0, "gsm8k")]
+    assert isinstance(load_task("arithmetic:min_digits=3,ops=+-"), ArithmeticTask)  # one task is not a mix
+    mix = load_task("3*arithmetic:min_digits=2,max_digits=2,countdown:max_numbers=3")
+    assert isinstance(mix, MixedTask) and mix.labels == ["arithmetic", "countdown"] and mix.weights == [3.0, 1.0]
+    problems = mix.problems("train", 400, seed=0)
+    share = sum(p.meta["mix_task"] == 0 for p in problems) / 400
+    assert 0.68 < share < 0.82  # 3 : 1
+    assert [p.prompt for p in mix.problems("train", 40, seed=0)] == [p.prompt for p in problems[:40]]  # a prefix
+    for p in problems[:60]:  # each problem keeps its own task's traces, rewards and answer keys
+        reasoning, answer = mix.solution_trace(p)
+        assert reward(mix, p, format_completion(reasoning, answer)) == (1.0, FORMAT_WEIGHT)
+    arith = next(p for p in problems if p.meta["mix_task"] == 0)
+    count = next(p for p in problems if p.meta["mix_task"] == 1)
+    assert mix.answer_key(arith, "1,0") == ("int", 10) and mix.answer_key(count, "3")[0] in ("value", "text")
+    test_ids = {p.identity for p in mix.problems("test", 200, seed=0)}
+    assert not test_ids & {p.identity for p in problems}  # each task's splits stay disjoint
+    # a finite task gives what it has: the mix then returns fewer problems (GRPO draws those in epochs)
+    (tmp_path / "train.jsonl").write_text('{"question": "1+1?", "answer": "#### 2"}\n')
+    small = load_task(f"arithmetic,gsm8k:data_dir={tmp_path}")
+    assert len(small.problems("train", 50, seed=0)) < 50
+    for bad in ("arithmetic,0*countdown", "arithmetic,,countdown", "arithmetic,nope"):
+        with pytest.raises(NanoseekError):
+            load_task(bad)

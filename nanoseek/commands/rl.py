@@ -15,6 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "usually an SFT model's final/; also the frozen reference for --beta")
     p.add_argument("--task", required=True, help="task spec, e.g. arithmetic:min_digits=2,max_digits=2,ops=+-")
     g = p.add_argument_group("GRPO")
+    g.add_argument("--zero", action="store_true",
+                   help="R1-Zero: prompt with the R1-Zero plain-text template (think, then a \\boxed{} answer) "
+                        "instead of the chat template; give --model the pre-trained base model, no SFT")
     g.add_argument("--steps", type=int, default=d.steps, help=f"GRPO steps (default {d.steps})")
     g.add_argument("--group-size", "-G", type=int, default=d.group_size,
                    help=f"samples per prompt (default {d.group_size})")
@@ -28,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epsilon-high", type=float, help="clip: rho <= 1 + epsilon_high (default: epsilon; DAPO 0.28)")
     g.add_argument("--beta", type=float, default=d.beta, help="k3 KL weight to the initial model (default 0)")
     g.add_argument("--dr-grpo", action="store_true", help="Dr. GRPO: advantage r - mean, loss / (N * max tokens)")
+    g.add_argument("--loss-agg", choices=("token", "seq"), default=d.loss_agg,
+                   help="token: mean over all completion tokens of the batch (default; DAPO); seq: each completion's "
+                        "mean, then the mean over completions (the original GRPO)")
     g.add_argument("--mask-truncated", action="store_true", help="no loss on completions cut by --max-new-tokens")
     g.add_argument("--dynamic-sampling", action="store_true",
                    help="DAPO dynamic sampling: sample more fresh problems (up to --max-sampling-rounds batches of "
@@ -41,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, default=d.eval_every,
                    help="held-out greedy accuracy every N steps, and before the first and after the last (0 = off)")
     g.add_argument("--eval-n", type=int, default=d.eval_n,
-                   help=f"held-out (test split) problems for it (default {d.eval_n})")
+                   help=f"held-out (validation split) problems for it (default {d.eval_n})")
     t = p.add_argument_group("training")
     t.add_argument("--lr", type=float, default=d.lr, help="peak learning rate, constant after warmup (default 3e-5)")
     t.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup steps (default 5)")

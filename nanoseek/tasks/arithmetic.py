@@ -107,6 +107,10 @@ class ArithmeticTask(Task):
     def check(self, problem: Problem, answer: str) -> bool:
         return parse_int(answer) == int(problem.answer)
 
+    def answer_key(self, problem: Problem, answer: str) -> tuple:
+        value = parse_int(answer)  # "-1,234" and "-1234" are the same answer
+        return ("int", value) if value is not None else super().answer_key(problem, answer)
+
     def solution_trace(self, problem: Problem) -> tuple[str, str]:
         a, b, op = problem.meta["a"], problem.meta["b"], problem.meta["op"]
         if op == "+":

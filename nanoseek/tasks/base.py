@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import inspect
 import random
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -31,7 +32,7 @@ THINK_CLOSE = "</think>"
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 # Small next to accuracy (1.0): well-formed but wrong earns 0.1, correct earns 1.1, so form alone is not worth learning
 FORMAT_WEIGHT = 0.1
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")  # val: held out of train for choosing settings
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Reward:
     accuracy: float  # 1.0 or 0.0, judged only on the single \boxed{} of the answer part
     format: float  # 0.0 or the task's format_weight
     parsed: str | None = None  # the \boxed{} content that was judged, None if there was none
+    key: tuple | None = None  # the verified value the answer stands for (Task.answer_key), what maj@k votes on
 
     @property
     def total(self) -> float:
@@ -98,14 +100,27 @@ def format_completion(reasoning: str, answer: str) -> str:
     return f"{reasoning}\n{THINK_CLOSE}\n\n{answer}"
 
 
-def hash_split(key: str, test_every: int = 10) -> str:
-    """Assign a synthetic problem to "train" or "test" by a stable hash of its canonical key.
+def _key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
 
-    Partitioning the problem space (about 1 in test_every problems is a test problem) makes the splits disjoint by
-    construction, however many problems are drawn, unlike drawing both splits from different seeds.
+
+def in_validation(key: str) -> bool:
+    """Whether a problem with this canonical key belongs to the validation split: about 1 in 20 keys (those whose
+    hash is 1 mod 20, so never a hash_split test key)."""
+    return _key_hash(key) % 20 == 1
+
+
+def hash_split(key: str, test_every: int = 10) -> str:
+    """Assign a synthetic problem to "train", "val" or "test" by a stable hash of its canonical key.
+
+    Partitioning the problem space (about 1 in test_every problems is a test problem, 1 in 20 a validation problem)
+    makes the splits disjoint by construction, however many problems are drawn, unlike drawing the splits from
+    different seeds. "val" is held out from training for choosing settings, so the test split is looked at once.
     """
-    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
-    return "test" if h % test_every == 0 else "train"
+    h = _key_hash(key)
+    if h % test_every == 0:
+        return "test"
+    return "val" if h % 20 == 1 else "train"
 
 
 def rng_for(*parts: object) -> random.Random:
@@ -115,7 +130,7 @@ def rng_for(*parts: object) -> random.Random:
 
 def check_split(split: str) -> None:
     if split not in SPLITS:
-        raise NanoseekError(f"unknown split {split!r}: expected 'train' or 'test'")
+        raise NanoseekError(f"unknown split {split!r}: expected 'train', 'val' or 'test'")
 
 
 def draw_problems(
@@ -165,7 +180,7 @@ class Task:
     format_weight: float = FORMAT_WEIGHT
 
     def problems(self, split: str, n: int | None, seed: int = 0) -> list[Problem]:
-        """n problems of split ("train" or "test"), the same for the same arguments; train and test are disjoint."""
+        """n problems of split ("train", "val" or "test"), the same for the same arguments; the splits are disjoint."""
         raise NotImplementedError
 
     def check(self, problem: Problem, answer: str) -> bool:
@@ -175,6 +190,12 @@ class Task:
     def solution_trace(self, problem: Problem) -> tuple[str, str]:
         """(reasoning, answer_text): a correct step-by-step trace and the answer text "\\boxed{...}", for SFT."""
         raise NotImplementedError
+
+    def answer_key(self, problem: Problem, answer: str) -> tuple:
+        """What an answer (the content of the \\boxed{}) stands for, for majority votes: two answers with the same
+        key are the same answer and are judged alike (arithmetic: the integer; gsm8k: the number; countdown: the
+        value of a legal expression). By default the text without whitespace."""
+        return ("text", "".join(answer.split()))
 
     def score(self, problem: Problem, completion: str) -> Reward:
         """Rule-based reward of a completion.
@@ -190,7 +211,8 @@ class Task:
         fmt = self.format_weight if well_formed else 0.0
         boxed = extract_boxed(answer) if answer is not None else None
         accuracy = 1.0 if boxed is not None and self.check(problem, boxed) else 0.0
-        return Reward(accuracy=accuracy, format=fmt, parsed=boxed)
+        key = self.answer_key(problem, boxed) if boxed is not None else None
+        return Reward(accuracy=accuracy, format=fmt, parsed=boxed, key=key)
 
 
 BUILTIN_TASKS = {
@@ -255,13 +277,91 @@ def _check_task_class(cls: object, where: str) -> None:
         raise NanoseekError(f"task plugin {where}: defines neither check(problem, answer) nor score(problem, text)")
 
 
+class MixedTask(Task):
+    """Several tasks in one: each problem comes from sub-task i with probability weights[i] / sum(weights), and is
+    scored, traced and keyed by that task's own rules (its reward, its format weight). Built by load_task from a mix
+    spec such as "3*arithmetic:min_digits=3,countdown"."""
+
+    name = "mix"
+
+    def __init__(self, tasks: list[Task], weights: list[float], labels: list[str]):
+        if not tasks or len(tasks) != len(weights) or any(not w > 0 for w in weights):
+            raise NanoseekError(f"task mix: needs tasks with positive weights, got {weights}")
+        self.tasks, self.weights, self.labels = tasks, weights, labels
+
+    def problems(self, split: str, n: int | None, seed: int = 0) -> list[Problem]:
+        """n problems, sub-task by sub-task in a seeded order; a finite sub-task (GSM8K) that has fewer problems than
+        its share gives all it has, so the mix may return fewer than n. n=None: every sub-task's whole split."""
+        check_split(split)
+        if n is None:
+            return [self._tag(i, q) for i, t in enumerate(self.tasks) for q in t.problems(split, None, seed=seed)]
+        if not isinstance(n, int) or n < 0:
+            raise NanoseekError(f"task mix: n must be None or a non-negative int, got {n!r}")
+        picks = rng_for("mix", split, seed).choices(range(len(self.tasks)), self.weights, k=n)
+        drawn = {i: iter(self.tasks[i].problems(split, picks.count(i), seed=seed)) for i in set(picks)}
+        out = []
+        for i in picks:
+            q = next(drawn[i], None)
+            if q is not None:
+                out.append(self._tag(i, q))
+        return out
+
+    def _tag(self, i: int, q: Problem) -> Problem:
+        # a new Problem: a data set task may hand out its cached objects
+        return Problem(q.prompt, q.answer, {**q.meta, "mix_task": i}, key=f"{self.labels[i]}|{q.identity}")
+
+    def task_of(self, problem: Problem) -> tuple[str, Task]:
+        i = problem.meta["mix_task"]
+        return self.labels[i], self.tasks[i]
+
+    def score(self, problem: Problem, completion: str) -> Reward:
+        return self.task_of(problem)[1].score(problem, completion)
+
+    def check(self, problem: Problem, answer: str) -> bool:
+        return self.task_of(problem)[1].check(problem, answer)
+
+    def solution_trace(self, problem: Problem) -> tuple[str, str]:
+        return self.task_of(problem)[1].solution_trace(problem)
+
+    def answer_key(self, problem: Problem, answer: str) -> tuple:
+        return self.task_of(problem)[1].answer_key(problem, answer)
+
+
+def split_mix(spec: str) -> list[tuple[float, str]]:
+    """A mix spec -> [(weight, task spec)]. Items are separated by commas; an item of the form key=value continues the
+    previous task's arguments, any other item starts a task, optionally weighted as "<weight>*<task spec>" (default
+    1). So "arithmetic:min_digits=3,ops=+-" is one task and "3*arithmetic:min_digits=3,ops=+-,countdown" two."""
+    out: list[tuple[float, str]] = []
+    for item in spec.split(","):
+        if out and re.match(r"\s*[A-Za-z_]\w*\s*=", item):
+            out[-1] = (out[-1][0], f"{out[-1][1]},{item}")
+            continue
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*\*\s*(.+)", item)
+        weight, task_spec = (float(m.group(1)), m.group(2)) if m else (1.0, item.strip())
+        if not task_spec:
+            raise NanoseekError(f"task spec {spec!r}: an empty task in the mix")
+        out.append((weight, task_spec))
+    return out
+
+
 def load_task(spec: str) -> Task:
     """Build a task from a spec string.
+
+    Several tasks separated by commas (each optionally weighted, "3*arithmetic:max_digits=3,countdown") make a
+    MixedTask (split_mix).
 
     Built-in: "arithmetic", "countdown", "gsm8k", optionally with constructor arguments, e.g.
     "arithmetic:min_digits=2,max_digits=4,ops=+-". Plugin: "path/to/file.py:MyTask" (optionally
     "path/to/file.py:MyTask:key=value,..."), where MyTask subclasses nanoseek.tasks.Task.
     """
+    items = split_mix(spec)
+    if len(items) > 1:
+        if any(not w > 0 for w, _ in items):
+            raise NanoseekError(f"task spec {spec!r}: mix weights must be positive")
+        labels = [t.partition(":")[0].rsplit("/", 1)[-1] for _, t in items]
+        labels = [f"{lab}{i}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
+        return MixedTask([load_task(t) for _, t in items], [w for w, _ in items], labels)
+    spec = items[0][1]
     if ".py:" in spec or spec.endswith(".py"):
         file_part, sep, rest = spec.partition(".py:")
         path = Path(file_part + ".py") if sep else Path(spec)

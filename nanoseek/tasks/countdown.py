@@ -104,6 +104,38 @@ def _evaluate(node: ast.AST) -> Fraction | None:
     return BIN_OPS[type(node.op)](left, right)
 
 
+def expression_value(text: str, numbers: list[int]) -> Fraction | None:
+    """The exact value of text if it is a legal expression over a sub-multiset of numbers (the rules of
+    check_expression; an optional trailing "= <n>" must claim the true value), else None."""
+    if len(text) > MAX_EXPR_CHARS:
+        return None
+    for symbol, plain in SYMBOLS.items():
+        text = text.replace(symbol, plain)
+    text = re.sub(r"\s+", " ", text)
+    lhs, eq, rhs = text.partition("=")
+    if eq and not re.fullmatch(r" ?[0-9]+ ?", rhs):
+        return None
+    if not ALLOWED_CHARS.fullmatch(lhs):
+        return None
+    try:
+        tree = ast.parse(lhs.strip(), mode="eval")
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return None
+    nodes = list(ast.walk(tree))
+    if not all(isinstance(n, ALLOWED_NODES) for n in nodes):
+        return None
+    literals = [n.value for n in nodes if isinstance(n, ast.Constant)]
+    if not all(type(v) is int for v in literals) or not Counter(literals) <= Counter(numbers):
+        return None
+    try:
+        value = _evaluate(tree.body)
+    except RecursionError:
+        return None
+    if value is None or (eq and int(rhs) != value):  # a wrong claimed value is wrong
+        return None
+    return value
+
+
 def check_expression(text: str, numbers: list[int], target: int) -> bool:
     """Whether text is an expression over a sub-multiset of numbers whose exact value is target.
 
@@ -117,31 +149,7 @@ def check_expression(text: str, numbers: list[int], target: int) -> bool:
     - the value is computed with Fractions, so intermediate fractions are fine ((8 / 3) * 3 = 8) and no float
       tolerance can be exploited; division by zero scores 0.
     """
-    if len(text) > MAX_EXPR_CHARS:
-        return False
-    for symbol, plain in SYMBOLS.items():
-        text = text.replace(symbol, plain)
-    text = re.sub(r"\s+", " ", text)
-    lhs, eq, rhs = text.partition("=")
-    if eq and not (re.fullmatch(r" ?[0-9]+ ?", rhs) and int(rhs) == target):
-        return False
-    if not ALLOWED_CHARS.fullmatch(lhs):
-        return False
-    try:
-        tree = ast.parse(lhs.strip(), mode="eval")
-    except (SyntaxError, ValueError, MemoryError, RecursionError):
-        return False
-    nodes = list(ast.walk(tree))
-    if not all(isinstance(n, ALLOWED_NODES) for n in nodes):
-        return False
-    literals = [n.value for n in nodes if isinstance(n, ast.Constant)]
-    if not all(type(v) is int for v in literals) or not Counter(literals) <= Counter(numbers):
-        return False
-    try:
-        value = _evaluate(tree.body)
-    except RecursionError:
-        return False
-    return value is not None and value == target
+    return expression_value(text, numbers) == target
 
 
 class CountdownTask(Task):
@@ -191,6 +199,11 @@ class CountdownTask(Task):
 
     def check(self, problem: Problem, answer: str) -> bool:
         return check_expression(answer, problem.meta["numbers"], problem.meta["target"])
+
+    def answer_key(self, problem: Problem, answer: str) -> tuple:
+        """A legal expression votes for its value: "3 * 4 + 5" and "5 + 4 * 3" are the same answer."""
+        value = expression_value(answer, problem.meta["numbers"])
+        return ("value", str(value)) if value is not None else super().answer_key(problem, answer)
 
     def solution_trace(self, problem: Problem) -> tuple[str, str]:
         """A short search narrative: one failed random attempt (when it misses), then the solver's solution."""

@@ -1,6 +1,7 @@
 """GSM8K grade-school maths word problems (openai/grade-school-math, MIT), bundled in nanoseek/corpus/gsm8k/.
 
-Split "train" comes only from train.jsonl and "test" only from test.jsonl (an evaluation set: never train on it).
+Split "test" is test.jsonl (an evaluation set: never train on it); "val" is the ~5% of train.jsonl whose question
+hashes into the validation bucket (base.in_validation), held out for choosing settings; "train" is the rest.
 The gold answer is the number after the last "####" with commas removed; the model's answer is the content of its
 single \\boxed{}, a plain number ("$" and thousands commas allowed, no unit words), compared as a Decimal so
 "18.00" == "18".
@@ -12,7 +13,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from nanoseek.errors import NanoseekError
-from nanoseek.tasks.base import BOXED_INSTRUCTION, Problem, Task, check_split, rng_for
+from nanoseek.tasks.base import BOXED_INSTRUCTION, Problem, Task, check_split, in_validation, rng_for
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "corpus" / "gsm8k"
 CALC_RE = re.compile(r"<<[^<>]*>>")  # calculator annotations such as <<48/2=24>>
@@ -66,10 +67,14 @@ class GSM8KTask(Task):
         self._cache: dict[str, list[Problem]] = {}
 
     def problems(self, split: str, n: int | None = None, seed: int = 0) -> list[Problem]:
-        """All problems of split in file order if n is None or at least the file size, else n chosen by seed."""
+        """All problems of split in file order if n is None or at least the split's size, else n chosen by seed."""
         check_split(split)
         if split not in self._cache:
-            self._cache[split] = load_gsm8k(self.data_dir / f"{split}.jsonl")
+            if split == "test":
+                self._cache[split] = load_gsm8k(self.data_dir / "test.jsonl")
+            else:
+                rows = load_gsm8k(self.data_dir / "train.jsonl")
+                self._cache[split] = [q for q in rows if in_validation(f"gsm8k:{q.prompt}") == (split == "val")]
         rows = self._cache[split]
         if n is not None and (not isinstance(n, int) or n < 0):
             raise NanoseekError(f"task gsm8k: n must be None or a non-negative int, got {n!r}")
@@ -80,6 +85,10 @@ class GSM8KTask(Task):
     def check(self, problem: Problem, answer: str) -> bool:
         value = parse_number(answer)
         return value is not None and value == Decimal(problem.answer)
+
+    def answer_key(self, problem: Problem, answer: str) -> tuple:
+        value = parse_number(answer)  # "$18.00" and "18" are the same answer
+        return ("number", str(value.normalize())) if value is not None else super().answer_key(problem, answer)
 
     def solution_trace(self, problem: Problem) -> tuple[str, str]:
         """The reference solution without its <<...>> calculator annotations, and the gold number boxed."""

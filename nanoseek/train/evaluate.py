@@ -5,7 +5,8 @@ R1 evaluates reasoning by sampling (temperature 0.6, top-p 0.95) and averaging c
 checkpoint. We report both, plus
 
   pass@k   the unbiased estimator of Chen et al. (2021): 1 - C(n-c, k) / C(n, k) with n samples, c correct
-  maj@k    majority vote over the parsed \\boxed{} answers of the k samples (R1's cons@64), ties to the first seen
+  maj@k    majority vote over the k samples' answers by verified value (Task.answer_key: equal countdown expressions
+           vote together; R1's cons@64), ties to the first seen
 
 Confidence intervals (95%) are over problems: Wilson score intervals for the two 0/1-per-problem metrics (greedy
 pass@1, maj@k) and percentile bootstrap (2000 resamples of the problems) for the averaged ones (sampled pass@1,
@@ -24,7 +25,7 @@ import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,16 +55,23 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def majority_vote(parsed: Sequence[str | None], correct: Sequence[bool]) -> bool:
-    """Whether the most frequent parsed answer (whitespace-normalised; unparsed samples don't vote; ties go to the
-    answer seen first) is correct. Samples with the same parsed answer are judged alike, so any one of them decides."""
-    keys = ["".join(p.split()) if p is not None else None for p in parsed]
+def majority_vote(keys: Sequence[Hashable | None], correct: Sequence[bool]) -> bool:
+    """Whether the most frequent answer is correct. keys are the samples' answer keys (Reward.key: the verified value,
+    so "3 * 4 + 5" and "5 + 4 * 3" vote together) or parsed strings (compared without whitespace); None (unparsed)
+    does not vote; a tie goes to the answer seen first. Samples with the same key are judged alike, so any one of
+    them decides."""
+    keys = ["".join(k.split()) if isinstance(k, str) else k for k in keys]
     votes = Counter(k for k in keys if k is not None)
     if not votes:
         return False
     best = max(votes.values())
     winner = next(k for k in keys if k is not None and votes[k] == best)
     return bool(correct[keys.index(winner)])
+
+
+def vote_key(r: Reward) -> Hashable | None:
+    """A sample's vote: its answer key, or its parsed string from a task whose own score() sets no key."""
+    return r.key if r.key is not None else r.parsed
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -89,6 +97,60 @@ def bootstrap_interval(values: Sequence[float], n_boot: int = 2000, seed: int = 
     return lo, hi
 
 
+def mcnemar_test(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """Exact two-sided McNemar test of paired 0/1 outcomes of two models on the same problems: only the discordant
+    problems count (b_only: b right and a wrong; a_only: the reverse); under "no difference" each is a fair coin, so
+    p = 2 * P(Binomial(b_only + a_only, 1/2) <= min(b_only, a_only)), capped at 1."""
+    if len(a) != len(b):
+        raise ValueError(f"paired outcomes of different lengths: {len(a)} and {len(b)}")
+    b_only = sum(1 for x, y in zip(a, b, strict=True) if x < 0.5 <= y)
+    a_only = sum(1 for x, y in zip(a, b, strict=True) if y < 0.5 <= x)
+    n = a_only + b_only
+    tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1))
+    return {"b_only": b_only, "a_only": a_only, "p": min(1.0, 2 * tail / 2**n) if n else 1.0}
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """Mean of b - a over paired per-problem values (e.g. the fraction of k samples correct), its 95% percentile
+    interval over problems resampled with replacement, and a two-sided p-value: how often the resampled mean, centred
+    on the observed one, is at least as far from it as the observed mean is from 0 (at least 1 / n_boot)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired bootstrap needs two non-empty lists of one length, got {len(a)} and {len(b)}")
+    d = torch.tensor([y - x for x, y in zip(a, b, strict=True)], dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    means = d[torch.randint(len(d), (n_boot, len(d)), generator=g)].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    obs = float(d.mean())
+    p = float(((means - obs).abs() >= abs(obs)).double().mean()) if obs else 1.0
+    return {"delta": obs, "ci95": [lo, hi], "p": max(p, 1 / n_boot)}
+
+
+def paired_comparison(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Compare two `evaluate` results (model a, then model b) problem by problem on the problems both scored:
+    greedy pass@1 by the exact McNemar test, sampled pass@1 and maj@k by the paired bootstrap / McNemar. Problems
+    are matched by identity, so the evals must have drawn the same problems (same task, split, n and seed)."""
+    oa, ob = a.get("outcomes"), b.get("outcomes")
+    if not oa or not ob:
+        raise NanoseekError("paired comparison needs per-problem outcomes in both results (evals written by "
+                            "nanoseek eval since 2026-12-05)")
+    index_b = {pid: i for i, pid in enumerate(ob["problem"])}
+    pairs = [(i, index_b[pid]) for i, pid in enumerate(oa["problem"]) if pid in index_b]
+    if not pairs:
+        raise NanoseekError("the two evals share no problem: evaluate both on the same task, split, -n and --seed")
+    out: dict[str, Any] = {"n": len(pairs)}
+    for name in ("greedy", "sampled", "maj"):
+        if oa.get(name) is not None and ob.get(name) is not None:
+            xa, xb = [oa[name][i] for i, _ in pairs], [ob[name][j] for _, j in pairs]
+            row = {"a": sum(xa) / len(xa), "b": sum(xb) / len(xb)}
+            row["delta"] = row["b"] - row["a"]
+            if name == "sampled":
+                row.update(paired_bootstrap(xa, xb), test="paired bootstrap")
+            else:
+                row.update(mcnemar_test(xa, xb), test="McNemar exact")
+            out[name] = row
+    return out
+
+
 def _metric(values: Sequence[float], method: str) -> dict[str, Any]:
     est = sum(values) / len(values) if values else 0.0
     lo, hi = wilson_interval(sum(values), len(values)) if method == "wilson" else bootstrap_interval(values)
@@ -106,7 +168,7 @@ def compute_metrics(greedy: list[Reward] | None, sampled: list[list[Reward]] | N
         out[f"pass@1_sampled_mean@{k}"] = _metric([sum(a) / k for a in acc], "bootstrap")
         if k > 1:
             out[f"pass@{k}"] = _metric([pass_at_k(k, sum(a), k) for a in acc], "bootstrap")
-            votes = [majority_vote([r.parsed for r in rs], a) for rs, a in zip(sampled, acc, strict=True)]
+            votes = [majority_vote([vote_key(r) for r in rs], a) for rs, a in zip(sampled, acc, strict=True)]
             out[f"maj@{k}"] = _metric([float(v) for v in votes], "wilson")
         out["format_sampled"] = sum(r.format > 0 for rs in sampled for r in rs) / (len(sampled) * k)
     return out
@@ -115,13 +177,13 @@ def compute_metrics(greedy: list[Reward] | None, sampled: list[list[Reward]] | N
 # ----- the evaluation -----------------------------------------------------------------------------------------------
 def evaluate(engine: Engine, tokenizer: Tokenizer, task: Task, problems: list[Problem], k: int = 4,
              max_new_tokens: int = 256, temperature: float = EVAL_TEMPERATURE, top_p: float = EVAL_TOP_P,
-             seed: int = 0, greedy: bool = True) -> dict[str, Any]:
-    """Greedy and k-sample metrics of `engine` on `problems` (see compute_metrics) and each problem's accuracies
-    ("per_problem"); returns a JSON-able dict. Under torchrun every rank passes all the problems and decodes its
-    share; every rank returns the whole result."""
+             seed: int = 0, greedy: bool = True, zero: bool = False) -> dict[str, Any]:
+    """Greedy and k-sample metrics of `engine` on `problems` (see compute_metrics) and each problem's outcomes
+    ("outcomes"); returns a JSON-able dict. Under torchrun every rank passes all the problems and decodes its share;
+    every rank returns the whole result."""
     share = distributed.shard_range(len(problems))
     mine = problems[share.start:share.stop]
-    prompts = [prompt_ids(tokenizer, p) for p in mine]
+    prompts = [prompt_ids(tokenizer, p, zero) for p in mine]
     t0 = time.perf_counter()
     g_rewards: list[Reward] = []
     g_stats: list[tuple[bool, int]] = []  # (truncated, tokens) of each greedy completion
@@ -139,7 +201,7 @@ def evaluate(engine: Engine, tokenizer: Tokenizer, task: Task, problems: list[Pr
         s_stats = [(c.truncated, len(c.ids)) for cs in s for c in cs]
     parts = distributed.all_gather_object((g_rewards, g_stats, s_rewards, s_stats))  # in rank order = problem order
     g_rewards, g_stats, s_rewards, s_stats = (sum((part[i] for part in parts), []) for i in range(4))
-    result: dict[str, Any] = {"n": len(problems), "k": k, "max_new_tokens": max_new_tokens,
+    result: dict[str, Any] = {"n": len(problems), "k": k, "max_new_tokens": max_new_tokens, "zero": zero,
                               "sampling": {"temperature": temperature, "top_p": top_p, "seed": seed}}
     if greedy:
         result["greedy_truncated"] = sum(t for t, _ in g_stats) / max(len(g_stats), 1)
@@ -148,25 +210,32 @@ def evaluate(engine: Engine, tokenizer: Tokenizer, task: Task, problems: list[Pr
         result["sampled_truncated"] = sum(t for t, _ in s_stats) / max(len(s_stats), 1)
         result["sampled_mean_tokens"] = sum(n for _, n in s_stats) / max(len(s_stats), 1)
     result["metrics"] = compute_metrics(g_rewards if greedy else None, s_rewards if k > 0 else None, k)
-    result["per_problem"] = [{**({"greedy": g_rewards[i].accuracy} if greedy else {}),
-                              **({"sampled": [r.accuracy for r in s_rewards[i]]} if k > 0 else {})}
-                             for i in range(len(problems))]
+    # per-problem outcomes, for paired comparisons of two models on the same problems (paired_comparison)
+    outcomes: dict[str, Any] = {"problem": [p.identity for p in problems]}
+    if greedy:
+        outcomes["greedy"] = [r.accuracy for r in g_rewards]
+    if k > 0:
+        outcomes["sampled"] = [sum(r.accuracy > 0 for r in rs) / k for rs in s_rewards]
+        if k > 1:
+            outcomes["maj"] = [float(majority_vote([vote_key(r) for r in rs], [r.accuracy > 0 for r in rs]))
+                               for rs in s_rewards]
+    result["outcomes"] = outcomes
     result["seconds"] = time.perf_counter() - t0
     return result
 
 
 def greedy_accuracy(engine: Engine, tokenizer: Tokenizer, task: Task, problems: list[Problem],
-                    max_new_tokens: int) -> float:
+                    max_new_tokens: int, zero: bool = False) -> float:
     """Fraction of problems solved by greedy decoding (the cheap held-out check run during training)."""
     if not problems:
         return 0.0
-    prompts = [prompt_ids(tokenizer, p) for p in problems]
+    prompts = [prompt_ids(tokenizer, p, zero) for p in problems]
     g = sample_completions(engine, tokenizer, prompts, 1, max_new_tokens, temperature=0.0)
     return sum(task.score(p, c[0].text).accuracy for p, c in zip(problems, g, strict=True)) / len(problems)
 
 
 def format_report(result: dict[str, Any]) -> str:
-    lines = [f"{result.get('task', '?')}: {result['n']} test problems, k={result['k']}"]
+    lines = [f"{result.get('task', '?')}: {result['n']} {result.get('split', 'test')} problems, k={result['k']}"]
     for name, m in result["metrics"].items():
         if isinstance(m, dict):
             lo, hi = m["ci95"]
@@ -176,14 +245,30 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_comparison(c: dict[str, Any], a: str = "A", b: str = "B") -> str:
+    """paired_comparison's result as lines: each metric's values, difference and paired p-value."""
+    lines = [f"paired on {c['n']} problems: A = {a}, B = {b}"]
+    for name in ("greedy", "sampled", "maj"):
+        if name in c:
+            r = c[name]
+            extra = (f"b only {r['b_only']}, a only {r['a_only']}" if "b_only" in r
+                     else f"95% CI [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]")
+            lines.append(f"  {name:<8} {r['a']:.3f} -> {r['b']:.3f}  {r['delta']:+.3f}  p = {r['p']:.3g} "
+                         f"({r['test']}; {extra})")
+    return "\n".join(lines)
+
+
 # ----- the stage ----------------------------------------------------------------------------------------------------
 @dataclass(kw_only=True)
 class EvalConfig:
-    """An evaluation of a checkpoint on n distinct problems of a task's test split."""
+    """An evaluation of a checkpoint on n distinct problems of a task's test split (or its validation split, for
+    choosing settings without looking at the test split)."""
 
     model: Path  # checkpoint directory (with tokenizer files)
     task: str  # task spec, e.g. arithmetic or arithmetic:max_digits=2,ops=+-
     n: int = 200  # test problems
+    split: str = "test"  # "val" while choosing settings, "test" once at the end
+    zero: bool = False  # prompt with the R1-Zero template (a model trained by `rl --zero`), not the chat template
     k: int = 4  # samples per problem for sampled pass@1 / pass@k / maj@k (0 = greedy only)
     max_new_tokens: int = 256
     temperature: float = EVAL_TEMPERATURE
@@ -219,13 +304,13 @@ def _evaluate_checkpoint(cfg: EvalConfig, device: torch.device) -> dict[str, Any
     task = load_task(cfg.task)
     engine = load_engine(cfg.model, cfg.batch_size, device=device)
     tokenizer = Tokenizer.from_dir(cfg.model)
-    problems = distinct_problems(task, "test", cfg.n, seed=cfg.seed)
+    problems = distinct_problems(task, cfg.split, cfg.n, seed=cfg.seed)
     if len(problems) < cfg.n and distributed.is_main():
-        print(f"note: the test split of {cfg.task} has only {len(problems)} different problems; evaluating "
+        print(f"note: the {cfg.split} split of {cfg.task} has only {len(problems)} different problems; evaluating "
               f"those instead of {cfg.n}", file=sys.stderr)
-    result = {"task": cfg.task, "model": str(cfg.model), "split": "test", "n_requested": cfg.n}
+    result = {"task": cfg.task, "model": str(cfg.model), "split": cfg.split, "n_requested": cfg.n}
     result.update(evaluate(engine, tokenizer, task, problems, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
-                           temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed))
+                           temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, zero=cfg.zero))
     print(format_report(result))
     if cfg.json and distributed.is_main():
         write_text_atomically(cfg.json, json.dumps(result, indent=2) + "\n")

@@ -4,15 +4,17 @@ One step:
   1. sample: B train problems, G completions each from the current policy through the Engine (temperature 1, no
      top-k/top-p, so the samples follow pi_theta exactly)
   2. reward: task.score -> accuracy (1/0) + format (0.1/0), summed
-  3. advantages per group of G: A_i = (r_i - mean(r)) / (std(r) + 1e-4)  (Dr. GRPO: r_i - mean(r)); groups whose
+  3. advantages per group of G: A_i = (acc_i - mean(acc)) / (std(acc) + 1e-4) + (fmt_i - mean(fmt)), correctness
+     normalised and format an unscaled tie-breaker that never outweighs it (Dr. GRPO: r_i - mean(r)); groups whose
      rewards are all equal carry no signal and are dropped from the batch (logged as frac_zero_std). With
      --dynamic-sampling (DAPO's dynamic sampling) more fresh problems are sampled, up to --max-sampling-rounds
      batches of B, until B groups with mixed rewards fill the batch; the surplus is dropped
   4. mu updates on the batch, each minimising, per completion token t of sample i (A_i on every token),
          l_it = -min(rho_it A_i, clip(rho_it, 1 - eps, 1 + eps_high) A_i) + beta * k3_it
          rho_it = pi_theta(o_it) / pi_old(o_it),   k3_it = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1  (>= 0)
-     averaged over all completion tokens of the batch (token-level, as DAPO and trl's default), or with --dr-grpo
-     summed and divided by (sequences x max_new_tokens), a constant, which removes GRPO's length bias.
+     averaged over all completion tokens of the batch (token-level, as DAPO and trl's default), with --loss-agg seq
+     averaged per sequence and then over sequences (the original GRPO), or with --dr-grpo summed and divided by
+     (sequences x max_new_tokens), a constant, which removes GRPO's length bias.
 With mu = 1, pi_old = pi_theta, so rho = 1, clipping never triggers, and the gradient is REINFORCE's:
 -sum(mask * A * grad log pi) / sum(mask). The ratio and clip only matter for mu > 1, but the code is the general one.
 
@@ -44,7 +46,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
 from nanoseek.model import Transformer
 from nanoseek.osutil import check_writable, write_file_atomically, write_text_atomically
-from nanoseek.tasks import Problem, Task, distinct_problems, load_task
+from nanoseek.tasks import MixedTask, Problem, Task, distinct_problems, load_task
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.evaluate import greedy_accuracy
 from nanoseek.train.rollout import Completion, RolloutWeights, make_engine, prompt_ids, sample_completions, score_all
@@ -52,6 +54,7 @@ from nanoseek.train.trainer import (
     TrainConfig,
     Trainer,
     TrainStep,
+    epoch_batch,
     resolve_device,
     resolve_dtype,
     resume_point,
@@ -75,6 +78,8 @@ class GRPOConfig:
     epsilon_high: float | None = None  # clip high: rho <= 1 + epsilon_high (DAPO's clip-higher: 0.28); None = epsilon
     beta: float = 0.0  # k3 KL weight to the frozen reference (the initial policy); 0 = no reference model
     dr_grpo: bool = False  # advantages without /std, loss / (N * max_new_tokens) instead of / tokens
+    zero: bool = False  # R1-Zero: the plain-text R1-Zero template (rollout.ZERO_TEMPLATE) for a base model, no chat
+    loss_agg: str = "token"  # "token": mean over the batch's tokens; "seq": per-sequence mean, then mean (GRPO)
     mask_truncated: bool = False  # exclude completions cut by max_new_tokens from the loss (DAPO overlong filter)
     micro_batch: int = 32  # sequences per forward/backward (gradients accumulate; the result does not depend on it)
     dynamic_sampling: bool = False  # DAPO: sample more problems until B groups have mixed rewards
@@ -82,18 +87,29 @@ class GRPOConfig:
 
 
 # ----- the objective ------------------------------------------------------------------------------------------------
-def group_advantages(rewards: torch.Tensor, scale_std: bool = True, eps: float = 1e-4,
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """rewards [B,G] -> advantages [B,G] and keep [B] (False for groups whose rewards are all equal, whose advantages
-    are set to exactly 0). std is the unbiased sample std over the group, as trl computes it."""
-    if rewards.dim() != 2 or rewards.shape[1] < 2:
+def group_advantages(accuracy: torch.Tensor, fmt: torch.Tensor | None = None, scale_std: bool = True,
+                     eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Correctness rewards [B,G] (and format rewards [B,G]) -> advantages [B,G] and keep [B] (False for groups whose
+    total rewards are all equal, whose advantages are set to exactly 0).
+
+    A_i = (acc_i - mean(acc)) / (std(acc) + eps) + (fmt_i - mean(fmt)): only correctness is divided by the group's
+    std (the unbiased sample std, as trl computes it); format is a tie-breaker added unscaled. Scaling the summed
+    reward instead lets the 0.1 format reward stand in for correctness: a group of all-wrong answers with one
+    malformed sample would get advantages +0.35 / -2.47, exactly those of one right answer among wrong ones. Here
+    such a group gets +0.0125 / -0.0875, and within a group every correct sample's advantage exceeds every wrong
+    one's (for 0/1 accuracy the scaled gap is >= 1/0.71 = 1.41, the format difference <= format_weight = 0.1).
+    With scale_std=False (Dr. GRPO) this is r_i - mean(r) of the total reward."""
+    if accuracy.dim() != 2 or accuracy.shape[1] < 2:
         raise NanoseekError(f"GRPO needs a group of >= 2 samples per prompt, got rewards of shape "
-                            f"{list(rewards.shape)}")
-    rewards = rewards.double()
-    adv = rewards - rewards.mean(1, keepdim=True)
+                            f"{list(accuracy.shape)}")
+    accuracy = accuracy.double()
+    fmt = torch.zeros_like(accuracy) if fmt is None else fmt.double()
+    adv = accuracy - accuracy.mean(1, keepdim=True)
     if scale_std:
-        adv = adv / (rewards.std(1, keepdim=True) + eps)
-    keep = rewards.amax(1) > rewards.amin(1)
+        adv = adv / (accuracy.std(1, keepdim=True) + eps)
+    adv = adv + fmt - fmt.mean(1, keepdim=True)
+    total = accuracy + fmt
+    keep = total.amax(1) > total.amin(1)
     return torch.where(keep[:, None], adv, torch.zeros_like(adv)).float(), keep
 
 
@@ -103,12 +119,23 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
-def loss_weights(mask: torch.Tensor, dr_grpo: bool, max_len: int, total: float | None = None) -> torch.Tensor:
-    """Per-token weights [N,T] so that loss = sum(weights * l): mask / sum(mask) (token-level), or mask / (N * max_len)
-    (Dr. GRPO). Computed once for the whole batch so micro-batches add up to exactly the full-batch loss. `total`:
-    the whole batch's sum(mask) (or N, Dr. GRPO) when mask holds one rank's share of it."""
+def loss_weights(mask: torch.Tensor, dr_grpo: bool, max_len: int, agg: str = "token", total: float | None = None,
+                 ) -> torch.Tensor:
+    """Per-token weights [N,T] so that loss = sum(weights * l):
+      token   mask / sum(mask): every completion token of the batch counts the same (DAPO, trl's default)
+      seq     mask / (len_i * n): each sequence's mean, then the mean over the n sequences with a token (the original
+              GRPO of DeepSeekMath; a long completion's tokens weigh less)
+      Dr. GRPO (dr_grpo, whatever agg) mask / (N * max_len), a constant, without GRPO's length bias.
+    Computed once for the whole batch so micro-batches add up to exactly the full-batch loss. `total`: the whole
+    batch's normaliser when mask holds one rank's share of it (sum(mask), n, or N for Dr. GRPO)."""
     if dr_grpo:
         return mask / ((mask.shape[0] if total is None else total) * max_len)
+    if agg == "seq":
+        lengths = mask.sum(1, keepdim=True)
+        n = (lengths > 0).sum().clamp(min=1) if total is None else max(total, 1.0)
+        return mask / (lengths.clamp(min=1) * n)
+    if agg != "token":
+        raise ValueError(f"unknown loss aggregation {agg!r}: expected 'token' or 'seq'")
     return mask / (mask.sum().clamp(min=1) if total is None else max(total, 1.0))
 
 
@@ -143,15 +170,22 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 def token_logprobs(model: Transformer, input_ids: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(targets | prefix) [N,T] (0 where targets is IGNORE) and the exact entropy of each next-token
-    distribution [N,T] (no gradient): logsumexp(z) - sum softmax(z) z, in fp32."""
-    logits = model(input_ids).float()
+    distribution [N,T] (0 where targets is IGNORE; no gradient): logsumexp(z) - sum softmax(z) z, in fp32.
+
+    The final norm, the head and the [*, V] softmax run only at the M completion positions: a prompt or padding
+    position's logits are never used, and the head with its fp32 log-softmax is the largest part of the update
+    at a small model's vocabulary (roughly 40% of the positions of a short-answer batch are prompt)."""
+    sel = targets != IGNORE  # [N,T]
+    logits = model(input_ids, select=sel).float()  # [M,V], through forward: DDP / FSDP2 wrap that method
     if temperature != 1.0:
         logits = logits / temperature  # the distribution the completion was sampled from
-    logp_all = F.log_softmax(logits, dim=-1)  # [N,T,V]
-    logp = logp_all.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    logp_all = F.log_softmax(logits, dim=-1)  # [M,V]
+    logp = torch.zeros(targets.shape, dtype=logp_all.dtype, device=logp_all.device)
+    logp[sel] = logp_all.gather(-1, targets[sel][:, None]).squeeze(-1)
     with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp * (targets != IGNORE), entropy
+        entropy = torch.zeros_like(logp)
+        entropy[sel] = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
 
 
 def rollout_tensors(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
@@ -171,16 +205,26 @@ def rollout_tensors(prompts: list[list[int]], completions: list[list[int]], pad_
 
 # ----- one step -----------------------------------------------------------------------------------------------------
 def sample_groups(policy: Transformer, tokenizer: Tokenizer, task: Task, problems: list[Problem], cfg: GRPOConfig,
-                  seed: int, first_index: int = 0) -> tuple[list[list[int]], list[list[Completion]], list[list[Any]]]:
+                  seed: int, first_index: int = 0, timings: dict[str, float] | None = None,
+                  ) -> tuple[list[list[int]], list[list[Completion]], list[list[Any]]]:
     """G completions of each problem from the current policy and their rewards: (prompts, completions, rewards).
-    first_index: the problems' position in the whole batch times G (the requests' seeds, sample_completions)."""
-    prompts = [prompt_ids(tokenizer, p) for p in problems]
+    first_index: the problems' position in the whole batch times G (the requests' seeds, sample_completions).
+    Adds the seconds spent building the engine, generating and scoring to timings["engine" / "generate" / "score"]."""
+    timings = {} if timings is None else timings
+    t0 = time.perf_counter()
+    prompts = [prompt_ids(tokenizer, p, cfg.zero) for p in problems]
     if not prompts:  # a rank with no problem of this batch (more processes than problems)
         return [], [], []
     engine = make_engine(policy, len(prompts) * cfg.group_size, max(len(p) for p in prompts) + cfg.max_new_tokens)
+    t1 = time.perf_counter()
     completions = sample_completions(engine, tokenizer, prompts, cfg.group_size, cfg.max_new_tokens,
                                      cfg.temperature, seed=seed, first_index=first_index)
-    return prompts, completions, score_all(task, problems, completions)
+    t2 = time.perf_counter()
+    rewards = score_all(task, problems, completions)
+    t3 = time.perf_counter()
+    for key, dt in (("engine", t1 - t0), ("generate", t2 - t1), ("score", t3 - t2)):
+        timings[key] = timings.get(key, 0.0) + dt
+    return prompts, completions, rewards
 
 
 def _mixed(totals: list[list[float]]) -> int:
@@ -206,13 +250,18 @@ def grpo_step(policy: Transformer, optimizer: torch.optim.Optimizer, tokenizer: 
     world = distributed.world_size()
     mine = distributed.shard_range(b)  # this rank's groups of every sampling round
     t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    mine_problems: list[Problem] = []  # this rank's problems of every round, in the order of `rewards`
 
     def sample_round(batch: list[Problem], round_seed: int) -> tuple[list, list, list]:
+        mine_problems.extend(batch[mine.start:mine.stop])
         return sample_groups(policy if sampler is None else sampler, tokenizer, task, batch[mine.start:mine.stop],
-                             cfg, round_seed, first_index=mine.start * g)
+                             cfg, round_seed, first_index=mine.start * g, timings=timings)
 
     prompts, completions, rewards = sample_round(problems, seed)
-    totals = [[[r.total for r in rs] for rs in rewards]]  # [round][this rank's group][sample]
+    # [round][this rank's group][sample] of the total, correctness and format rewards
+    totals = [[[r.total for r in rs] for rs in rewards]]
+    accs, fmts = [[[r.accuracy for r in rs] for rs in rewards]], [[[r.format for r in rs] for rs in rewards]]
     rounds = 1
     if cfg.dynamic_sampling and more_problems is None:
         raise ValueError("dynamic sampling needs more_problems")
@@ -221,6 +270,8 @@ def grpo_step(policy: Transformer, optimizer: torch.optim.Optimizer, tokenizer: 
         p2, c2, r2 = sample_round(more_problems(rounds), seed + 7919 * rounds)
         prompts, completions, rewards = prompts + p2, completions + c2, rewards + r2
         totals.append([[r.total for r in rs] for rs in r2])
+        accs.append([[r.accuracy for r in rs] for rs in r2])
+        fmts.append([[r.format for r in rs] for rs in r2])
         rounds += 1
     t_sample = time.perf_counter() - t0
 
@@ -228,11 +279,16 @@ def grpo_step(policy: Transformer, optimizer: torch.optim.Optimizer, tokenizer: 
     flat_r = [r for rs in rewards for r in rs]
     # every group's rewards in one process's order (round by round, ranks in order within a round)
     everyone = distributed.all_gather_object({
-        "totals": totals, "accuracy": [r.accuracy for r in flat_r], "format": [r.format for r in flat_r],
-        "lengths": [len(c.ids) for c in flat_c], "truncated": [c.truncated for c in flat_c]})
-    total = torch.tensor([t for j in range(rounds) for e in everyone for t in e["totals"][j]],
-                         dtype=torch.float64).view(-1, g)  # [B,G] (B x rounds with dynamic sampling)
-    adv, keep = group_advantages(total, scale_std=not cfg.dr_grpo)
+        "totals": totals, "accs": accs, "fmts": fmts, "accuracy": [r.accuracy for r in flat_r],
+        "format": [r.format for r in flat_r], "lengths": [len(c.ids) for c in flat_c],
+        "truncated": [c.truncated for c in flat_c], "by_task": _accuracy_by_task(task, mine_problems, rewards)})
+
+    def whole(key: str) -> torch.Tensor:  # [B,G] (B x rounds with dynamic sampling), one process's group order
+        return torch.tensor([t for j in range(rounds) for e in everyone for t in e[key][j]],
+                            dtype=torch.float64).view(-1, g)
+
+    total = whole("totals")
+    adv, keep = group_advantages(whole("accs"), whole("fmts"), scale_std=not cfg.dr_grpo)
     zero_std = 1.0 - keep.float().mean().item()
     if cfg.dynamic_sampling:  # train on the first B mixed groups: the batch size stays B
         keep = keep & (keep.long().cumsum(0) <= b)
@@ -252,6 +308,12 @@ def grpo_step(policy: Transformer, optimizer: torch.optim.Optimizer, tokenizer: 
         "truncated_frac": sum(truncated) / len(truncated),
     }
     stats["accuracy"] = stats["reward_accuracy"]
+    by_task: dict[str, list[float]] = {}  # one accuracy per task of a mix: [correct, samples] summed over ranks
+    for part in everyone:
+        for name, (right, n) in part["by_task"].items():
+            acc = by_task.setdefault(name, [0.0, 0])
+            acc[0], acc[1] = acc[0] + right, acc[1] + n
+    stats.update({f"accuracy_{name}": right / n for name, (right, n) in sorted(by_task.items())})
 
     t1 = time.perf_counter()
     groups = [j * b + i for j in range(rounds) for i in mine]  # this rank's groups in the whole batch's order
@@ -278,9 +340,20 @@ def grpo_step(policy: Transformer, optimizer: torch.optim.Optimizer, tokenizer: 
     else:  # every group was all-right or all-wrong: nothing to learn from this batch
         stats.update(loss=0.0, kl=0.0, clip_frac=0.0, clip_frac_low=0.0, clip_frac_high=0.0, ratio=1.0,
                      entropy=None, grad_norm=0.0, trained_seqs=0, tokens=0, maxvio=0.0)
-    stats["t_sample"] = t_sample
+    stats["t_sample"] = t_sample  # = t_engine + t_generate + t_score (+ prompt encoding)
+    stats.update({f"t_{k}": v for k, v in timings.items()})
     stats["t_train"] = time.perf_counter() - t1
     return stats
+
+
+def _accuracy_by_task(task: Task, problems: list[Problem], rewards: list[list[Any]]) -> dict[str, tuple[float, int]]:
+    """A mix's (correct, samples) per task over these problems' groups ({} for a single task)."""
+    out: dict[str, tuple[float, int]] = {}
+    if isinstance(task, MixedTask):
+        for problem, rs in zip(problems, rewards, strict=True):
+            right, n = out.get(task.task_of(problem)[0], (0.0, 0))
+            out[task.task_of(problem)[0]] = (right + sum(r.accuracy for r in rs), n + len(rs))
+    return out
 
 
 def _update(policy: Transformer, optimizer: torch.optim.Optimizer, tokenizer: Tokenizer, cfg: GRPOConfig,
@@ -303,8 +376,13 @@ def _update(policy: Transformer, optimizer: torch.optim.Optimizer, tokenizer: To
     if cfg.mask_truncated and rows:
         mask = mask * torch.tensor([0.0 if completions[i].truncated else 1.0 for i in rows])[:, None]
     tokens = distributed.all_reduce_sum(mask.sum()).item()
-    weights = loss_weights(mask, cfg.dr_grpo, cfg.max_new_tokens, total=total_rows if cfg.dr_grpo else tokens) \
-        * world
+    if cfg.dr_grpo:
+        norm = total_rows
+    elif cfg.loss_agg == "seq":  # the whole batch's sequences with a token
+        norm = distributed.all_reduce_sum((mask.sum(1) > 0).sum().double()).item()
+    else:
+        norm = tokens
+    weights = loss_weights(mask, cfg.dr_grpo, cfg.max_new_tokens, cfg.loss_agg, total=norm) * world
     adv = advantages[rows] if rows else torch.zeros(1)
     chunks = [slice(s, s + cfg.micro_batch) for s in range(0, len(rows), cfg.micro_batch)]
     n_chunks = max(distributed.all_gather_object(len(chunks)))
@@ -413,7 +491,7 @@ class RLConfig(GRPOConfig, TrainConfig):
 
     model: Path  # checkpoint to start from (with tokenizer files); also the frozen reference for beta > 0
     task: str  # task spec, e.g. arithmetic:min_digits=2,max_digits=2,ops=+-
-    eval_n: int = 100  # held-out (test split) problems for the greedy accuracy
+    eval_n: int = 100  # held-out (validation split) problems for the greedy accuracy
     steps: int = 50
     lr: float = 3e-5
     warmup_steps: int = 5
@@ -439,6 +517,11 @@ class RLConfig(GRPOConfig, TrainConfig):
                 raise NanoseekError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.group_size < 2:
             raise NanoseekError("--group-size must be >= 2: GRPO's baseline is the mean reward of the group")
+        if self.loss_agg not in ("token", "seq"):
+            raise NanoseekError(f"--loss-agg must be 'token' or 'seq', got {self.loss_agg!r}")
+        if self.dr_grpo and self.loss_agg != "token":
+            raise NanoseekError("--dr-grpo sets its own loss normaliser (sum / (N x max tokens)): leave --loss-agg "
+                                "at token")
         if not self.temperature > 0:
             raise NanoseekError("--temperature must be > 0: GRPO needs samples, not greedy decoding")
         if not 0 < self.epsilon < 1 or (self.epsilon_high is not None and not self.epsilon_high > 0):
@@ -453,6 +536,32 @@ class RLConfig(GRPOConfig, TrainConfig):
                 raise NanoseekError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
 
 
+@dataclass
+class ProblemPool:
+    problems: list[Problem]
+    finite: bool  # the task's whole train split, smaller than steps x B: drawn in epochs
+
+
+def train_pool(task: Task, steps: int, b: int, seed: int) -> ProblemPool:
+    """The train problems a run's steps draw from. A synthetic task gives steps x B fresh problems (one more is asked
+    for to tell it from a finite data set, which returns its whole split, GSM8K in file order, when asked for more
+    than it has)."""
+    drawn = task.problems("train", steps * b + 1, seed=seed)
+    if not drawn:
+        raise NanoseekError(f"task {task.name}: its train split has no problems to train on")
+    finite = len(drawn) <= steps * b
+    return ProblemPool(drawn if finite else drawn[:steps * b], finite)
+
+
+def step_problems(pool: ProblemPool, b: int, step: int, seed: int) -> list[Problem]:
+    """Step `step`'s B problems: slice `step` of the fresh draw, or, for a finite data set, batch `step` of seeded
+    epoch shuffles (a new order per seed and epoch, never file order, never running dry). A pure function of the
+    arguments, so a resumed run continues exactly, and a longer run begins with the shorter run's problems."""
+    if pool.finite:
+        return epoch_batch(pool.problems, b, step, seed, "rl")
+    return pool.problems[step * b:(step + 1) * b]
+
+
 def extra_problems(task: Task, n: int, seed: int, step: int, round_: int) -> list[Problem]:
     """Dynamic sampling's round `round_` (>= 1) of step `step`: n train problems, a pure function of the arguments
     (so a resumed run samples the same ones), drawn with seeds the main schedule does not use (a synthetic task
@@ -461,25 +570,25 @@ def extra_problems(task: Task, n: int, seed: int, step: int, round_: int) -> lis
 
 
 def heldout_accuracy(policy: Transformer, tokenizer: Tokenizer, task: Task, problems: list[Problem],
-                     max_new_tokens: int) -> float:
+                     max_new_tokens: int, zero: bool = False) -> float:
     """Greedy accuracy on `problems`; under torchrun each rank decodes its share and the counts are summed."""
     share = distributed.shard_range(len(problems))
     mine = problems[share.start:share.stop]
     correct = 0.0
     if mine:
-        longest = max(len(prompt_ids(tokenizer, p)) for p in mine)
+        longest = max(len(prompt_ids(tokenizer, p, zero)) for p in mine)
         engine = make_engine(policy, min(len(mine), 128), longest + max_new_tokens)
-        correct = greedy_accuracy(engine, tokenizer, task, mine, max_new_tokens) * len(mine)
+        correct = greedy_accuracy(engine, tokenizer, task, mine, max_new_tokens, zero=zero) * len(mine)
     return sum(distributed.all_gather_object(correct)) / len(problems)
 
 
 class GRPOStep(TrainStep):
-    """One GRPO step on the shared loop: the B problems of step s (train_problems[s*B:(s+1)*B], plus dynamic
-    sampling's rounds), G rollouts each with seed * 1_000_003 + s, one update. Every step appends its row to
+    """One GRPO step on the shared loop: the B problems of step s (step_problems(), plus dynamic sampling's rounds),
+    G rollouts each with seed * 1_000_003 + s, one update. Every step appends its row to
     rl_log.jsonl (so a run killed between checkpoints keeps the steps it did); the held-out greedy accuracy goes to
     history["heldout"]; rl_curves.png is redrawn after each checkpoint. Under torchrun rank 0 writes the files."""
 
-    def __init__(self, cfg: RLConfig, tokenizer: Tokenizer, task: Task, train_problems: list[Problem],
+    def __init__(self, cfg: RLConfig, tokenizer: Tokenizer, task: Task, train_problems: ProblemPool,
                  eval_problems: list[Problem], weights: RolloutWeights, ref_model: Transformer | None = None):
         self.cfg, self.tokenizer, self.task = cfg, tokenizer, task
         self.train_problems, self.eval_problems, self.ref_model = train_problems, eval_problems, ref_model
@@ -489,7 +598,7 @@ class GRPOStep(TrainStep):
         cfg, step, b = self.cfg, trainer.step, self.cfg.prompts_per_step
         lr = trainer.set_lr()
         stats = grpo_step(trainer.model, trainer.optimizer, self.tokenizer, self.task,
-                          self.train_problems[step * b:(step + 1) * b], cfg, seed=cfg.seed * 1_000_003 + step,
+                          step_problems(self.train_problems, b, step, cfg.seed), cfg, seed=cfg.seed * 1_000_003 + step,
                           ref_model=self.ref_model, bias_update_speed=cfg.bias_update_speed,
                           max_grad_norm=cfg.grad_clip,
                           more_problems=lambda r: extra_problems(self.task, b, cfg.seed, step, r),
@@ -508,7 +617,7 @@ class GRPOStep(TrainStep):
         if not self.eval_problems:
             return
         acc = heldout_accuracy(self.weights.current(), self.tokenizer, self.task, self.eval_problems,
-                               self.cfg.max_new_tokens)
+                               self.cfg.max_new_tokens, self.cfg.zero)
         trainer.history["heldout"].append({"step": trainer.step, "accuracy": acc})
         tqdm.write(f"step {trainer.step:4d} | held-out greedy accuracy {acc:.3f}")
 
@@ -537,10 +646,11 @@ def _rl(cfg: RLConfig, device: torch.device) -> Path:
     if cfg.beta:
         ref_model = load_model(cfg.model, device=device).requires_grad_(False)  # the frozen initial policy
     b = cfg.prompts_per_step
-    train_problems = task.problems("train", cfg.steps * b, seed=cfg.seed)  # step s uses [s*B, (s+1)*B)
-    eval_problems = distinct_problems(task, "test", cfg.eval_n, seed=cfg.seed) if cfg.eval_every and cfg.eval_n \
+    train_problems = train_pool(task, cfg.steps, b, cfg.seed)
+    # the held-out monitor reads the validation split (held out of train), never the test split
+    eval_problems = distinct_problems(task, "val", cfg.eval_n, seed=cfg.seed) if cfg.eval_every and cfg.eval_n \
         else []
-    seq_len = max(len(prompt_ids(tokenizer, p)) for p in train_problems[:64]) + cfg.max_new_tokens
+    seq_len = max(len(prompt_ids(tokenizer, p, cfg.zero)) for p in train_problems.problems[:64]) + cfg.max_new_tokens
     dtype = cfg.dtype if cfg.dtype != "auto" else "bf16" if device.type == "cuda" else "fp32"
     cfg = dataclasses.replace(cfg, batch_size=b * cfg.group_size, seq_len=seq_len, dtype=dtype)
     # the update calls the policy's forward: DDP reduces the gradients of that method (before the optimizer exists)
@@ -554,13 +664,14 @@ def _rl(cfg: RLConfig, device: torch.device) -> Path:
     n = policy.config.num_params()
     world = distributed.world_size()
     print(f"rl: {n['total'] / 1e6:.2f}M params | {cfg.task} | {cfg.steps} steps x {b} prompts x "
-          f"{cfg.group_size} samples | {'Dr. GRPO' if cfg.dr_grpo else 'GRPO'} mu={cfg.mu} eps={cfg.epsilon}"
+          f"{cfg.group_size} samples | {'Dr. GRPO' if cfg.dr_grpo else 'GRPO'}"
+          f"{' (R1-Zero template)' if cfg.zero else ''} mu={cfg.mu} eps={cfg.epsilon}"
           f"{f'/{cfg.epsilon_high}' if cfg.epsilon_high is not None else ''} beta={cfg.beta} lr={cfg.lr:g} | "
           f"{dtype} on {device}" + (f" | {world} processes ({cfg.parallel})" if world > 1 else ""))
     if not heldout and eval_problems:
-        acc = heldout_accuracy(weights.current(), tokenizer, task, eval_problems, cfg.max_new_tokens)
+        acc = heldout_accuracy(weights.current(), tokenizer, task, eval_problems, cfg.max_new_tokens, cfg.zero)
         heldout.append({"step": trainer.step, "accuracy": acc})
-        print(f"step {trainer.step:4d} | held-out greedy accuracy {acc:.3f} ({len(eval_problems)} test problems)")
+        print(f"step {trainer.step:4d} | held-out greedy accuracy {acc:.3f} ({len(eval_problems)} validation problems)")
     if distributed.is_main():  # the log starts from the rows of the checkpoint resumed from (a killed run's later
         write_log(out, trainer.history["train"])  # lines dropped)
     train(trainer, GRPOStep(cfg, tokenizer, task, train_problems, eval_problems, weights, ref_model))

@@ -18,6 +18,7 @@ from typing import Any
 
 from nanoseek.errors import NanoseekError
 from nanoseek.osutil import write_file_atomically, write_text_atomically
+from nanoseek.train.evaluate import paired_comparison
 from nanoseek.train.record import RunRecord
 
 STAGE_ORDER = ("pretrain", "sft", "rl", "sample", "distill", "eval")  # then any other stage name
@@ -266,6 +267,11 @@ def eval_gains(evals: list[EvalResult]) -> list[dict[str, Any]]:
                 ma, mb = a.result["metrics"].get(ka or ""), b.result["metrics"].get(kb or "")
                 if _is_metric(ma) and _is_metric(mb):
                     row[name] = {"delta": mb["value"] - ma["value"], "ci_overlap": _ci_overlap(ma, mb)}
+            if a.result.get("outcomes") and b.result.get("outcomes"):  # per-problem outcomes: a paired test
+                paired = paired_comparison(a.result, b.result)
+                for name in ("greedy", "sampled"):
+                    if name in row and name in paired:
+                        row[name].update(p=paired[name]["p"], test=paired[name]["test"])
             gains.append(row)
     return gains
 
@@ -462,15 +468,18 @@ def render_card(data: dict[str, Any], out: Path, title: str, dirs: list[Path], c
         if data["gains"]:
             lines += ["Between consecutive stages evaluated on the same problems with the same settings (task, n, k, "
                       "split, max tokens, sampling). \"CIs overlap\" means the two intervals overlap: the difference "
-                      "is not established at this n.", "",
+                      "is not established at this n. Where both evals stored per-problem outcomes, p is a paired "
+                      "test on the same problems (greedy: exact McNemar; sampled: paired bootstrap), which is "
+                      "more sensitive than comparing intervals.", "",
                       "| from → to | task | n | Δ pass@1 greedy | Δ pass@1 sampled | note |",
                       "|---|---|---:|---:|---:|---|"]
             for g in data["gains"]:
                 cells = []
                 for name in ("greedy", "sampled"):
                     d = g.get(name)
+                    p = f"; p = {d['p']:.2g}, {d['test']}" if d is not None and "p" in d else ""
                     cells.append("–" if d is None else f"{d['delta']:+.3f} ("
-                                 f"{'CIs overlap' if d['ci_overlap'] else 'CIs disjoint'})")
+                                 f"{'CIs overlap' if d['ci_overlap'] else 'CIs disjoint'}{p})")
                 lines.append(f"| {g['from']} → {g['to']} | `{g['task']}` | {g['n']} | {cells[0]} | {cells[1]} | "
                              f"{g['note']} |")
         else:

@@ -26,9 +26,21 @@ class Completion:
     truncated: bool  # stopped by max_new_tokens before an end-of-sentence token
 
 
-def prompt_ids(tokenizer: Tokenizer, problem: Problem) -> list[int]:
+# DeepSeek-R1-Zero's template (R1 paper, Table 1), with the answer asked for in \boxed{} (the tasks' rule) instead of
+# <answer> tags. The base model gets plain text, no chat tokens: R1-Zero is RL straight from the pre-trained model.
+ZERO_TEMPLATE = ("A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
+                 "The Assistant first thinks about the reasoning process in the mind and then provides the User with "
+                 "the answer. The reasoning process is enclosed within <think> </think>, and the final answer follows "
+                 "it within \\boxed{{}}, i.e., <think> reasoning process here </think> answer here. "
+                 "User: {prompt}\nAssistant: <think>\n")
+
+
+def prompt_ids(tokenizer: Tokenizer, problem: Problem, zero: bool = False) -> list[int]:
     """The R1 chat prompt for a problem: <bos><｜User｜>{prompt}<｜Assistant｜><think>\\n (no system prompt, as R1
-    advises; the generation prompt forces the model to open its reasoning)."""
+    advises; the generation prompt forces the model to open its reasoning). zero=True: the R1-Zero plain-text
+    template (ZERO_TEMPLATE) for RL from a base model; it also ends in <think>\\n, so completions are scored alike."""
+    if zero:
+        return tokenizer.encode(ZERO_TEMPLATE.format(prompt=problem.prompt), add_bos=True)
     return tokenizer.apply_chat_template([{"role": "user", "content": problem.prompt}], add_generation_prompt=True)
 
 

@@ -27,9 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +46,8 @@ from nanoseek.train.trainer import (
     SupervisedStep,
     TrainConfig,
     Trainer,
+    epoch_batch,
+    epoch_permutation,
     resolve_device,
     resolve_dtype,
     resume_point,
@@ -143,28 +143,33 @@ def collate(batch: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tens
 def batch_at(examples: list[Example], batch_size: int, index: int, seed: int) -> list[Example]:
     """Batch number `index` of an endless stream of seeded epoch shuffles: a pure function of its arguments, so a
     resumed run sees exactly the batches it would have seen."""
-    n = len(examples)
-    out = []
-    for pos in range(index * batch_size, (index + 1) * batch_size):
-        epoch, i = divmod(pos, n)
-        out.append(examples[_permutation(n, seed, epoch)[i]])
-    return out
+    return epoch_batch(examples, batch_size, index, seed, "sft")
 
 
-@lru_cache(maxsize=4)
-def _permutation(n: int, seed: int, epoch: int) -> list[int]:
-    perm = list(range(n))
-    random.Random(f"sft:{seed}:{epoch}").shuffle(perm)
-    return perm
+def prompt_key(example: Example) -> tuple[int, ...]:
+    """What an example is an answer to: its tokens before the first target (the conversation up to the last
+    assistant turn)."""
+    first = next((i for i, t in enumerate(example.targets) if t != IGNORE), len(example.targets))
+    return tuple(example.input_ids[:first])
 
 
 def split_validation(examples: list[Example], seed: int) -> tuple[list[Example], list[Example]]:
-    """Hold out ~5% (at most 64) examples for the validation loss; none when there are fewer than 40."""
+    """Hold out ~5% of the examples (at most 64, and at most half of the distinct prompts; none when there are fewer
+    than 40) for the validation loss: one example each of seeded distinct prompts, and no example of those prompts is
+    trained on. A synthetic task repeats problems (and a countdown problem has several traces), so holding out
+    examples rather than prompts left most validation examples among the training ones (40 of 64 in a 2-digit
+    arithmetic run): a loss that measured memory, not generalisation."""
     if len(examples) < 40:
         return examples, []
-    order = _permutation(len(examples), seed, -1)
-    n_val = min(64, len(examples) // 20)
-    return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(prompt_key(ex), []).append(i)
+    keys = list(groups)
+    n_val = min(64, len(examples) // 20, len(keys) // 2)
+    held = [keys[i] for i in epoch_permutation(len(keys), seed, -1, "sft")[:n_val]]
+    val = [examples[groups[k][0]] for k in held]
+    held_set = set(held)
+    return [ex for ex in examples if prompt_key(ex) not in held_set], val
 
 
 # ----- model --------------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import io
 import json
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -35,6 +36,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +169,32 @@ def lr_at(step: int, steps: int, peak: float, warmup_steps: int, decay_frac: flo
     progress = min(max(progress, 0.0), 1.0)  # 0 before the decay phase, 1 at the last step
     fall = 0.5 * (1 + math.cos(math.pi * progress)) if shape == "cosine" else 1 - progress
     return peak * warm * (min_lr_frac + (1 - min_lr_frac) * fall)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int, namespace: str) -> list[int]:
+    """A seeded shuffle of range(n), one per (namespace, seed, epoch): the same in every process and run."""
+    return list(_permutation(n, seed, epoch, namespace))
+
+
+@lru_cache(maxsize=8)
+def _permutation(n: int, seed: int, epoch: int, namespace: str) -> tuple[int, ...]:
+    perm = list(range(n))
+    random.Random(f"{namespace}:{seed}:{epoch}").shuffle(perm)
+    return tuple(perm)
+
+
+def epoch_batch(items: Sequence[Any], batch_size: int, index: int, seed: int, namespace: str) -> list[Any]:
+    """Batch number `index` of an endless stream of epochs over `items`, each epoch a fresh seeded shuffle: a pure
+    function of its arguments (a resumed run sees exactly the batches it would have seen), never running dry however
+    many batches are asked for. SFT draws its examples and GRPO its problems this way."""
+    n = len(items)
+    if n == 0:
+        raise NanoseekError(f"{namespace}: nothing to draw batches from (the pool is empty)")
+    out = []
+    for pos in range(index * batch_size, (index + 1) * batch_size):
+        epoch, i = divmod(pos, n)
+        out.append(items[_permutation(n, seed, epoch, namespace)[i]])
+    return out
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
