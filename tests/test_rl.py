@@ -141,6 +141,13 @@ def test_sequence_level_aggregation():
     # an empty row (a masked truncated completion) counts as no sequence at all
     w = loss_weights(torch.tensor([[1.0, 1.0], [0.0, 0.0]]), dr_grpo=False, max_len=2, agg="seq")
     assert w.tolist() == [[0.5, 0.5], [0.0, 0.0]]
+    # a rank's share of the rows with the whole batch's normaliser (total) weighs its tokens as the whole batch does
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    for agg, total in (("seq", 3.0), ("token", 6.0)):
+        whole = loss_weights(mask, dr_grpo=False, max_len=3, agg=agg)
+        parts = [loss_weights(mask[rows], dr_grpo=False, max_len=3, agg=agg, total=total) for rows in (slice(0, 1),
+                                                                                                        slice(1, 4))]
+        assert torch.cat(parts).flatten().tolist() == pytest.approx(whole.flatten().tolist())
     with pytest.raises(NanoseekError, match="loss-agg"):
         RLConfig(model=".", task="x", loss_agg="mean").check()
     with pytest.raises(NanoseekError, match="dr-grpo"):
