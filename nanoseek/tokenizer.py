@@ -70,6 +70,10 @@ DEFAULT_MODEL_MAX_LENGTH = 1024  # matches ModelConfig.max_position_embeddings' 
 # (R1 forces the model to open its reasoning).
 # The LAST message, if it is an assistant turn with reasoning_content, is rendered with its reasoning (the SFT target).
 # Earlier assistant turns keep only the text after the last </think>: R1 never feeds reasoning back into the context.
+# They render as the thinking-off generation prompt's empty block, then that text: <｜Assistant｜><think>\n\n</think>
+# \n\n{answer}<｜end▁of▁sentence｜> (DeepSeek V3.1 likewise renders history as its non-thinking prompt, with
+# `</think>`). So a thinking-off turn's prompt and answer are exactly the start of the next turn's prompt, and the
+# prefix cache reuses the answer too (R1's template drops the block, which made every previous answer a miss).
 # Extensions (each renders nothing unless used, so plain chats render exactly as before):
 # - thinking switch: `thinking=False` (DeepSeek V3.1's name) or `enable_thinking=False` (Qwen's), passed as template
 #   variables (as transformers' apply_chat_template(..., thinking=False) does): the generation prompt becomes an
@@ -121,7 +125,8 @@ CHAT_TEMPLATE = r"""{%- set ns = namespace(system='', has_system=false, outputs=
 {%- set prefix = loop.last and message['prefix'] is defined and message['prefix'] %}
 {%- set reasoning = loop.last and message['reasoning_content'] is defined
     and message['reasoning_content'] is not none %}
-{%- if not loop.last %}{% set content = content.split('</think>')[-1] %}{% endif %}
+{%- if not loop.last %}{% if '</think>' in content %}{% set content = content.split('</think>')[-1].lstrip('\n') %}
+{%- endif %}{% set content = '<think>\n\n</think>\n\n' + content %}{% endif %}
 {%- if prefix and reasoning and content == '' %}{% set content = '<think>\n' + message['reasoning_content'] %}
 {%- elif reasoning %}{% set content = '<think>\n' + message['reasoning_content'] + '\n</think>\n\n' + content %}
 {%- elif prefix %}{% set content = '<think>\n\n</think>\n\n' + content %}

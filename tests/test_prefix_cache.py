@@ -122,6 +122,17 @@ def test_greedy_and_sampled_outputs_identical(model, chunk):
     assert engine.generate(PROMPTS, 12, stop_token_ids=[]) == plain(model, PROMPTS)  # now whole prompts hit
 
 
+@pytest.mark.parametrize("native", [False, pytest.param(True, marks=pytest.mark.skipif(
+    library() is None, reason="the native library was not built"))])
+def test_outputs_identical_on_each_decode_path(model, native):
+    """With and without the cache, decoding through the native kernels or PyTorch: the same tokens."""
+    engine = cached(model, native=native)
+    assert (engine.runner.native is not None) == native
+    out = [engine.generate([p], 12, stop_token_ids=[])[0] for p in PROMPTS]
+    ref = Engine(model, max_batch_size=4, max_seq_len=160, native=native)
+    assert out == ref.generate(PROMPTS, 12, stop_token_ids=[]) and engine.stats()["cached_prompt_tokens"] == 3 * 48
+
+
 def test_multi_turn_chat_reuses_its_history(model):
     """Each turn re-sends the history: turn t reads all the whole blocks of turn t-1's prompt and answer."""
     engine, history, hits = cached(model), rand(20, 3), []

@@ -69,9 +69,11 @@ def make_random_model(path: Path, max_position_embeddings: int | None = None) ->
 
 
 def make_scripted_model(path: Path, reasoning: str = SCRIPT_REASONING, answer: str = SCRIPT_ANSWER,
-                        extra_tokens: tuple[str, ...] = (), max_position_embeddings: int | None = None) -> Path:
-    """A checkpoint whose greedy chat output is `reasoning</think>answer<eos>` for any prompt. `extra_tokens` are
-    added to the vocabulary as whole tokens, so text that repeats characters (HTML) can still be one chain."""
+                        extra_tokens: tuple[str, ...] = (), max_position_embeddings: int | None = None,
+                        thinking: bool = True) -> Path:
+    """A checkpoint whose greedy chat output is `reasoning</think>answer<eos>` for any prompt (thinking=False:
+    `answer<eos>` after the thinking-off prompt). `extra_tokens` are added to the vocabulary as whole tokens, so text
+    that repeats characters (HTML) can still be one chain."""
     cfg = get_preset("test")
     if max_position_embeddings is not None:
         cfg = dataclasses.replace(cfg, max_position_embeddings=max_position_embeddings)
@@ -80,8 +82,10 @@ def make_scripted_model(path: Path, reasoning: str = SCRIPT_REASONING, answer: s
         hf = tok._tok
         hf.add_tokens(list(extra_tokens))
         tok = Tokenizer(hf)
-    prompt_end = tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True)[-1]
-    chain = [prompt_end, *tok.encode(reasoning), tok.think_end_id, *tok.encode(answer), tok.eos_id]
+    prompt_end = tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True,
+                                         thinking=thinking)[-1]
+    chain = [prompt_end, *tok.encode(reasoning), tok.think_end_id] if thinking else [prompt_end]
+    chain += [*tok.encode(answer), tok.eos_id]
     assert len(set(chain)) == len(chain), "the scripted text must use every token once"
     torch.manual_seed(0)
     model = Transformer(cfg)
@@ -1311,6 +1315,41 @@ def test_prefix_cache_usage_and_metrics(scripted_dir):
         cached = metric(url, "nanoseek_prefix_cache_tokens")
         assert cached % 16 == 0 and cached >= len(ids[1]) - 16
         assert metric(url, "nanoseek_prefix_cache_bytes") == cached * app.state.server.engine.block_bytes // 16
+
+
+def test_chat_history_hits_the_previous_answer_and_the_disk_tier(tmp_path):
+    """Thinking off, the next turn's prompt starts with the previous prompt and answer (the template renders an
+    earlier answer after the same empty reasoning block), so the hit covers the answer's whole blocks too; a
+    restarted server with the same cache directory reads them from disk: same usage, same output."""
+    model_dir = make_scripted_model(tmp_path / "m", thinking=False)
+    tok = Tokenizer.from_dir(model_dir)
+    # a system prompt that ends the prompt one token before a block boundary: the answer crosses it
+    for first in ([{"role": "system", "content": "Be terse." + " the" * i},
+                   {"role": "user", "content": "Colour of the sky?"}] for i in range(16)):
+        ids = tok.apply_chat_template(first, add_generation_prompt=True, thinking=False)
+        if len(ids) % 16 == 15:
+            break
+    assert len(ids) % 16 == 15
+    second = first + [{"role": "assistant", "content": SCRIPT_ANSWER}, {"role": "user", "content": "Why?"}]
+    ids2 = tok.apply_chat_template(second, add_generation_prompt=True, thinking=False)
+    answer = tok.encode(SCRIPT_ANSWER)
+    assert ids2[:len(ids) + len(answer) + 1] == ids + answer + [tok.eos_id]
+    # the cache holds the first prompt and answer (its eos, the last token, is never fed): whole blocks of them
+    hit = 16 * ((len(ids) + len(answer)) // 16)
+    assert hit > len(ids)
+    off = {"thinking": {"type": "disabled"}, "temperature": 0, "max_tokens": 10}
+    kw = dict(prefix_cache=True, cache_dir=tmp_path / "cache")
+    with serving(model_dir, engine_kw=kw) as (url, _):
+        r1 = post(url, {"model": "tiny", "messages": first, **off})
+        assert r1["choices"][0]["message"]["content"] == SCRIPT_ANSWER
+        r2 = post(url, {"model": "tiny", "messages": second, **off})
+        assert r2["usage"]["prompt_cache_hit_tokens"] == hit == r2["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert r2["usage"]["prompt_cache_miss_tokens"] == len(ids2) - hit
+    with serving(model_dir, engine_kw=kw) as (url, _):  # a restart: an empty memory cache, the same directory
+        r3 = post(url, {"model": "tiny", "messages": second, **off})
+        assert r3["usage"] == r2["usage"] and r3["choices"][0]["message"] == r2["choices"][0]["message"]
+        assert metric(url, "nanoseek_prompt_tokens_cached_total") == hit
+        assert metric(url, "nanoseek_prefix_cache_hit_rate") == pytest.approx(hit / len(ids2))
 
 
 def test_serve_cache_flags(scripted_dir, tmp_path, monkeypatch, capsys):

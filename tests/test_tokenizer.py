@@ -22,6 +22,7 @@ from nanoseek.tokenizer import (
 )
 
 SYSTEM = {"role": "system", "content": "You are nanoseek."}
+EMPTY_THINK = "<think>\n\n</think>\n\n"  # the thinking-off prompt's block, before every earlier answer
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 12 + 30?"}],
     [SYSTEM, {"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi!"}],
@@ -138,8 +139,8 @@ def test_chat_template_format(tok):
     text = tok.render_chat(CONVERSATIONS[2], add_generation_prompt=True)
     assert text == (
         BOS + "You are nanoseek."
-        + USER + "2+2?" + ASSISTANT + "\n\nIt is 4." + EOS
-        + USER + "深度求索 DeepSeek-V3 的推理 🚀" + ASSISTANT + "Sure." + EOS
+        + USER + "2+2?" + ASSISTANT + EMPTY_THINK + "It is 4." + EOS
+        + USER + "深度求索 DeepSeek-V3 的推理 🚀" + ASSISTANT + EMPTY_THINK + "Sure." + EOS
         + USER + "And  3*3?\n\n\tThanks" + ASSISTANT + "<think>\n"
     )
     two_sys = tok.render_chat(CONVERSATIONS[1])
@@ -149,6 +150,19 @@ def test_chat_template_format(tok):
     # the last assistant turn without reasoning_content is kept verbatim
     verbatim = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>\nr\n</think>\n\nA"}]
     assert tok.render_chat(verbatim).endswith(ASSISTANT + "<think>\nr\n</think>\n\nA" + EOS)
+
+
+def test_history_extends_the_thinking_off_prompt(tok):
+    """An earlier assistant turn renders as the thinking-off generation prompt followed by its answer (DeepSeek
+    V3.1 renders history as its non-thinking prompt does), so a chat's next prompt starts with the previous prompt
+    and answer: the prefix cache hits the answer too. Reasoning is dropped from history either way."""
+    q = CONVERSATIONS[0]
+    prompt = tok.apply_chat_template(q, add_generation_prompt=True, thinking=False)
+    answer = tok.encode("It is 4.")
+    for content in ("It is 4.", "<think>\nsum\n</think>\n\nIt is 4."):
+        history = q + [{"role": "assistant", "content": content}, {"role": "user", "content": "And 3*3?"}]
+        ids = tok.apply_chat_template(history, add_generation_prompt=True, thinking=False)
+        assert ids[:len(prompt) + len(answer) + 1] == prompt + answer + [tok.eos_id]
 
 
 def test_generation_prompt_suffix(tok):
@@ -288,10 +302,10 @@ def test_tool_template_format(tok):
     assert "### no_args\nParameters: {}" in system
     call = "<｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{}<｜tool▁call▁end｜>"
     assert rest == (
-        "Weather in Paris and Rome?" + ASSISTANT + TOOL_CALLS_BEGIN + call.format('{"city": "Paris"}')
+        "Weather in Paris and Rome?" + ASSISTANT + EMPTY_THINK + TOOL_CALLS_BEGIN + call.format('{"city": "Paris"}')
         + call.format('{"city": "Rome"}') + "<｜tool▁calls▁end｜>" + EOS + "<｜tool▁outputs▁begin｜>"
         + "<｜tool▁output▁begin｜>sunny, 21 C<｜tool▁output▁end｜><｜tool▁output▁begin｜>rain<｜tool▁output▁end｜>"
-        + "<｜tool▁outputs▁end｜>" + ASSISTANT + "Sunny in Paris, rain in Rome." + EOS + USER + "Thanks!"
+        + "<｜tool▁outputs▁end｜>" + ASSISTANT + EMPTY_THINK + "Sunny in Paris, rain in Rome." + EOS + USER + "Thanks!"
         + ASSISTANT + "<think>\n")
 
 
