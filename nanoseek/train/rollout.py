@@ -5,6 +5,7 @@ What every reasoning stage shares: evaluation (evaluate.py), GRPO (grpo.py) and 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,8 +56,11 @@ def score_all(task: Task, problems: list[Problem], completions: list[list[Comple
 
 
 def load_engine(model_dir: Path, max_batch_size: int, max_seq_len: int | None = None) -> Engine:
-    """An engine over a checkpoint directory."""
-    return Engine.from_pretrained(model_dir, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+    """An engine over a checkpoint directory (`eval`, `sample`), with the default decode path (the native kernels
+    on a CPU that runs them), which it names on stderr."""
+    engine = Engine.from_pretrained(model_dir, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+    print(f"engine: {engine.stats()['decode_path']}", file=sys.stderr)
+    return engine
 
 
 def make_engine(model: Transformer, rows: int, max_seq_len: int) -> Engine:
