@@ -788,7 +788,7 @@ def compile_startup(model: Path, threads: int, work: Path) -> None:
         out = proc.stdout
         line = next(ln for ln in out.splitlines() if ln.startswith("STARTUP "))
         times = ast.literal_eval(line.split(" ", 1)[1].rsplit(" ", 1)[0])
-        runs.append(dict(run=label, load=round(os.getloadavg()[0], 1), **{k: round(v, 1) for k, v in times.items()}))
+        runs.append(dict(run=label, loadavg=round(os.getloadavg()[0], 1), **{k: round(v, 1) for k, v in times.items()}))
         print(runs[-1], flush=True)
     record = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), model=str(model), threads=threads,
                   command="python benchmarks/bench_engine.py " + " ".join(sys.argv[1:]), machine=machine(),
