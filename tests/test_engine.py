@@ -553,6 +553,14 @@ def test_compiled_decode_matches_transformers(model, hf_greedy, aot_eager):
     assert engine.stats()["compiled_graphs"] == 2
 
 
+def test_compiled_batch_graph_first_traced_with_every_slot_busy(model, hf_greedy, aot_eager):
+    """max_batch_size=2 and the batch >= 2 graph first traced at batch 2: the dynamic batch must not be pinned to
+    the slot table's size (it was, by slicing the table: a dynamo error at the first two-request step)."""
+    engine = engine_for(model, compile=True, max_batch_size=2)
+    assert engine.generate(PROMPTS[:2], 12, stop_token_ids=[]) == [g[:12] for g in hf_greedy[:2]]
+    assert engine.generate([PROMPTS[2]], 12, stop_token_ids=[]) == [hf_greedy[2][:12]]
+
+
 def test_compiled_seeded_sampling_matches_eager(model, aot_eager):
     kw = dict(max_new_tokens=20, temperature=0.9, top_p=0.9, top_k=50, seed=3, stop_token_ids=[])
     assert engine_for(model, compile=True).generate(PROMPTS[:2], **kw) == engine_for(model).generate(PROMPTS[:2], **kw)

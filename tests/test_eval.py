@@ -237,3 +237,28 @@ def test_eval_compare_cli(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_commands_decode_natively_by_default(tiny, tmp_path, monkeypatch, capsys):
+    """generate, chat, serve, eval and sample build their engines with the default decode path (native=None: the
+    native kernels wherever this CPU runs them, else PyTorch) and each names it; serve stops before listening."""
+    import io
+    import sys
+
+    import uvicorn
+
+    from nanoseek.cli import main
+    from nanoseek.kernels import library
+
+    _, _, model, model_dir = tiny
+    expected = Engine(model).stats()["decode_path"]
+    assert expected.startswith("native") == (library() is not None)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: None)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("1+2?\n"))
+    m, few = ["--model", str(model_dir)], ["--max-new-tokens", "2", "--threads", "1"]
+    for argv in (["generate", *m, "--prompt", "1+2", *few], ["chat", *m, "--max-tokens", "2"],
+                 ["serve", *m, "--port", "0"], ["eval", *m, "--task", TASK, "-n", "1", "--k", "0", *few],
+                 ["sample", *m, "--task", TASK, "-n", "1", "-k", "1", "--out", str(tmp_path / "s.jsonl"), *few]):
+        main(argv)
+        out, err = capsys.readouterr()
+        assert expected in out + err, argv[0]

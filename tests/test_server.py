@@ -1119,7 +1119,8 @@ def test_auth_first_and_key_rules(scripted_dir, monkeypatch, capsys):
 def test_speculate_on_a_checkpoint_declaring_mtp_without_weights(random_dir, tmp_path, monkeypatch, capsys):
     """What transformers' save_pretrained writes (num_nextn_predict_layers = 1 in config.json, no MTP weights):
     serve --speculate refuses it in one line that says why, before loading it (not the engine's "needs config
-    num_nextn_predict_layers >= 1", which config.json contradicts); chat loads it without MTP (one warning line)."""
+    num_nextn_predict_layers >= 1", which config.json contradicts); chat loads it without MTP (one warning line, and
+    the line naming its decode path)."""
     from nanoseek.cli import main
 
     cfg = get_preset("test")
@@ -1136,8 +1137,8 @@ def test_speculate_on_a_checkpoint_declaring_mtp_without_weights(random_dir, tmp
     assert "num_nextn_predict_layers = 1" in err and ">= 1" not in err and "warning" not in err
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
     main(["chat", "--model", str(tmp_path), "--temperature", "0", "--max-tokens", "3"])
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "warning" in err and "holds no MTP weights" in err
+    warning, path = capsys.readouterr().err.strip().splitlines()  # the warning, then the decode path (piped chat)
+    assert "warning" in warning and "holds no MTP weights" in warning and path.startswith("nanoseek chat: ")
 
 
 def test_body_limit_and_length_bound(scripted_dir, monkeypatch):

@@ -315,3 +315,29 @@ def test_speculation_needs_an_mtp_module(tmp_path):
     save_pretrained(model, tmp_path / "m")
     with pytest.raises(NanoseekError, match="MTP"):
         Engine.from_pretrained(tmp_path / "m", speculative=True)
+
+
+# --- draft_quant: the MTP module in int8 / int4 -----------------------------------------------------------------------
+@pytest.mark.parametrize("native", [None, False])  # the default (native kernels on this CPU) and the PyTorch path
+@pytest.mark.parametrize("draft_quant", ["int8", "int4"])
+def test_draft_quant_greedy_identical(trained, draft_quant, native):
+    """A quantised draft changes which drafts are proposed, never the output: greedy tokens equal plain decoding at
+    batch 1 and 4, with k = 1 and 3, and the drafts are still mostly accepted (the module is the same, rounded)."""
+    model, prompts = trained
+    for k in (1, 3):
+        engine = engine_for(model, speculative=True, num_speculative_tokens=k, draft_quant=draft_quant,
+                            native=native)
+        assert engine.runner.draft_quant == draft_quant and engine.stats()["draft_quant"] == draft_quant
+        for batch in ([prompts[2]], prompts[:4]):
+            assert engine.generate(batch, 30, stop_token_ids=[]) == plain(model, batch, 30)
+        assert 0.4 < engine.stats()["acceptance_rate"] < 1.0
+
+
+def test_draft_quant_refused_without_speculation_or_with_compile(trained):
+    model = trained[0]
+    with pytest.raises(NanoseekError, match="draft_quant .*does not speculate"):
+        engine_for(model, draft_quant="int8")
+    with pytest.raises(NanoseekError, match="compile=True .*draft_quant='int4'"):
+        engine_for(model, speculative=True, compile=True, draft_quant="int4")
+    with pytest.raises(NanoseekError, match="int3"):
+        engine_for(model, speculative=True, draft_quant="int3")

@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> None:
     if tty_in:
         print(f"nanoseek chat: {args.model} ({engine.max_seq_len} tokens of context; "
               f"{engine.stats()['decode_path']}). /reset, /exit.")
+    else:  # piped: the replies alone on stdout, the decode path on stderr
+        print(f"nanoseek chat: {engine.stats()['decode_path']}", file=sys.stderr)
     while True:
         try:
             line = input("you> ") if tty_in else sys.stdin.readline()

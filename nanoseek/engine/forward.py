@@ -244,9 +244,12 @@ class ModelRunner:
         specialises, so known while tracing) writes its products as loops."""
         pos = pos0[:, None] + torch.arange(seqlen, device=self.device)  # [B,S]
         t = t_index.shape[0]
-        return Batch(start, self.write_index(start, pos).flatten(), self.cos[pos][:, :, None],
+        # the slots' rows of row_map by index, not as a slice: slicing B rows of the max_batch_size-row table would
+        # make dynamo specialise the dynamic B to max_batch_size when a graph is first traced with every slot busy
+        rows = self.row_map.index_select(0, start + torch.arange(pos.shape[0], device=self.device))  # [B, rows]
+        return Batch(start, rows.gather(1, pos).flatten(), self.cos[pos][:, :, None],
                      self.sin[pos][:, :, None], self.mask(pos, t), t, static=static,
-                     matvec=static and pos.shape[0] == 1, read_index=self.read_index(start, pos.shape[0], t_index))
+                     matvec=static and pos.shape[0] == 1, read_index=rows[:, :t])
 
     def expand_pays(self, seqlen: int) -> bool:
         """For S new tokens per row over T cached positions: whether expanding the T keys and values (naive, masked

@@ -7,6 +7,7 @@ index in the whole job (first_index), so the samples do not depend on the number
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,11 +76,14 @@ def score_all(task: Task, problems: list[Problem], completions: list[list[Comple
 
 def load_engine(model_dir: Path, max_batch_size: int, max_seq_len: int | None = None,
                 device: torch.device | None = None) -> Engine:
-    """An engine over a checkpoint directory on `device` (default the CPU): bf16 weights and cache on CUDA, fp32 on
-    the CPU (distributed.inference_dtype)."""
+    """An engine over a checkpoint directory on `device` (default the CPU) for `eval` and `sample`: bf16 weights and
+    cache on CUDA, fp32 on the CPU (distributed.inference_dtype), with the default decode path (the native kernels on
+    a CPU that runs them), which it names on stderr."""
     device = torch.device("cpu") if device is None else device
-    return Engine.from_pretrained(model_dir, dtype=distributed.inference_dtype(device), max_batch_size=max_batch_size,
-                                  max_seq_len=max_seq_len, device=str(device))
+    engine = Engine.from_pretrained(model_dir, dtype=distributed.inference_dtype(device),
+                                    max_batch_size=max_batch_size, max_seq_len=max_seq_len, device=str(device))
+    print(f"engine: {engine.stats()['decode_path']}", file=sys.stderr)
+    return engine
 
 
 def make_engine(model: Transformer, rows: int, max_seq_len: int) -> Engine:
