@@ -426,19 +426,15 @@ def machine() -> dict:
     import torch
 
     from nanoseek.kernels import status
+    from nanoseek.osutil import cpu_flags, cpu_model
 
-    info = {}
-    for line in open("/proc/cpuinfo"):
-        key, _, value = line.partition(":")
-        if key.strip() in ("model name", "flags") and key.strip() not in info:
-            info[key.strip()] = value.strip()
-    flags = set(info.get("flags", "").split())
+    flags = cpu_flags()
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=ROOT).stdout.strip()
     except OSError:
         commit = "?"
-    return dict(cpu=info.get("model name", "?"), flags=[f for f in CPU_FLAGS if f in flags], cores=os.cpu_count(),
+    return dict(cpu=cpu_model(), flags=[f for f in CPU_FLAGS if f in flags], cores=os.cpu_count(),
                 platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
                 llama_cpp=llama_cpp.__version__, kernels=status(), git_commit=commit,
                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))

@@ -49,6 +49,7 @@ from nanoseek.checkpoint import save_pretrained  # noqa: E402
 from nanoseek.config import get_preset  # noqa: E402
 from nanoseek.engine import Engine, SamplingParams  # noqa: E402
 from nanoseek.model import Transformer  # noqa: E402
+from nanoseek.osutil import cpu_flags, cpu_model  # noqa: E402
 from nanoseek.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
 CORPUS = ROOT / "nanoseek" / "corpus" / "tinyshakespeare" / "input.txt"
@@ -56,15 +57,10 @@ MAX_SEQ_LEN = 4608  # a 4,096-token prompt and its answer
 
 
 def cpu_info() -> dict:
-    info = {}
-    for line in open("/proc/cpuinfo"):
-        key, _, value = line.partition(":")
-        if key.strip() in ("model name", "flags") and key.strip() not in info:
-            info[key.strip()] = value.strip()
-    flags = set(info.get("flags", "").split())
+    flags = cpu_flags()
     wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",
               "amx_bf16"]
-    return dict(cpu=info.get("model name", "?"), flags=[f for f in wanted if f in flags], cores=os.cpu_count())
+    return dict(cpu=cpu_model(), flags=[f for f in wanted if f in flags], cores=os.cpu_count())
 
 
 def make_model(path: Path, train_steps: int) -> Path:

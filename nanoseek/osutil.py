@@ -42,14 +42,18 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX-BF16 in /proc/cpuinfo: bf16 matmuls run in hardware, not emulated."""
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (avx2, avx512f, avx512_bf16, amx_int8, ...); empty off Linux."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX-BF16 in /proc/cpuinfo: bf16 matmuls run in hardware, not emulated."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def load_average() -> float | None:
