@@ -102,16 +102,7 @@ INLINE void hsum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3, float *out) {
     _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_permutexvar_ps(first, u)));
 }
 
-/* res[j][i] = the sum of acc[i][j] */
-#define REDUCE(acc, NRR, MRR, res)                                                                                 \
-    do {                                                                                                           \
-        for (int j = 0; j < (MRR); j++) {                                                                          \
-            if ((NRR) == 4)                                                                                        \
-                hsum4(acc[0][j], acc[1][j], acc[2][j], acc[3][j], res[j]);                                         \
-            else                                                                                                   \
-                for (int i = 0; i < (NRR); i++) res[j][i] = _mm512_reduce_add_ps(acc[i][j]);                       \
-        }                                                                                                          \
-    } while (0)
+INLINE float hsum(__m512 a) { return _mm512_reduce_add_ps(a); }
 #elif defined(NS_AVX2)
 INLINE void hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3, float *out) {
     __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
@@ -124,6 +115,10 @@ INLINE float hsum(__m256 a) {
     return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
 }
 
+#endif
+
+#if defined(NS_AVX512) || defined(NS_AVX2)
+/* res[j][i] = the sum of acc[i][j] (hsum4: four rows' sums at once) */
 #define REDUCE(acc, NRR, MRR, res)                                                                                 \
     do {                                                                                                           \
         for (int j = 0; j < (MRR); j++) {                                                                          \
