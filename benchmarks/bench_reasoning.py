@@ -316,6 +316,10 @@ def run_zero(args: argparse.Namespace, spec: str, work: Path, stage: Callable[..
         "rl_steps": args.rl_steps, "rl_lr": args.rl_lr, "group_size": args.group_size,
         "prompts_per_step": args.prompts_per_step, "max_new_tokens": MAX_NEW_TOKENS, "seed": args.seed,
         "threads": args.threads, "stage_seconds": times,
+        # from the runs' own records, so a result assembled from finished stages still has them
+        "wall_seconds": {**{run: json.loads((work / run / "run.json").read_text())["wall_seconds"]
+                            for run in ("zero_rl", "sft", "sft_rl")},
+                         **{f"eval_{name}": e["seconds"] for name, e in evals.items()}},
         "curves": curves, "eval_metrics": {name: e["metrics"] for name, e in evals.items()},
     }
 

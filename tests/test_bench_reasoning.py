@@ -86,4 +86,6 @@ def test_zero_compares_r1_zero_with_sft_then_rl_on_the_validation_split(tmp_path
     c = r["compute"]
     assert c["zero_rl_token_equivalents"] > 0 and c["sft_rl_token_equivalents"] > 0 and c["sft_token_equivalents"] > 0
     assert r["zero_rl_vs_sft_rl"]["n"] == 4
+    assert set(r["wall_seconds"]) == {"zero_rl", "sft", "sft_rl", "eval_base", "eval_zero_rl", "eval_sft",
+                                      "eval_sft_rl"}
     assert (tmp_path / "work" / "zero_curves.png").exists()
