@@ -6,6 +6,7 @@ a control that spends the same compute on more SFT; optionally distillation of t
     python benchmarks/bench_reasoning.py --distill --workdir DIR      # + distillation vs GRPO for a dense student
     python benchmarks/bench_reasoning.py --dynamic-sampling 4         # GRPO with DAPO dynamic sampling (4 rounds)
     python benchmarks/bench_reasoning.py --plot OUT.png DIR [DIR...]  # curves of finished runs' work directories
+    python benchmarks/bench_reasoning.py --zero --base BASE/final     # R1-Zero vs SFT-then-RL from one base model
 
 The setting (docs/reasoning.md, "Demonstration"):
 
@@ -23,6 +24,14 @@ The setting (docs/reasoning.md, "Demonstration"):
   dense student (`nanoseek distill`); against it, the same dense student trained by the cold-start SFT and then GRPO,
   with the distilled student given the same number of FLOPs as that SFT + GRPO (the teacher's cost is not counted, as
   in R1's comparison).
+
+--zero compares R1-Zero with the R1 path from ONE pre-trained base (--base, or one pre-trained here on the task's
+worked traces as plain text): GRPO straight from the base with the R1-Zero template (`nanoseek rl --zero`), against
+SFT on --cold-start traces (chat template) then GRPO. Both GRPO runs have the same steps, prompts, samples, length and
+lr, so the same rollouts; the SFT path also pays for its SFT, which the result records in token-equivalents. Accuracy
+is measured on the VALIDATION split only (the rl monitor every --eval-every steps, greedy, and a final `eval --split
+val`), with mean response length and reward over steps from rl_log.jsonl; curves in WORKDIR/zero_curves.png.
+`--arm zero` / `--arm sft` run one side only (two processes on two cores); a run of both then assembles the result.
 
 --quick is a reduced version: 400 traces, 1500 SFT steps (the last one; no validation pass), 100 GRPO steps at 1e-4,
 200 test problems, no control. The earlier setting of the doc is `--cold-start 1000 --sft-steps 900 --select-every 0
@@ -47,6 +56,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,11 +65,13 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from nanoseek.cli import main as nanoseek  # noqa: E402
+from nanoseek.commands.speedrun import write_trace_corpus  # noqa: E402
 from nanoseek.config import ModelConfig  # noqa: E402
 from nanoseek.errors import NanoseekError  # noqa: E402
 from nanoseek.tasks import Problem, Task, format_completion, load_task  # noqa: E402
 from nanoseek.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 from nanoseek.train.evaluate import evaluate as evaluate_engine  # noqa: E402
+from nanoseek.train.evaluate import paired_comparison  # noqa: E402
 from nanoseek.train.rollout import load_engine, prompt_ids  # noqa: E402
 from nanoseek.train.sft import dense_student_config  # noqa: E402
 
@@ -187,6 +199,131 @@ def plot_runs(work_dirs: list[Path], path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
+def rl_curves(run_dir: Path) -> dict[str, list[float]]:
+    """Per GRPO step: reward, its accuracy and format parts, mean response length (rl_log.jsonl); and the validation
+    monitor's greedy accuracy by step (history["heldout"] of the run's last checkpoint)."""
+    rows = [json.loads(line) for line in (run_dir / "rl_log.jsonl").read_text().splitlines()]
+    curves = {key: [r[key] for r in rows] for key in ("step", "reward", "reward_accuracy", "reward_format",
+                                                      "response_len_mean", "frac_zero_std")}
+    last = checkpoints(run_dir)[-1][1]
+    heldout = json.loads((last / "trainer_state.json").read_text())["history"].get("heldout", [])
+    curves["val_step"] = [h["step"] for h in heldout]
+    curves["val_greedy"] = [h["accuracy"] for h in heldout]
+    return curves
+
+
+def plot_zero(curves: dict[str, dict[str, list[float]]], path: Path) -> None:
+    """R1-Zero vs SFT-then-GRPO over GRPO steps: validation greedy accuracy, training reward (accuracy + format)
+    and mean response length."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 4), tight_layout=True)
+    FigureCanvasAgg(fig)
+    ax_val, ax_rew, ax_len = fig.subplots(1, 3)
+    for i, (name, c) in enumerate(curves.items()):
+        ax_val.plot(c["val_step"], c["val_greedy"], "o-", color=f"C{i}", label=name)
+        for ax, key in ((ax_rew, "reward"), (ax_len, "response_len_mean")):
+            ax.plot(c["step"], c[key], color=f"C{i}", alpha=0.25, linewidth=0.8)
+            ax.plot(c["step"], smooth(c[key]), color=f"C{i}", label=name)
+    ax_val.set_title("validation greedy pass@1")
+    ax_rew.set_title("training reward (accuracy + 0.1 format), T = 1")
+    ax_len.set_title("mean response length (tokens)")
+    for ax in (ax_val, ax_rew, ax_len):
+        ax.set_xlabel("GRPO step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+
+
+def run_zero(args: argparse.Namespace, spec: str, work: Path, stage: Callable[..., None],
+             times: dict[str, float]) -> dict | None:
+    """R1-Zero against SFT-then-GRPO from one base model (--zero; the module docstring). Returns the result, or None
+    when only one --arm ran."""
+    threads, seed = ["--threads", str(args.threads)], ["--seed", str(args.seed)]
+    base = args.base
+    if base is None:  # a base pre-trained here, on the task's worked problems as plain text (as the speedrun does)
+        corpus = work / "corpus" / "traces.jsonl"
+        if not corpus.exists():
+            corpus.parent.mkdir(parents=True, exist_ok=True)
+            write_trace_corpus(spec, args.pretrain_traces, corpus)
+        shape = ["--config", str(args.model_config)] if args.model_config else ["--preset", args.preset]
+        stage("pretrain", ["pretrain", *shape, "--data", str(corpus), "--steps", str(args.pretrain_steps),
+                           "--batch-size", "16", "--seq-len", "256", "--warmup-steps",
+                           str(max(1, args.pretrain_steps // 20)), "--eval-every", str(args.pretrain_steps),
+                           "--sample-every", "0", "--save-every", "0", *seed, *threads,
+                           "--out", str(work / "pretrain")],
+              work / "pretrain" / "final")
+        base = work / "pretrain" / "final"
+    rl_common = ["--task", spec, "--steps", str(args.rl_steps), "-B", str(args.prompts_per_step), "-G",
+                 str(args.group_size), "--max-new-tokens", str(MAX_NEW_TOKENS), "--lr", str(args.rl_lr),
+                 "--warmup-steps", "3", "--eval-every", str(args.eval_every), "--eval-n", str(args.val_n),
+                 "--save-every", "0", "--seed", str(args.seed + 100), *threads]
+
+    def evaluate(name: str, model: Path, zero: bool) -> None:
+        out = work / f"eval_{name}.json"
+        stage(f"eval_{name}", ["eval", "--model", str(model), "--task", spec, "--split", "val", "-n", str(args.n),
+                               "--k", str(K), "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-size", "100",
+                               *(["--zero"] if zero else []), *seed, *threads, "--json", str(out)], out)
+
+    if args.arm in ("zero", "both"):
+        evaluate("base", base, zero=True)
+        stage("zero_rl", ["rl", "--zero", "--model", str(base), *rl_common, "--out", str(work / "zero_rl")],
+              work / "zero_rl" / "final", args.rl_steps)
+        evaluate("zero_rl", work / "zero_rl" / "final", zero=True)
+    if args.arm in ("sft", "both"):
+        stage("sft", ["sft", "--model", str(base), "--task", spec, "--n", str(args.cold_start), "--steps",
+                      str(args.sft_steps), "--lr", str(args.sft_lr), "--warmup-steps", "20", "--batch-size", "32",
+                      "--mtp-lambda", "0", "--save-every", "0", *seed, *threads, "--out", str(work / "sft")],
+              work / "sft" / "final")
+        evaluate("sft", work / "sft" / "final", zero=False)
+        stage("sft_rl", ["rl", "--model", str(work / "sft" / "final"), *rl_common, "--out", str(work / "sft_rl")],
+              work / "sft_rl" / "final", args.rl_steps)
+        evaluate("sft_rl", work / "sft_rl" / "final", zero=False)
+    if args.arm != "both":
+        return None
+
+    evals = {name: json.loads((work / f"eval_{name}.json").read_text()) for name in ("base", "zero_rl", "sft",
+                                                                                      "sft_rl")}
+    sampled = f"pass@1_sampled_mean@{K}"
+    tok = Tokenizer.from_dir(base)
+    task = load_task(spec)
+    probe = task.problems("train", 200, args.seed + 100)
+    curves = {"R1-Zero (GRPO from the base)": rl_curves(work / "zero_rl"),
+              "SFT then GRPO": rl_curves(work / "sft_rl")}
+    plot_zero(curves, work / "zero_curves.png")
+    cost = {}
+    for arm, zero in (("zero_rl", True), ("sft_rl", False)):
+        prompt_len = sum(len(prompt_ids(tok, q, zero)) for q in probe) / len(probe)
+        cost[arm] = rl_cost(work / arm, prompt_len, args.group_size * args.prompts_per_step)[0]
+    sft_tokens = json.loads((work / "sft" / "run.json").read_text())["tokens"]
+    return {
+        "task": spec, "base": str(base), "split": "val", "n": evals["base"]["n"],
+        "metric": f"pass@1 = mean correctness of {K} samples (temperature 0.6, top-p 0.95) per validation problem",
+        "pass@1": {name: e["metrics"][sampled]["value"] for name, e in evals.items()},
+        "pass@1_greedy": {name: e["metrics"]["pass@1_greedy"]["value"] for name, e in evals.items()},
+        "format_sampled": {name: e["metrics"]["format_sampled"] for name, e in evals.items()},
+        "mean_tokens_sampled": {name: e["sampled_mean_tokens"] for name, e in evals.items()},
+        "zero_rl_vs_sft_rl": paired_comparison(evals["zero_rl"], evals["sft_rl"]),
+        "zero_rl_vs_base": paired_comparison(evals["base"], evals["zero_rl"]),
+        "sft_rl_vs_sft": paired_comparison(evals["sft"], evals["sft_rl"]),
+        "compute": {"matched": "equal GRPO steps, prompts x samples, max_new_tokens and lr in both arms; the SFT "
+                               "arm also spends its SFT",
+                    "zero_rl_token_equivalents": cost["zero_rl"], "sft_rl_token_equivalents": cost["sft_rl"],
+                    "sft_token_equivalents": sft_tokens},
+        "cold_start_traces": args.cold_start, "sft_steps": args.sft_steps, "sft_lr": args.sft_lr,
+        "rl_steps": args.rl_steps, "rl_lr": args.rl_lr, "group_size": args.group_size,
+        "prompts_per_step": args.prompts_per_step, "max_new_tokens": MAX_NEW_TOKENS, "seed": args.seed,
+        "threads": args.threads, "stage_seconds": times,
+        # from the runs' own records, so a result assembled from finished stages still has them
+        "wall_seconds": {**{run: json.loads((work / run / "run.json").read_text())["wall_seconds"]
+                            for run in ("zero_rl", "sft", "sft_rl")},
+                         **{f"eval_{name}": e["seconds"] for name, e in evals.items()}},
+        "curves": curves, "eval_metrics": {name: e["metrics"] for name, e in evals.items()},
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="the reduced run (<= 10 min on 2 cores): no control")
@@ -223,6 +360,25 @@ def main() -> None:
     p.add_argument("--distill-problems", type=int, default=1000,
                    help="train problems to sample the GRPO teacher on, 4 samples each (default 1000)")
     p.add_argument("--student-rl-steps", type=int, help="GRPO steps of the dense student (default: --rl-steps)")
+    p.add_argument("--zero", action="store_true",
+                   help="R1-Zero (GRPO from the base, R1-Zero template) vs SFT-then-GRPO from the same base, equal "
+                        "GRPO steps and samples, on the validation split (defaults: --cold-start 2000, --sft-steps "
+                        "300, --rl-steps 100, -n 200)")
+    p.add_argument("--base", type=Path, help="with --zero: the pre-trained base model directory (default: pre-train "
+                                             "one here on --pretrain-traces worked problems)")
+    p.add_argument("--preset", default="small",
+                   help="with --zero and no --base: the base's preset when --model-config is not given (default "
+                        "small: its 512-token context holds the ~160-token template and the answer)")
+    p.add_argument("--pretrain-steps", type=int, default=600,
+                   help="with --zero and no --base: pre-training steps of 16 x 256 tokens (default 600)")
+    p.add_argument("--pretrain-traces", type=int, default=20000,
+                   help="with --zero and no --base: worked train problems, as plain text, to pre-train on")
+    p.add_argument("--sft-lr", type=float, default=1e-3, help="with --zero: lr of the SFT from the base (default 1e-3)")
+    p.add_argument("--eval-every", type=int, default=10,
+                   help="with --zero: greedy validation accuracy every N GRPO steps (default 10)")
+    p.add_argument("--arm", choices=("zero", "sft", "both"), default="both",
+                   help="with --zero: run only one side (then no result is written)")
+    p.add_argument("--result", type=Path, help="write the result JSON here (default: benchmarks/results/...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", type=Path, nargs="+", metavar=("PNG", "WORKDIR"),
                    help="only plot: PNG, then the --workdir of finished runs (validation and GRPO curves)")
@@ -231,6 +387,11 @@ def main() -> None:
         plot_runs(args.plot[1:], args.plot[0])
         return
     spec = TASKS.get(args.task, args.task)
+    if args.zero:  # the R1-Zero comparison's own defaults: the speedrun's cold start and a short GRPO run
+        for name, default in (("cold_start", 2000), ("sft_steps", 300), ("rl_steps", 100), ("n", 200)):
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+        args.select_every = 0
     # defaults: the setting of docs/reasoning.md, "Demonstration"; --quick is a reduced version of it that needs no
     # validation pass (more traces, so the cold start learns the algorithm in half the steps)
     for name, full, quick in (("cold_start", 200, 400), ("sft_steps", 3000, 1500), ("select_every", 250, 0),
@@ -290,6 +451,20 @@ def main() -> None:
                                "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-size", "100", *seed, *threads,
                                "--json", str(out)], out)
         return metrics(out)
+
+    if args.zero:
+        result = run_zero(args, spec, work, stage, times)
+        if result is not None:
+            out = args.result or ROOT / "benchmarks" / "results" / (
+                f"bench_reasoning_zero_{args.task if args.task in TASKS else 'custom'}_cs{args.cold_start}_sft"
+                f"{args.sft_steps}_rl{rl_steps}_lr{args.rl_lr:g}_seed{args.seed}.json")
+            result["seconds"] = round(time.time() - t_start, 1)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=2) + "\n")
+            print(json.dumps({k: v for k, v in result.items() if k not in ("curves", "eval_metrics")}))
+        if tmp is not None:
+            tmp.cleanup()
+        return
 
     # 1. a tokenizer for the task: BPE on 2000 train traces (prompt + completion)
     task = load_task(spec)
@@ -409,7 +584,7 @@ def main() -> None:
     variant += f"_{args.model_config.stem}" if args.model_config else ""
     setting = f"cs{args.cold_start}_sft{args.sft_steps}_rl{rl_steps}_lr{args.rl_lr:g}{ds}{variant}_seed{args.seed}"
     suffix = "_quick" if args.quick else f"_{name}_{setting}"
-    out = ROOT / "benchmarks" / "results" / f"bench_reasoning{suffix}.json"
+    out = args.result or ROOT / "benchmarks" / "results" / f"bench_reasoning{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     if tmp is not None:

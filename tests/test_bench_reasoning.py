@@ -55,3 +55,37 @@ def test_validation_problems_exclude_reordered_trace_problems():
     keys = [q.identity for q in val]
     assert len(set(keys)) == 200
     assert not set(keys) & {q.identity for q in traces}  # 104 of the 200 overlapped when compared by prompt
+
+
+def test_zero_compares_r1_zero_with_sft_then_rl_on_the_validation_split(tmp_path, monkeypatch):
+    # the whole --zero pipeline on a tiny model: pre-train a base, 2 GRPO steps from it with the R1-Zero template,
+    # and SFT then 2 GRPO steps; both arms' curves and validation evals land in the result
+    import json
+
+    from nanoseek.config import get_preset
+
+    bench = load_bench()
+    cfg = get_preset("test")
+    cfg.max_position_embeddings = 512  # the ~200-token template + the problem + 160 new tokens
+    cfg.save(tmp_path / "config.json")
+    result = tmp_path / "result.json"
+    monkeypatch.setattr("sys.argv", [
+        "bench_reasoning.py", "--zero", "--model-config", str(tmp_path / "config.json"), "--pretrain-steps", "2",
+        "--pretrain-traces", "200", "--cold-start", "40", "--sft-steps", "2", "--rl-steps", "2", "-B", "2", "-G", "2",
+        "--eval-every", "1", "--val-n", "4", "-n", "4", "--workdir", str(tmp_path / "work"), "--result",
+        str(result)])
+    bench.main()
+    r = json.loads(result.read_text())
+    assert r["split"] == "val" and r["n"] == 4 and r["rl_steps"] == 2
+    assert set(r["pass@1"]) == {"base", "zero_rl", "sft", "sft_rl"}
+    assert json.loads((tmp_path / "work" / "eval_zero_rl.json").read_text())["zero"] is True
+    assert json.loads((tmp_path / "work" / "eval_sft_rl.json").read_text())["zero"] is False
+    for curve in r["curves"].values():
+        assert curve["step"] == [1, 2] and len(curve["response_len_mean"]) == 2
+        assert curve["val_step"] == [0, 1, 2]  # before the first step, then every step
+    c = r["compute"]
+    assert c["zero_rl_token_equivalents"] > 0 and c["sft_rl_token_equivalents"] > 0 and c["sft_token_equivalents"] > 0
+    assert r["zero_rl_vs_sft_rl"]["n"] == 4
+    assert set(r["wall_seconds"]) == {"zero_rl", "sft", "sft_rl", "eval_base", "eval_zero_rl", "eval_sft",
+                                      "eval_sft_rl"}
+    assert (tmp_path / "work" / "zero_curves.png").exists()
