@@ -1,4 +1,5 @@
 import argparse
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -16,9 +17,11 @@ from nanoseek.train.sft import (
     Conversation,
     batch_at,
     collate,
+    dense_student_config,
     encode_all,
     encode_conversation,
     init_model,
+    load_pretrained_student,
     prompt_key,
     read_chat_jsonl,
     split_validation,
@@ -207,6 +210,38 @@ def test_distill_dense_student(tok_dir, tmp_path):
     with pytest.raises(NanoseekError, match="no traces in .*none.jsonl.*keep none"):
         distill.run(parse(distill, ["--teacher-data", str(empty), "--teacher", str(teacher), "--student-preset",
                                     "test", "--out", str(tmp_path / "s2")]))
+
+
+def test_distill_into_a_pretrained_student(tok_dir, tmp_path):
+    """--student-model starts from a pre-trained dense checkpoint (its MTP module dropped, every other weight kept)
+    and refuses a MoE student or one trained with another tokenizer, in one line each."""
+    vocab = Tokenizer.from_dir(tok_dir).vocab_size
+    teacher = tmp_path / "teacher"
+    save_pretrained(init_model("test", None, vocab), teacher, tokenizer_dir=tok_dir)
+    base = init_model("test", None, vocab, seed=3)
+    base = type(base)(dataclasses.replace(base.config, first_k_dense_replace=base.config.num_hidden_layers))
+    # every block dense, with an MTP module (whose FFN is MoE)
+    assert len(base.mtp) == 1
+    save_pretrained(base, tmp_path / "student_base", tokenizer_dir=tok_dir)
+    student = load_pretrained_student(tmp_path / "student_base", teacher, vocab)
+    assert student.config == dense_student_config(base.config) and len(student.mtp) == 0
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, base.state_dict()[k]), k
+    traces = tmp_path / "traces.jsonl"
+    traces.write_text("".join(json.dumps({"messages": c.messages}) + "\n"
+                              for c in task_conversations(load_task(TASK), 5)))
+    out = tmp_path / "student"
+    distill.run(parse(distill, ["--teacher-data", str(traces), "--teacher", str(teacher), "--student-model",
+                                str(tmp_path / "student_base"), "--steps", "2", "--batch-size", "4", "--threads",
+                                "1", "--out", str(out)]))
+    assert load_model(out / "final").config == student.config
+    with pytest.raises(NanoseekError, match="routed experts; the student must be dense"):
+        load_pretrained_student(teacher, teacher, vocab)
+    other = tmp_path / "other_tok"
+    train_tokenizer(["a b c d e f g"] * 3, vocab_size=300, out_dir=other)
+    save_pretrained(base, tmp_path / "other", tokenizer_dir=other)
+    with pytest.raises(NanoseekError, match="another tokenizer than the teacher"):
+        load_pretrained_student(tmp_path / "other", teacher, vocab)
 
 
 class ScriptedEngine:

@@ -42,7 +42,22 @@ def test_quick_speedrun_runs_every_stage(quick_run, capsys):
     card = (out / "report.md").read_text()
     for stage in ("pretrain", "sft", "rl", "distill"):
         assert stage in card
-    assert "## Speedrun stages" in card and "| eval_distill |" in card and "| **total** |" in card
+    assert "## Speedrun stages" in card and "| eval_distill |" in card and "| **total** (elapsed" in card
+    # R1's comparisons: the distilled student started from the dense student pre-trained in this run, which GRPO
+    # alone also trained; R1-Zero trained from the base with its own template; the card plots the three GRPO runs
+    assert (out / "pretrain_student" / "run.json").is_file()
+    assert json.loads((out / "distill" / "final" / "config.json").read_text())["hidden_size"] == json.loads(
+        (out / "pretrain_student" / "final" / "config.json").read_text())["hidden_size"]
+    assert "--student-model" in (out / "logs" / "distill.log").read_text()
+    assert "--zero" in (out / "logs" / "rl_zero.log").read_text()
+    assert json.loads((out / "eval" / "zero.json").read_text())["zero"] is True
+    assert "## R1's findings in this run" in card and "| sft -> rl |" in card and "| rl_student -> distill |" in card
+    assert "![GRPO over steps](report_rl.png)" in card and (out / "report_rl.png").is_file()
+    assert len(json.loads((out / "rl" / "rl_heldout.json").read_text())) >= 2  # the held-out pass@1 over steps
+    # on two or more cores the side stages ran on the second lane, beside the main pipeline
+    side = {p.name for p in (out / "done").iterdir() if p.read_text().split()[1:] == ["side"]}
+    expected = {"pretrain_student", "rl_student", "eval_rl_student", "rl_zero", "eval_zero"}
+    assert side == (expected if (os.cpu_count() or 1) >= 2 else set())
 
 
 def test_rerun_skips_done_stages_and_resumes_an_unfinished_one(quick_run, capsys):
@@ -57,6 +72,26 @@ def test_rerun_skips_done_stages_and_resumes_an_unfinished_one(quick_run, capsys
     assert printed.count("skipped (done in an earlier run)") == len(STAGES) - 3
     assert "resumed from" in (out / "logs" / "distill.log").read_text()
     assert f"nanoseek chat --model {out / 'rl' / 'final'}" in printed
+
+
+def test_a_failing_side_stage_stops_the_run_with_one_line(tmp_path):
+    """A second-lane stage runs as a `nanoseek` subprocess; its failure is reported by name with its log, and no
+    done marker is written."""
+    from nanoseek.commands.speedrun import SideLane, Stage
+    from nanoseek.train.evaluate import EvalConfig
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "done").mkdir()
+    cfg = EvalConfig(model=tmp_path / "missing", task="arithmetic", n=2, threads=1)
+    stage = Stage("eval_x", "", 0.0, run=lambda: None, summary=lambda: "", side=True,
+                  command=lambda: ("eval", cfg))
+    lane = SideLane([stage], tmp_path, report=lambda s, t: None)
+    lane.start()
+    lane.join(120)
+    log = tmp_path / "logs" / "eval_x.log"
+    assert lane.failed == f"stage eval_x (second lane) failed with exit code 2 (log: {log})"
+    assert not (tmp_path / "done" / "eval_x").exists()
+    assert "missing" in (tmp_path / "logs" / "eval_x.log").read_text()
 
 
 def test_plan_mismatch_is_refused(quick_run, capsys):
@@ -78,7 +113,8 @@ def test_stage_command_lines_parse_back_to_the_same_configs(tmp_path, monkeypatc
     for stage in speedrun.build_stages(PLANS["default"], tmp_path, threads=1, price=0.1):
         if stage.name not in ("tokenizer", "report"):
             stage.run()
-    assert [c for c, _ in seen] == ["pretrain", "eval", "sft", "eval", "rl", "eval", "sample", "distill", "eval"]
+    assert [c for c, _ in seen] == ["pretrain", "pretrain", "eval", "sft", "eval", "rl", "eval", "sample", "distill",
+                                    "eval", "rl", "eval", "rl", "eval"]
     for command, cfg in seen:
         argv = speedrun.command_line(command, cfg)
         assert config_from_args(type(cfg), build_parser(command).parse_args(argv)) == cfg, argv
@@ -143,7 +179,8 @@ def test_three_gpus_run_every_distributable_stage_under_torchrun(tmp_path, monke
         if stage.name not in ("tokenizer", "report"):
             stage.run()
     commands = [cmd[cmd.index("nanoseek") + 1:] for cmd in calls]
-    assert [c[0] for c in commands] == ["pretrain", "eval", "sft", "eval", "rl", "eval", "sample", "distill", "eval"]
+    assert [c[0] for c in commands] == ["pretrain", "pretrain", "eval", "sft", "eval", "rl", "eval", "sample",
+                                        "distill", "eval", "rl", "eval", "rl", "eval"]
     assert all("--nproc_per_node=3" in cmd for cmd in calls)
     for argv in commands:
         build_parser(argv[0]).parse_args(argv)  # every flag exists (argparse exits on an unknown one)

@@ -2,6 +2,7 @@
 
     nanoseek sample --model rl_ckpt --task T -n 2000 -k 4 --keep-correct --out traces.jsonl
     nanoseek distill --teacher-data traces.jsonl --teacher rl_ckpt --student-preset test --out runs/student
+    nanoseek distill --teacher-data traces.jsonl --teacher rl_ckpt --student-model runs/student_base/final ...
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     student = p.add_mutually_exclusive_group(required=True)
     student.add_argument("--student-preset", choices=list(PRESETS), help="student shape (made dense, no MTP)")
     student.add_argument("--student-config", type=Path, help="student config.json (made dense, no MTP)")
+    student.add_argument("--student-model", type=Path,
+                         help="a pre-trained dense checkpoint on the teacher's tokenizer (as R1 distils into "
+                              "pre-trained models)")
     d = DistillConfig(teacher_data=[], teacher=Path())
     add_finetune_arguments(p, d)
     add_distributed_arguments(p, d)

@@ -464,7 +464,9 @@ def write_log(out: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def write_curves(out: Path, rows: list[dict[str, Any]], heldout: list[dict[str, Any]]) -> None:
-    """rl_curves.png in the run directory, replaced atomically."""
+    """rl_curves.png and rl_heldout.json (the held-out greedy accuracy by step, for `nanoseek report`) in the run
+    directory, each replaced atomically."""
+    write_text_atomically(out / "rl_heldout.json", json.dumps(heldout) + "\n")
     write_file_atomically(out / "rl_curves.png", lambda tmp: plot_curves(rows, heldout, tmp))
 
 

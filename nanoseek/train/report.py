@@ -250,12 +250,12 @@ def _sampled_key(metrics: dict[str, Any]) -> str | None:
 
 def eval_gains(evals: list[EvalResult]) -> list[dict[str, Any]]:
     """Accuracy differences between consecutive evals (in stage order) that scored the same problems the same way:
-    same task, n, k, split, max_new_tokens and sampling settings (the seed draws the problems)."""
+    same task, n, k, split, max_new_tokens, sampling settings and prompt template (the seed draws the problems)."""
     groups: dict[str, list[EvalResult]] = {}
     for e in evals:
         r = e.result
         key = json.dumps([r.get("task"), r.get("n"), r.get("k"), r.get("split"), r.get("max_new_tokens"),
-                          r.get("sampling")], sort_keys=True)
+                          r.get("sampling"), bool(r.get("zero"))], sort_keys=True)
         groups.setdefault(key, []).append(e)
     gains = []
     for group in groups.values():
@@ -406,7 +406,8 @@ def _rel(path: str | Path, start: Path) -> str:
     return str(Path(path).resolve()) if rel.startswith("..") else rel
 
 
-def render_card(data: dict[str, Any], out: Path, title: str, dirs: list[Path], cost_png: str, loss_png: str) -> str:
+def render_card(data: dict[str, Any], out: Path, title: str, dirs: list[Path], cost_png: str, loss_png: str,
+                rl_png: str | None = None) -> str:
     """The card's markdown (links relative to `out`'s directory)."""
     here = out.parent
     price = data["price_per_hour"]
@@ -448,6 +449,10 @@ def render_card(data: dict[str, Any], out: Path, title: str, dirs: list[Path], c
     if missing:
         lines += [f"No loss history left for {', '.join(missing)} (its checkpoints were removed): see its loss.png.",
                   ""]
+    if rl_png:
+        lines += ["GRPO over its steps: the mean reward of the step's samples and their mean length (both smoothed "
+                  "over 5 steps), and the greedy pass@1 on held-out validation problems where the run measured it "
+                  "(`nanoseek rl --eval-every`).", "", f"![GRPO over steps]({rl_png})", ""]
 
     lines += ["## Evaluations", ""]
     if data["evals"]:
@@ -618,6 +623,59 @@ def plot_all_losses(runs: list[StageRun], path: str | Path) -> Path:
     return write_file_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100))
 
 
+def read_rl_curves(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """An RL run's per-step rows (rl_log.jsonl) and its held-out greedy accuracy by step (rl_heldout.json; none
+    when the run had no monitor). Lines that are not JSON objects with a step are skipped."""
+    rows, heldout = [], []
+    log = run_dir / "rl_log.jsonl"
+    if log.is_file():
+        for line in log.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+    if (run_dir / "rl_heldout.json").is_file():
+        data = _read_json(run_dir / "rl_heldout.json")
+        heldout = [x for x in data if isinstance(x, dict) and isinstance(x.get("accuracy"), (int, float))] \
+            if isinstance(data, list) else []
+    return rows, heldout
+
+
+def plot_rl_runs(runs: list[StageRun], path: str | Path) -> Path | None:
+    """Reward, held-out greedy pass@1 and mean response length over GRPO steps, one line per RL run (None when no
+    run logged GRPO steps). Rewards and lengths are smoothed over 5 steps (a step has 16 x 8 samples)."""
+    curves = [(r.label, *read_rl_curves(r.dir)) for r in runs if r.record.stage == "rl"]
+    curves = [c for c in curves if c[1]]
+    if not curves:
+        return None
+    fig = _figure((15, 4))
+    ax_reward, ax_acc, ax_len = fig.subplots(1, 3)
+
+    def smooth(values: list[float], w: int = 5) -> list[float]:
+        return [sum(values[max(0, i - w + 1):i + 1]) / len(values[max(0, i - w + 1):i + 1])
+                for i in range(len(values))]
+
+    for label, rows, heldout in curves:
+        steps = [r["step"] for r in rows]
+        line, = ax_reward.plot(steps, smooth([float(r.get("reward", 0.0)) for r in rows]), label=label)
+        if heldout:
+            ax_acc.plot([h["step"] for h in heldout], [h["accuracy"] for h in heldout], "o-", ms=3,
+                        color=line.get_color(), label=label)
+        ax_len.plot(steps, smooth([float(r.get("response_len_mean", 0.0)) for r in rows]), color=line.get_color(),
+                    label=label)
+    for ax, title in ((ax_reward, "mean reward (accuracy + format)"),
+                      (ax_acc, "held-out greedy pass@1 (validation split)"),
+                      (ax_len, "mean response length (tokens)")):
+        ax.set_title(title)
+        ax.set_xlabel("GRPO step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax_acc.set_ylim(0, 1)
+    return write_file_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100))
+
+
 # ----- the card -----------------------------------------------------------------------------------------------------
 def write_report_card(dirs: list[Path], out: Path, price_per_hour: float | None = None,
                       serve_json: Path | None = None, title: str = "nanoseek report card") -> Path:
@@ -637,7 +695,8 @@ def write_report_card(dirs: list[Path], out: Path, price_per_hour: float | None 
     data = card_data(runs, evals, serves, price_per_hour)
     cost_png = plot_costs(data, out.with_name(f"{out.stem}_cost.png"))
     loss_png = plot_all_losses(runs, out.with_name(f"{out.stem}_losses.png"))
-    text = render_card(data, out, title, dirs, cost_png.name, loss_png.name)
+    rl_png = plot_rl_runs(runs, out.with_name(f"{out.stem}_rl.png"))
+    text = render_card(data, out, title, dirs, cost_png.name, loss_png.name, rl_png.name if rl_png else None)
     for path, content in ((out.with_suffix(".json"), json.dumps(data, indent=2) + "\n"), (out, text)):
         write_text_atomically(path, content)
     return out

@@ -228,13 +228,16 @@ class SFTConfig(FinetuneConfig):
 
 @dataclass(kw_only=True)
 class DistillConfig(FinetuneConfig):
-    """Train a fresh dense student (`student_preset` or `student_config`, made dense without MTP) on a teacher's
-    verified traces (`teacher_data`), with the teacher's tokenizer."""
+    """Train a dense student on a teacher's verified traces (`teacher_data`), with the teacher's tokenizer: a fresh
+    one (`student_preset` or `student_config`, made dense without MTP), or a pre-trained dense checkpoint
+    (`student_model`, e.g. `nanoseek pretrain --config` of a dense shape on the teacher's tokenizer), as R1 distils
+    into pre-trained Qwen and Llama models."""
 
     teacher_data: list[Path]  # chat JSONL traces from `nanoseek sample --keep-correct`
     teacher: Path  # teacher checkpoint directory (its tokenizer is used)
     student_preset: str | None = None  # student shape (made dense, no MTP)
     student_config: Path | None = None  # student config.json (made dense, no MTP)
+    student_model: Path | None = None  # a pre-trained dense checkpoint to start from (its tokenizer = the teacher's)
     lr: float = 1e-3  # a fresh student: a from-scratch learning rate
     out: Path = Path("runs/distill")
 
@@ -337,6 +340,29 @@ def _sft(cfg: SFTConfig, device: torch.device) -> Path:
     return fit(model, examples, cfg, tokenizer.pad_id, tokenizer_dir, stage="sft", device=device).out_dir / "final"
 
 
+def load_pretrained_student(path: Path, teacher: Path, vocab_size: int) -> Transformer:
+    """A pre-trained dense student checkpoint, checked against the teacher: the traces are token ids of the teacher's
+    tokenizer, so the student must have been trained on the same one (same tokenizer.json) and hold its vocabulary."""
+    student = load_model(path)
+    c = student.config
+    if c.first_k_dense_replace < c.num_hidden_layers:
+        raise NanoseekError(f"distill: --student-model {path} has routed experts; the student must be dense (pre-train "
+                            f"it with a config whose first_k_dense_replace = num_hidden_layers)")
+    if c.num_nextn_predict_layers:  # MTP is a pre-training objective; the distilled student drops it, as R1's
+        state = {k: v for k, v in student.state_dict().items() if not k.startswith("mtp.")}
+        student = Transformer(dense_student_config(c))
+        student.load_state_dict(state)
+    same = [(Path(d) / "tokenizer.json").read_bytes() if (Path(d) / "tokenizer.json").is_file() else None
+            for d in (path, teacher)]
+    if same[0] != same[1]:
+        raise NanoseekError(f"distill: --student-model {path} was trained with another tokenizer than the teacher "
+                            f"{teacher} (their tokenizer.json differ); pre-train it on the teacher's tokenizer")
+    if c.vocab_size < vocab_size:
+        raise NanoseekError(f"distill: --student-model {path} has vocab_size {c.vocab_size}, the teacher's tokenizer "
+                            f"needs {vocab_size}")
+    return student
+
+
 def distill(cfg: DistillConfig) -> Path:
     """Train the dense student into cfg.out; returns its final checkpoint (HF layout + the teacher's tokenizer).
     One process, or one rank of `torchrun --nproc_per_node=N -m nanoseek distill ...`."""
@@ -344,8 +370,8 @@ def distill(cfg: DistillConfig) -> Path:
 
 
 def _distill(cfg: DistillConfig, device: torch.device) -> Path:
-    if (cfg.student_preset is None) == (cfg.student_config is None):
-        raise NanoseekError("distill: give exactly one of --student-preset and --student-config")
+    if sum(x is not None for x in (cfg.student_preset, cfg.student_config, cfg.student_model)) != 1:
+        raise NanoseekError("distill: give exactly one of --student-preset, --student-config and --student-model")
     set_threads(cfg.threads)
     tokenizer = Tokenizer.from_dir(cfg.teacher)
     vocab_size = tokenizer.vocab_size
@@ -355,7 +381,10 @@ def _distill(cfg: DistillConfig, device: torch.device) -> Path:
     if not convs:  # e.g. a teacher that got no sample right: say so, not sft's generic "no training data"
         raise NanoseekError(f"distill: no traces in {', '.join(map(str, cfg.teacher_data))}; did `nanoseek sample "
                             f"--keep-correct` keep none (0 verified-correct samples)?")
-    student = init_model(cfg.student_preset, cfg.student_config, vocab_size, dense=True, seed=cfg.seed)
+    if cfg.student_model is not None:
+        student = load_pretrained_student(cfg.student_model, cfg.teacher, vocab_size)
+    else:
+        student = init_model(cfg.student_preset, cfg.student_config, vocab_size, dense=True, seed=cfg.seed)
     if student.config.n_routed_experts or student.config.num_nextn_predict_layers:
         raise NanoseekError("distill: the student must be dense without MTP")  # dense_student_config guarantees it
     cfg = dataclasses.replace(cfg, seq_len=min(cfg.seq_len, student.config.max_position_embeddings))
