@@ -268,7 +268,7 @@ def rl_run(tmp_path_factory, tok_dir):
     args = ["--model", tok_dir / "teacher", "--task", f"{plugin}:LengthTask", "-G", "4", "-B", "3", "--steps", "2",
             "--max-new-tokens", "12", "--mu", "2", "--micro-batch", "3", "--dynamic-sampling", "--lr", "1e-3",
             "--eval-every", "2", "--eval-n", "3", "--save-every", "1", "--threads", "1",
-            "--seed", "1"]  # (a seed whose steps both take 2 sampling rounds)
+            "--seed", "3"]  # (a seed whose steps both take 2 sampling rounds)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -534,6 +534,12 @@ def test_gsm8k_problems_are_reshuffled_each_epoch_and_never_run_dry(tmp_path):
     short, long = train_pool(arith, 3, 4, seed=0), train_pool(arith, 5, 4, seed=0)
     assert not short.finite and len(short.problems) == 12
     assert [step_problems(short, 4, s, 0) for s in range(3)] == [step_problems(long, 4, s, 0) for s in range(3)]
+    # GRPO's prompts are not the cold start's: `sft --task T --n N` trains on task.problems("train", N, seed); the
+    # pool shares with them only what two independent draws of the 3-digit problems share by chance
+    wide = load_task("arithmetic:min_digits=3,max_digits=3")
+    sft_keys = {p.prompt for p in wide.problems("train", 2000, seed=0)}
+    rl_keys = [p.prompt for p in train_pool(wide, 60, 16, seed=0).problems]
+    assert sum(k in sft_keys for k in rl_keys) <= 10  # (was 960: the pool began with the 2,000 SFT problems)
 
 
 def test_rl_on_an_empty_train_split_is_one_clear_error(tmp_path):

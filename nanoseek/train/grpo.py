@@ -544,11 +544,17 @@ class ProblemPool:
     finite: bool  # the task's whole train split, smaller than steps x B: drawn in epochs
 
 
+# GRPO's prompts are drawn from their own stream of the train split: `sft --task T --n N` and `sample` draw
+# task.problems("train", N, seed) with the same seed, and a pool drawn alike would begin with the cold start's very
+# problems (a speedrun's 60 x 16 GRPO prompts were all among its 2,000 SFT traces). R1 runs RL on fresh prompts.
+RL_DRAW_OFFSET = 10**10
+
+
 def train_pool(task: Task, steps: int, b: int, seed: int) -> ProblemPool:
-    """The train problems a run's steps draw from. A synthetic task gives steps x B fresh problems (one more is asked
-    for to tell it from a finite data set, which returns its whole split, GSM8K in file order, when asked for more
-    than it has)."""
-    drawn = task.problems("train", steps * b + 1, seed=seed)
+    """The train problems a run's steps draw from. A synthetic task gives steps x B fresh problems, drawn with a seed
+    no SFT trace set uses (RL_DRAW_OFFSET); one more is asked for to tell it from a finite data set, which returns its
+    whole split, GSM8K in file order, when asked for more than it has."""
+    drawn = task.problems("train", steps * b + 1, seed=RL_DRAW_OFFSET + seed)
     if not drawn:
         raise NanoseekError(f"task {task.name}: its train split has no problems to train on")
     finite = len(drawn) <= steps * b
