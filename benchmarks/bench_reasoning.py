@@ -7,6 +7,7 @@ a control that spends the same compute on more SFT; optionally distillation of t
     python benchmarks/bench_reasoning.py --dynamic-sampling 4         # GRPO with DAPO dynamic sampling (4 rounds)
     python benchmarks/bench_reasoning.py --plot OUT.png DIR [DIR...]  # curves of finished runs' work directories
     python benchmarks/bench_reasoning.py --zero --base BASE/final     # R1-Zero vs SFT-then-RL from one base model
+    python benchmarks/bench_reasoning.py --stage3                     # + R1's stage 3 and the self-SFT control
 
 The setting (docs/reasoning.md, "Demonstration"):
 
@@ -24,6 +25,19 @@ The setting (docs/reasoning.md, "Demonstration"):
   dense student (`nanoseek distill`); against it, the same dense student trained by the cold-start SFT and then GRPO,
   with the distilled student given the same number of FLOPs as that SFT + GRPO (the teacher's cost is not counted, as
   in R1's comparison).
+
+--stage3 adds three rows (docs/reasoning.md, "R1's stage 3 and the self-SFT control"), each evaluated like the
+others and compared with the cold start and with GRPO by paired tests (paired_comparison):
+
+- self-SFT, the control the one above is missing (expert iteration / STaR): `sample --keep-correct` of the cold start
+  on fresh train problems, then SFT from the cold start on those verified samples, sampling + SFT matched in FLOPs to
+  GRPO (--self-sample-frac of them for the sampling);
+- stage 3 SFT: `sample --keep-correct` of the GRPO model on --stage3-problems fresh train problems, SFT on the
+  cold-start traces + those with the cold start's recipe from the cold start's starting point (a fresh init, as R1
+  re-trains the base; --stage3-init), checkpoint picked on the same validation problems;
+- stage 3 SFT + GRPO: --stage3-rl-steps of GRPO from it, on fresh prompts.
+
+Sampled problems that are cold-start traces or validation problems are dropped before any SFT.
 
 --zero compares R1-Zero with the R1 path from ONE pre-trained base (--base, or one pre-trained here on the task's
 worked traces as plain text): GRPO straight from the base with the R1-Zero template (`nanoseek rl --zero`), against
