@@ -7,6 +7,7 @@ a control that spends the same compute on more SFT; optionally distillation of t
     python benchmarks/bench_reasoning.py --dynamic-sampling 4         # GRPO with DAPO dynamic sampling (4 rounds)
     python benchmarks/bench_reasoning.py --plot OUT.png DIR [DIR...]  # curves of finished runs' work directories
     python benchmarks/bench_reasoning.py --zero --base BASE/final     # R1-Zero vs SFT-then-RL from one base model
+    python benchmarks/bench_reasoning.py --stage3                     # + R1's stage 3 and the self-SFT control
 
 The setting (docs/reasoning.md, "Demonstration"):
 
@@ -24,6 +25,19 @@ The setting (docs/reasoning.md, "Demonstration"):
   dense student (`nanoseek distill`); against it, the same dense student trained by the cold-start SFT and then GRPO,
   with the distilled student given the same number of FLOPs as that SFT + GRPO (the teacher's cost is not counted, as
   in R1's comparison).
+
+--stage3 adds three rows (docs/reasoning.md, "R1's stage 3 and the self-SFT control"), each evaluated like the
+others and compared with the cold start and with GRPO by paired tests (paired_comparison):
+
+- self-SFT, the control the one above is missing (expert iteration / STaR): `sample --keep-correct` of the cold start
+  on fresh train problems, then SFT from the cold start on those verified samples, sampling + SFT matched in FLOPs to
+  GRPO (--self-sample-frac of them for the sampling);
+- stage 3 SFT: `sample --keep-correct` of the GRPO model on --stage3-problems fresh train problems, SFT on the
+  cold-start traces + those with the cold start's recipe from the cold start's starting point (a fresh init, as R1
+  re-trains the base; --stage3-init), checkpoint picked on the same validation problems;
+- stage 3 SFT + GRPO: --stage3-rl-steps of GRPO from it, on fresh prompts.
+
+Sampled problems that are cold-start traces or validation problems are dropped before any SFT.
 
 --zero compares R1-Zero with the R1 path from ONE pre-trained base (--base, or one pre-trained here on the task's
 worked traces as plain text): GRPO straight from the base with the R1-Zero template (`nanoseek rl --zero`), against
@@ -72,6 +86,7 @@ from nanoseek.tasks import Problem, Task, format_completion, load_task  # noqa: 
 from nanoseek.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 from nanoseek.train.evaluate import evaluate as evaluate_engine  # noqa: E402
 from nanoseek.train.evaluate import paired_comparison  # noqa: E402
+from nanoseek.train.grpo import RL_DRAW_OFFSET  # noqa: E402
 from nanoseek.train.rollout import load_engine, prompt_ids  # noqa: E402
 from nanoseek.train.sft import dense_student_config  # noqa: E402
 
@@ -79,6 +94,16 @@ TASKS = {"arithmetic": "arithmetic:min_digits=2,max_digits=2,ops=+-",  # 2-digit
          # 3-4 one-digit numbers, targets up to 30: ~1,180 distinct test problems (3 numbers alone have only 148)
          "countdown": "countdown:min_numbers=3,max_numbers=4,max_number=9,max_target=30"}
 K = 4  # samples per test problem for pass@1 (R1: pass@1 averaged over k samples)
+SAMPLE_K = 4  # samples per train problem of the rejection sampling (--stage3, --distill)
+# --stage3's draw seeds, offsets from --seed that no other stage uses: the cold-start traces are drawn with the seed
+# itself, GRPO's prompts with RL_DRAW_OFFSET + seed + 100, the distillation's samples with seed + 200, the validation
+# problems with seed + 10_000
+SELF_SEED_OFFSET = 300  # the self-SFT control's sampled problems
+STAGE3_SEED_OFFSET = 400  # stage 3's rejection-sampled problems
+STAGE3_RL_SEED_OFFSET = 500  # stage 3's GRPO (its prompts: RL_DRAW_OFFSET + seed + 500)
+STAGE3_ROWS = {"sft": "cold-start SFT", "rl": "+ GRPO", "control": "+ SFT control, same traces (FLOP-matched)",
+               "self_sft": "SFT on own verified samples (FLOP-matched)",
+               "stage3_sft": "stage 3 SFT (rejection-sampled)", "stage3_rl": "stage 3 SFT + GRPO"}
 MAX_NEW_TOKENS = 160  # reference traces: <= 131 tokens for arithmetic, <= 145 for 3-4-number countdown
 
 
@@ -114,17 +139,18 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def select_checkpoint(work: Path, task: Task, n_val: int, cold_start: int, seed: int, threads: int,
-                      ) -> tuple[Path, dict]:
-    """The cold-start checkpoint with the best validation pass@1 (mean of K samples; ties go to the earlier step),
-    and the validation curve. Cached in work/val_curve.json so a continued run does not redo it."""
-    cache = work / "val_curve.json"
+                      run: str = "sft") -> tuple[Path, dict]:
+    """The checkpoint of work/run (the cold start by default) with the best validation pass@1 (mean of K samples;
+    ties go to the earlier step), and the validation curve. Cached in work/val_curve.json (val_curve_<run>.json for
+    another run) so a continued run does not redo it."""
+    cache = work / ("val_curve.json" if run == "sft" else f"val_curve_{run}.json")
     if cache.exists():
         curve = json.loads(cache.read_text())
     else:
         torch.set_num_threads(threads)
         val = validation_problems(task, n_val, seed + 10_000, task.problems("train", cold_start, seed=seed))
         curve = []
-        for step, ckpt in checkpoints(work / "sft"):
+        for step, ckpt in checkpoints(work / run):
             r = evaluate_engine(load_engine(ckpt, 100), Tokenizer.from_dir(ckpt), task, val, k=K,
                                 max_new_tokens=MAX_NEW_TOKENS, seed=seed + 10_000, greedy=False)
             curve.append({"step": step, "val_pass@1": r["metrics"][f"pass@1_sampled_mean@{K}"]["value"],
@@ -133,9 +159,10 @@ def select_checkpoint(work: Path, task: Task, n_val: int, cold_start: int, seed:
                   f"pass@{K} {curve[-1]['val_pass@k']:.3f}", flush=True)
         cache.write_text(json.dumps(curve, indent=1) + "\n")
     best = max(curve, key=lambda c: (c["val_pass@1"], -c["step"]))
-    print(f"cold start: step {best['step']} (validation pass@1 {best['val_pass@1']:.3f})", flush=True)
-    return work / "sft" / "checkpoints" / f"step_{best['step']:06d}", {"val_curve": curve, "val_n": n_val,
-                                                                       "selected_step": best["step"]}
+    print(f"{'cold start' if run == 'sft' else run}: step {best['step']} (validation pass@1 "
+          f"{best['val_pass@1']:.3f})", flush=True)
+    return work / run / "checkpoints" / f"step_{best['step']:06d}", {"val_curve": curve, "val_n": n_val,
+                                                                     "selected_step": best["step"]}
 
 
 def sft_step_cost(run_dir: Path) -> tuple[float, float]:
@@ -155,6 +182,57 @@ def rl_cost(run_dir: Path, prompt_len: float, rollouts: int = 128) -> tuple[floa
     # rollouts a step: B x G, or more with --dynamic-sampling (logged per step)
     sampled = sum(row.get("rollouts", rollouts) * (prompt_len + row["response_len_mean"]) for row in rows)
     return r["tokens"] + sampled / 3, r["wall_seconds"]
+
+
+def self_sft_budget(rl_tokens: float, step_tokens: float, prompt_len: float, completion_len: float, k: int,
+                    sample_frac: float) -> dict[str, float]:
+    """Split GRPO's token-equivalents between the self-SFT control's two parts: sampling `problems` x k completions
+    (every prompt and completion token forward only: a third of a token-equivalent, as rl_cost counts GRPO's
+    rollouts) for about `sample_frac` of them, and SFT steps (step_tokens each, the cold start's) for the rest.
+    completion_len is the model's mean sampled completion length (its eval: same temperature, top-p and
+    max_new_tokens)."""
+    per_problem = k * (prompt_len + completion_len) / 3
+    problems = max(1, math.floor(sample_frac * rl_tokens / per_problem))
+    sampling = problems * per_problem
+    steps = max(1, math.ceil((rl_tokens - sampling) / step_tokens))
+    return {"problems": problems, "sampling_token_equivalents": sampling, "sft_steps": steps}
+
+
+def keep_fresh_traces(task: Task, samples: Path, out: Path, n: int, seed: int, exclude: list[Problem],
+                      ) -> dict[str, int]:
+    """Copy the records of `nanoseek sample -n n --seed seed` (samples) to out, less those whose problem (by
+    identity) is in `exclude` (the cold-start traces and the validation problems: a sampled problem that is one of
+    them would be trained on twice, or would bias the validation pick). Returns the counts."""
+    problems = task.problems("train", n, seed=seed)  # what `sample` drew: a record's "problem" indexes it
+    seen = {q.identity for q in exclude}
+    kept, dropped = [], 0
+    for line in samples.read_text().splitlines():
+        if line.strip():
+            if problems[json.loads(line)["problem"]].identity in seen:
+                dropped += 1
+            else:
+                kept.append(line)
+    out.write_text("".join(line + "\n" for line in kept))
+    distinct = {json.loads(line)["problem"] for line in kept}
+    return {"problems": n, "traces": len(kept), "problems_with_trace": len(distinct), "dropped_seen": dropped}
+
+
+def stage3_table(rows: dict[str, str], evals: dict[str, dict], paired: dict[str, dict]) -> str:
+    """The stage-3 comparison as a text table, a row per model (rows: eval name -> label): pass@1 with its 95%
+    interval, greedy pass@1, and the paired difference of pass@1 in points with its p-value against the cold start
+    ("<name>_vs_sft" in paired) and against GRPO ("<name>_vs_rl")."""
+    sampled = f"pass@1_sampled_mean@{K}"
+    lines = [f"{'model':<48} {'pass@1 [95% CI]':<22} {'greedy':<7} {'vs cold start (p)':<20} vs GRPO (p)"]
+    for name, label in rows.items():
+        m = evals[name]["metrics"]
+        lo, hi = m[sampled]["ci95"]
+        cells = []
+        for ref in ("sft", "rl"):
+            c = paired.get(f"{name}_vs_{ref}", {}).get("sampled")
+            cells.append(f"{100 * c['delta']:+.1f} (p={c['p']:.2g})" if c else "")
+        lines.append(f"{label:<48} {m[sampled]['value']:.3f} [{lo:.3f}, {hi:.3f}]   {m['pass@1_greedy']['value']:.3f}"
+                     f"   {cells[0]:<20} {cells[1]}")
+    return "\n".join(lines)
 
 
 def smooth(values: list[float], window: int = 10) -> list[float]:
@@ -356,6 +434,21 @@ def main() -> None:
     p.add_argument("--control-lr", type=float, default=3e-4,
                    help="lr of the SFT control (default 3e-4: where the cold-start SFT's schedule ended)")
     p.add_argument("-n", type=int, help="held-out problems for each eval (default 200 quick, 500 full)")
+    p.add_argument("--stage3", action="store_true",
+                   help="also R1's stage 3 (rejection sampling from the GRPO model, SFT on the cold-start traces + "
+                        "those, GRPO again) and the self-SFT control (SFT from the cold start on its own verified "
+                        "samples of fresh prompts, FLOP-matched to GRPO)")
+    p.add_argument("--self-sample-frac", type=float, default=0.5,
+                   help="with --stage3: the share of GRPO's FLOPs the self-SFT control spends on sampling (default "
+                        "0.5; the rest trains)")
+    p.add_argument("--stage3-problems", type=int, default=2000,
+                   help=f"with --stage3: fresh train problems to sample the GRPO model on, {SAMPLE_K} samples each "
+                        f"(default 2000)")
+    p.add_argument("--stage3-init", choices=("auto", "scratch", "cold-start"), default="auto",
+                   help="with --stage3: where stage 3's SFT starts: a fresh init (R1), the cold-start checkpoint, or "
+                        "auto (default): a fresh init, and also the cold start if that stays below the cold start's "
+                        "validation pass@1; the better on validation is kept")
+    p.add_argument("--stage3-rl-steps", type=int, help="with --stage3: GRPO steps after stage 3 (default: --rl-steps)")
     p.add_argument("--distill", action="store_true", help="also distil the GRPO model into a dense student")
     p.add_argument("--distill-problems", type=int, default=1000,
                    help="train problems to sample the GRPO teacher on, 4 samples each (default 1000)")
@@ -392,6 +485,8 @@ def main() -> None:
             if getattr(args, name) is None:
                 setattr(args, name, default)
         args.select_every = 0
+    if args.stage3 and args.select_every is None:  # stage 3's SFT is picked on validation, as the cold start
+        args.select_every = 250
     # defaults: the setting of docs/reasoning.md, "Demonstration"; --quick is a reduced version of it that needs no
     # validation pass (more traces, so the cold start learns the algorithm in half the steps)
     for name, full, quick in (("cold_start", 200, 400), ("sft_steps", 3000, 1500), ("select_every", 250, 0),
@@ -399,6 +494,9 @@ def main() -> None:
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
     rl_steps, n_eval = args.rl_steps, args.n
+    if args.stage3 and (args.zero or not args.select_every):
+        raise NanoseekError("--stage3 picks stage 3's SFT checkpoint on validation like the cold start's: it needs "
+                            "--select-every N > 0, and not --zero")
     t_start = time.time()
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -496,7 +594,7 @@ def main() -> None:
         else []
     clip_high = ["--epsilon-high", str(args.epsilon_high)] if args.epsilon_high is not None else []
 
-    def rl_args(steps: int) -> list[str]:
+    def rl_args(steps: int, rl_seed: str = rl_seed) -> list[str]:
         return ["--task", spec, "--steps", str(steps), "-B", str(args.prompts_per_step), "-G", str(args.group_size),
                 "--mu", str(args.mu), *clip_high, "--max-new-tokens", str(MAX_NEW_TOKENS), "--lr", str(args.rl_lr),
                 "--warmup-steps", "3", "--eval-every", "0", "--save-every", "0", "--seed", rl_seed, *threads,
@@ -538,6 +636,97 @@ def main() -> None:
                           "--out", str(work / "control")], work / "control" / "final", control_steps)
         result["control_metrics"] = evaluate("control", work / "control" / "final")
         result["control"] = result["control_metrics"][sampled]["value"]
+
+    # 4b. R1's stage 3 and the self-SFT control (--stage3)
+    if args.stage3:
+        cold_traces = task.problems("train", args.cold_start, seed=args.seed)
+        val = validation_problems(task, args.val_n, args.seed + 10_000, cold_traces)
+        rl_pool = task.problems("train", rl_steps * args.prompts_per_step, seed=RL_DRAW_OFFSET + int(rl_seed))
+
+        def fresh_traces(name: str, model: Path, n: int, seed_: int) -> tuple[Path, dict]:
+            """Verified samples of `model` on n train problems drawn with seed_, less the cold-start traces' and
+            the validation problems; with how many of their problems GRPO's prompts also held."""
+            samples, traces = work / f"{name}_samples.jsonl", work / f"{name}_traces.jsonl"
+            stage(f"{name}_sample", ["sample", "--model", str(model), "--task", spec, "-n", str(n), "-k",
+                                     str(SAMPLE_K), "--keep-correct", "--max-new-tokens", str(MAX_NEW_TOKENS),
+                                     "--batch-size", "128", "--seed", str(seed_), *threads, "--out", str(samples)],
+                  samples)
+            counts = keep_fresh_traces(task, samples, traces, n, seed_, cold_traces + val)
+            grpo_seen = {q.identity for q in rl_pool}
+            drawn = task.problems("train", n, seed=seed_)
+            counts["problems_also_grpo_prompts"] = len({json.loads(line)["problem"] for line in traces.open()
+                                                        if drawn[json.loads(line)["problem"]].identity in grpo_seen})
+            return traces, {"seed": seed_, **counts}
+
+        # (a) the missing control: SFT from the cold start on its own verified samples of fresh prompts (expert
+        # iteration / STaR), sampling + training matched to GRPO's FLOPs like the control above
+        cold_len = json.loads((work / "eval_sft.json").read_text())["sampled_mean_tokens"]
+        plan = self_sft_budget(rl_tokens, step_tokens, prompt_len, cold_len, SAMPLE_K, args.self_sample_frac)
+        self_traces, self_counts = fresh_traces("self", sft, plan["problems"], args.seed + SELF_SEED_OFFSET)
+        if not self_counts["traces"]:
+            raise NanoseekError(f"the cold start got no fresh sample of {plan['problems']} problems right: the "
+                                f"self-SFT control has nothing to train on")
+        stage("self_sft", ["sft", "--model", str(sft), "--data", str(self_traces), "--steps", str(plan["sft_steps"]),
+                           "--lr", str(args.control_lr), "--warmup-steps", "0", "--decay-frac", "0", *sft_common,
+                           "--out", str(work / "self_sft")], work / "self_sft" / "final")
+        self_tokens = json.loads((work / "self_sft" / "run.json").read_text())["tokens"]
+        result["self_sft_plan"] = {**plan, **self_counts, "sample_frac": args.self_sample_frac,
+                                   "completion_len_estimate": cold_len, "k": SAMPLE_K, "lr": args.control_lr,
+                                   "sft_token_equivalents": self_tokens,
+                                   "token_equivalents": plan["sampling_token_equivalents"] + self_tokens}
+        result["self_sft_metrics"] = evaluate("self_sft", work / "self_sft" / "final")
+        result["self_sft"] = result["self_sft_metrics"][sampled]["value"]
+
+        # (b) stage 3: rejection sampling from the GRPO model on fresh prompts, SFT on the cold-start traces + those,
+        # from the cold start's starting point (a fresh init, R1's re-training of the base) or, if that stays below
+        # the cold start on validation, also from the cold-start checkpoint (the better on validation is kept)
+        rl_len = json.loads((work / "eval_rl.json").read_text())["sampled_mean_tokens"]
+        s3_traces, s3_counts = fresh_traces("stage3", work / "rl" / "final", args.stage3_problems,
+                                            args.seed + STAGE3_SEED_OFFSET)
+        cold_val = max(c["val_pass@1"] for c in selection["val_curve"])
+        picks: dict[str, tuple[Path, dict]] = {}
+        for init, run, start in (("scratch", "stage3_sft", [*shape, "--tokenizer", str(tok_dir)]),
+                                 ("cold-start", "stage3_sft_cold", ["--model", str(sft)])):
+            best_so_far = max((c["val_pass@1"] for _, sel in picks.values() for c in sel["val_curve"]), default=-1)
+            if args.stage3_init == init or (args.stage3_init == "auto" and (init == "scratch" or best_so_far <
+                                                                              cold_val)):
+                stage(run, ["sft", *start, "--data", str(s3_traces), *cold, "--steps", str(args.sft_steps), "--lr",
+                            "3e-3", "--warmup-steps", "20", *sft_common, *keep, "--out", str(work / run)],
+                      work / run / "final")
+                picks[init] = select_checkpoint(work, task, args.val_n, args.cold_start, args.seed, args.threads,
+                                                run=run)
+        # the better validation pass@1; a tie goes to the fresh init (R1's choice)
+        init = max(picks, key=lambda i: (max(c["val_pass@1"] for c in picks[i][1]["val_curve"]), i == "scratch"))
+        s3_sft, s3_sel = picks[init]
+        s3_sft_tokens = sum(json.loads((work / run / "run.json").read_text())["tokens"]
+                            for run in ("stage3_sft", "stage3_sft_cold") if (work / run / "run.json").exists())
+        result["stage3_sft_metrics"] = evaluate("stage3_sft", s3_sft)
+        result["stage3_sft"] = result["stage3_sft_metrics"][sampled]["value"]
+        s3_rl_steps = args.stage3_rl_steps or rl_steps
+        stage("stage3_rl", ["rl", "--model", str(s3_sft), *rl_args(s3_rl_steps, str(args.seed + STAGE3_RL_SEED_OFFSET)),
+                            "--out", str(work / "stage3_rl")], work / "stage3_rl" / "final", s3_rl_steps)
+        result["stage3_rl_metrics"] = evaluate("stage3_rl", work / "stage3_rl" / "final")
+        result["stage3_rl"] = result["stage3_rl_metrics"][sampled]["value"]
+        result["stage3"] = {
+            **s3_counts, "k": SAMPLE_K, "init": init, "init_rule": args.stage3_init, "cold_start_val_pass@1": cold_val,
+            "val_curves": {i: sel["val_curve"] for i, (_, sel) in picks.items()},
+            "selected_step": s3_sel["selected_step"], "rl_steps": s3_rl_steps,
+            "rl_seed": args.seed + STAGE3_RL_SEED_OFFSET,
+            # the pipeline's cost, in token-equivalents (no matching: stage 3 is the recipe, not a control)
+            "sampling_token_equivalents": args.stage3_problems * SAMPLE_K * (prompt_len + rl_len) / 3,
+            "completion_len_estimate": rl_len, "sft_token_equivalents": s3_sft_tokens,
+            "rl_token_equivalents": rl_cost(work / "stage3_rl", prompt_len, args.group_size * args.prompts_per_step)[0]}
+
+        names = ["sft", "rl", *(["control"] if "control_metrics" in result else []), "self_sft", "stage3_sft",
+                 "stage3_rl"]
+        evals = {name: json.loads((work / f"eval_{name}.json").read_text()) for name in names}
+        paired = {f"{name}_vs_{ref}": paired_comparison(evals[ref], evals[name])
+                  for name in names for ref in ("sft", "rl") if name not in ("sft", ref)}
+        paired["stage3_rl_vs_stage3_sft"] = paired_comparison(evals["stage3_sft"], evals["stage3_rl"])
+        result["paired"] = paired
+        result["p_values"] = {key: {m: c[m]["p"] for m in ("sampled", "greedy") if m in c}
+                              for key, c in paired.items()}
+        print("\n" + stage3_table({name: STAGE3_ROWS[name] for name in names}, evals, paired), flush=True)
 
     # 5. distillation into a dense student vs the same student trained by cold-start SFT + GRPO
     if args.distill:
@@ -582,8 +771,9 @@ def main() -> None:
     variant += f"_mu{args.mu}" if args.mu != 1 else ""
     variant += f"_eh{args.epsilon_high:g}" if args.epsilon_high is not None else ""
     variant += f"_{args.model_config.stem}" if args.model_config else ""
+    variant += "_stage3" if args.stage3 else ""
     setting = f"cs{args.cold_start}_sft{args.sft_steps}_rl{rl_steps}_lr{args.rl_lr:g}{ds}{variant}_seed{args.seed}"
-    suffix = "_quick" if args.quick else f"_{name}_{setting}"
+    suffix = f"_quick{'_stage3' if args.stage3 else ''}" if args.quick else f"_{name}_{setting}"
     out = args.result or ROOT / "benchmarks" / "results" / f"bench_reasoning{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
