@@ -130,6 +130,32 @@ def test_evals_recognised_by_keys_and_gains_between_stages(speedrun):
     assert "| sft (b_sft) | `arithmetic` | 50 | 4 | 0.400 [0.300, 0.500] | 0.300 [0.200, 0.400] |" in card
 
 
+def test_gains_follow_the_runs_lineage(tmp_path):
+    """With started_from / teacher in the run records (the speedrun's layout: a GRPO-alone student between the GRPO
+    teacher and the distilled student in stage order), each model is compared with the model its run started from,
+    and the distilled student with its teacher: never the student trained by GRPO alone with the distilled one."""
+    import dataclasses
+
+    runs = {"sft": record("sft", 60.0, 50.0, 1000), "rl": record("rl", 60.0, 50.0, 1000),
+            "rl_student": record("rl", 60.0, 50.0, 1000), "distill": record("distill", 60.0, 50.0, 1000)}
+    lineage = {"sft": (None, None), "rl": (str(tmp_path / "sft" / "final"), None),
+               "rl_student": (str(tmp_path / "student_base" / "final"), None),
+               "distill": ("runs/student_base/final", "elsewhere/rl/final")}  # relative: matched by directory name
+    (tmp_path / "eval").mkdir()
+    for i, (name, rec) in enumerate(runs.items()):
+        (tmp_path / name).mkdir()
+        started, teacher = lineage[name]
+        dataclasses.replace(rec, started_from=started, teacher=teacher).write(tmp_path / name / "run.json")
+        (tmp_path / "eval" / f"{name}.json").write_text(json.dumps(eval_json(str(tmp_path / name / "final"),
+                                                                             0.1 * i, 0.1 * i)))
+    write_report_card([tmp_path], tmp_path / "report.md")
+    gains = json.loads((tmp_path / "report.json").read_text())["gains"]
+    assert [(g["from"], g["to"], g["note"]) for g in gains] == [
+        ("sft", "rl", ""), ("rl", "distill", "a distilled student vs its teacher")]
+    assert RunRecord.from_dict(json.loads((tmp_path / "distill" / "run.json").read_text())).teacher == \
+        "elsewhere/rl/final"
+
+
 def test_eval_matched_by_file_name_when_model_path_is_elsewhere(tmp_path):
     rec = record("sft", wall=60.0, train=50.0, tokens=1000)
     (tmp_path / "sft").mkdir()

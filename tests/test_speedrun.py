@@ -52,6 +52,8 @@ def test_quick_speedrun_runs_every_stage(quick_run, capsys):
     assert "--zero" in (out / "logs" / "rl_zero.log").read_text()
     assert json.loads((out / "eval" / "zero.json").read_text())["zero"] is True
     assert "## R1's findings in this run" in card and "| sft -> rl |" in card and "| rl_student -> distill |" in card
+    data = json.loads((out / "report.json").read_text())  # each model against the one it started from / its teacher
+    assert {(g["from"], g["to"]) for g in data["gains"]} == {("pretrain", "sft"), ("sft", "rl"), ("rl", "distill")}
     assert "Compute of the two students" in card and "R1-Zero over its 3 steps (first 1 -> last 1 steps)" in card
     assert "![GRPO over steps](report_rl.png)" in card and (out / "report_rl.png").is_file()
     assert len(json.loads((out / "rl" / "rl_heldout.json").read_text())) >= 2  # the held-out pass@1 over steps

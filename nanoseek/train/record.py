@@ -100,6 +100,8 @@ class RunRecord:
     final_train_loss: float | None
     final_val_loss: float | None
     machine: dict[str, Any] = field(default_factory=machine_info)
+    started_from: str | None = None  # the checkpoint the run fine-tuned (sft, rl: --model; distill: --student-model)
+    teacher: str | None = None  # distill: the teacher whose traces it learnt (the report pairs their evals)
 
     @property
     def flops(self) -> float:
@@ -133,11 +135,15 @@ class RunRecord:
                 if f.name == "machine":
                     kw["machine"] = {}  # never this machine's info: the run may have been elsewhere
                     continue
+                if f.name in ("started_from", "teacher"):  # records written before 2026-12-06
+                    continue
                 raise NanoseekError(f"{source}: missing field {f.name!r}")
             v = d[f.name]
             want = {"stage": str, "dtype": str, "device": str, "config": dict, "machine": dict}.get(f.name)
             optional = f.name in ("final_train_loss", "final_val_loss")
-            if want is not None:
+            if f.name in ("started_from", "teacher"):
+                ok = v is None or isinstance(v, str)
+            elif want is not None:
                 ok = isinstance(v, want)
             else:
                 ok = (v is None and optional) or (isinstance(v, (int, float)) and not isinstance(v, bool))

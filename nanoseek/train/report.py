@@ -248,9 +248,19 @@ def _sampled_key(metrics: dict[str, Any]) -> str | None:
     return next((k for k in metrics if k.startswith("pass@1_sampled")), None)
 
 
+def _parent_eval(model: str, group: list[EvalResult]) -> EvalResult | None:
+    """The eval in `group` of the run whose checkpoint `model` names (a run's --model / --teacher path)."""
+    runs = [e.run for e in group if e.run is not None]
+    run = _match_run(Path("."), {"model": model}, runs) if runs else None
+    return next((e for e in group if run is not None and e.run is run), None)
+
+
 def eval_gains(evals: list[EvalResult]) -> list[dict[str, Any]]:
-    """Accuracy differences between consecutive evals (in stage order) that scored the same problems the same way:
-    same task, n, k, split, max_new_tokens, sampling settings and prompt template (the seed draws the problems)."""
+    """Accuracy differences between evals that scored the same problems the same way (same task, n, k, split,
+    max_new_tokens, sampling settings and prompt template; the seed draws the problems): each model against the model
+    its run started from and, for a distilled student, its teacher, as the run records name them (started_from,
+    teacher); a model whose record names neither (records before 2026-12-06) against the eval before it in stage
+    order."""
     groups: dict[str, list[EvalResult]] = {}
     for e in evals:
         r = e.result
@@ -259,21 +269,35 @@ def eval_gains(evals: list[EvalResult]) -> list[dict[str, Any]]:
         groups.setdefault(key, []).append(e)
     gains = []
     for group in groups.values():
-        for a, b in zip(group, group[1:], strict=False):
-            row: dict[str, Any] = {"from": a.label, "to": b.label, "task": a.result["task"], "n": a.result["n"],
-                                   "note": "a distilled student vs its teacher" if b.stage == "distill" else ""}
-            for name, ka, kb in (("greedy", "pass@1_greedy", "pass@1_greedy"),
-                                 ("sampled", _sampled_key(a.result["metrics"]), _sampled_key(b.result["metrics"]))):
-                ma, mb = a.result["metrics"].get(ka or ""), b.result["metrics"].get(kb or "")
-                if _is_metric(ma) and _is_metric(mb):
-                    row[name] = {"delta": mb["value"] - ma["value"], "ci_overlap": _ci_overlap(ma, mb)}
-            if a.result.get("outcomes") and b.result.get("outcomes"):  # per-problem outcomes: a paired test
-                paired = paired_comparison(a.result, b.result)
-                for name in ("greedy", "sampled"):
-                    if name in row and name in paired:
-                        row[name].update(p=paired[name]["p"], test=paired[name]["test"])
-            gains.append(row)
+        for i, b in enumerate(group):
+            record = b.run.record if b.run is not None else None
+            pairs: list[tuple[EvalResult, str]] = []
+            if record is not None and (record.started_from or record.teacher):
+                for origin, note in ((record.teacher, "a distilled student vs its teacher"),
+                                     (record.started_from, "")):
+                    parent = _parent_eval(origin, group) if origin else None
+                    if parent is not None and parent is not b:
+                        pairs.append((parent, note))
+            elif i > 0:
+                pairs.append((group[i - 1], "a distilled student vs its teacher" if b.stage == "distill" else ""))
+            gains += [gain_row(a, b, note) for a, note in pairs]
     return gains
+
+
+def gain_row(a: EvalResult, b: EvalResult, note: str) -> dict[str, Any]:
+    """The accuracy difference from eval a to eval b, with a paired test where both stored per-problem outcomes."""
+    row: dict[str, Any] = {"from": a.label, "to": b.label, "task": a.result["task"], "n": a.result["n"], "note": note}
+    for name, ka, kb in (("greedy", "pass@1_greedy", "pass@1_greedy"),
+                         ("sampled", _sampled_key(a.result["metrics"]), _sampled_key(b.result["metrics"]))):
+        ma, mb = a.result["metrics"].get(ka or ""), b.result["metrics"].get(kb or "")
+        if _is_metric(ma) and _is_metric(mb):
+            row[name] = {"delta": mb["value"] - ma["value"], "ci_overlap": _ci_overlap(ma, mb)}
+    if a.result.get("outcomes") and b.result.get("outcomes"):  # per-problem outcomes: a paired test
+        paired = paired_comparison(a.result, b.result)
+        for name in ("greedy", "sampled"):
+            if name in row and name in paired:
+                row[name].update(p=paired[name]["p"], test=paired[name]["test"])
+    return row
 
 
 def serving_costs(path: Path, res: dict[str, Any], price_per_hour: float | None) -> dict[str, Any]:
@@ -471,11 +495,13 @@ def render_card(data: dict[str, Any], out: Path, title: str, dirs: list[Path], c
                          f"{fmt_metric(m.get(f'maj@{k}'))} | {secs} | `{_rel(e['path'], here)}` |")
         lines += ["", "### Accuracy gained between stages", ""]
         if data["gains"]:
-            lines += ["Between consecutive stages evaluated on the same problems with the same settings (task, n, k, "
-                      "split, max tokens, sampling). \"CIs overlap\" means the two intervals overlap: the difference "
-                      "is not established at this n. Where both evals stored per-problem outcomes, p is a paired "
-                      "test on the same problems (greedy: exact McNemar; sampled: paired bootstrap), which is "
-                      "more sensitive than comparing intervals.", "",
+            lines += ["Between each model and the one its run started from (a distilled student: its teacher), "
+                      "evaluated on the same problems with the same settings (task, n, k, split, max tokens, "
+                      "sampling, template; for runs recorded before 2026-12-06, consecutive stages). \"CIs "
+                      "overlap\" means the two intervals overlap: the difference is not established at this n. "
+                      "Where both evals stored per-problem outcomes, p is a paired test on the same problems "
+                      "(greedy: exact McNemar; sampled: paired bootstrap), which is more sensitive than comparing "
+                      "intervals.", "",
                       "| from → to | task | n | Δ pass@1 greedy | Δ pass@1 sampled | note |",
                       "|---|---|---:|---:|---:|---|"]
             for g in data["gains"]:

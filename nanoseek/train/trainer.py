@@ -526,7 +526,9 @@ class Trainer:
             dtype=str(self.amp_dtype).removeprefix("torch."), device=str(self.device),
             peak_flops=self.peak_flops * distributed.world_size(),
             price_per_hour=config.price_per_hour, final_train_loss=train[-1]["loss"] if train else None,
-            final_val_loss=val[-1]["loss"] if val else None)
+            final_val_loss=val[-1]["loss"] if val else None, started_from=_path_or_none(
+                getattr(config, "model", None) or getattr(config, "student_model", None)),
+            teacher=_path_or_none(getattr(config, "teacher", None)))
 
     def write_report(self, record: RunRecord | None = None) -> RunRecord:
         """run.json (`record`, default run_record()) and loss.png in the run directory (written by rank 0 only;
@@ -538,6 +540,10 @@ class Trainer:
         record.write(self.out_dir / "run.json")
         plot_losses(self.history, self.out_dir / "loss.png", title=f"nanoseek {self.stage}")
         return record
+
+
+def _path_or_none(path: Any) -> str | None:
+    return None if path is None else str(path)
 
 
 # --- resume ---------------------------------------------------------------------------------------------------------
