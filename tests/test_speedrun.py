@@ -70,8 +70,9 @@ def test_rerun_skips_done_stages_and_resumes_an_unfinished_one(quick_run, capsys
     (out / "done" / "eval_distill").unlink()
     (out / "done" / "report").unlink()
     capsys.readouterr()
-    main(["speedrun", "--quick", "--out", str(out), "--threads", "1"])
+    main(["speedrun", "--quick", "--out", str(out), "--threads", "1", "--lanes", "1"])  # one lane: in this process
     printed = capsys.readouterr().out
+    assert "16 stages on 1 lane(s)" in printed
     assert printed.count("skipped (done in an earlier run)") == len(STAGES) - 3
     assert "resumed from" in (out / "logs" / "distill.log").read_text()
     assert f"nanoseek chat --model {out / 'rl' / 'final'}" in printed
