@@ -98,6 +98,34 @@ def test_a_failing_side_stage_stops_the_run_with_one_line(tmp_path):
     assert "missing" in (tmp_path / "logs" / "eval_x.log").read_text()
 
 
+def test_halting_the_side_lane_saves_the_running_stage(tmp_path):
+    """Ctrl-C (or a failing main lane) halts lane 2 with SIGINT: the running training stage writes a checkpoint and
+    exits, so the rerun resumes it; no done marker is written."""
+    from nanoseek.commands.speedrun import SideLane, Stage
+    from nanoseek.train.pretrain import PretrainConfig
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "done").mkdir()
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"Line {i}: to be, or not to be, that is the question. " * 20})
+                              + "\n" for i in range(200)))
+    cfg = PretrainConfig(preset="test", data=[corpus], vocab_size=300, steps=100_000, batch_size=2, seq_len=32,
+                         eval_every=100_000, save_every=100_000, sample_every=0, threads=1, out=tmp_path / "run")
+    stage = Stage("pretrain_x", "", 0.0, run=lambda: None, summary=lambda: "", side=True,
+                  command=lambda: ("pretrain", cfg))
+    lane = SideLane([stage], tmp_path, report=lambda s, t: None)
+    lane.start()
+    log = tmp_path / "logs" / "pretrain_x.log"
+    deadline = time.monotonic() + 120
+    while "step/s" not in (log.read_text() if log.is_file() else ""):  # training has started
+        assert time.monotonic() < deadline and lane.is_alive(), log.read_text() if log.is_file() else "no log"
+        time.sleep(0.2)
+    lane.halt()
+    assert lane.proc is not None and lane.proc.returncode is not None and not lane.is_alive()
+    assert (tmp_path / "run" / "checkpoints" / "latest").is_file()  # saved on the interrupt: a rerun resumes
+    assert not (tmp_path / "done" / "pretrain_x").exists() and lane.failed is None
+
+
 def test_plan_mismatch_is_refused(quick_run, capsys):
     with pytest.raises(SystemExit) as e:
         main(["speedrun", "--out", str(quick_run), "--threads", "1"])  # the default plan into a quick run's dir

@@ -33,6 +33,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -512,11 +513,14 @@ class SideLane(threading.Thread):
             self.report(stage, time.time() - t0)
 
     def halt(self) -> None:
+        """Stop after the running stage has saved: it gets SIGINT, on which nanoseek's training loop writes a
+        checkpoint and exits (Ctrl-C in the terminal already sent it one), so a rerun resumes it; killed if it has
+        not exited within a minute."""
         self.stop.set()
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.send_signal(signal.SIGINT)
             try:
-                self.proc.wait(30)
+                self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.join(60)
