@@ -55,7 +55,7 @@ from nanoseek.tasks import format_completion, load_task
 from nanoseek.train.evaluate import EvalConfig, evaluate_checkpoint, paired_comparison
 from nanoseek.train.grpo import RLConfig, rl
 from nanoseek.train.pretrain import PretrainConfig, prepare_tokenizer, pretrain
-from nanoseek.train.report import write_report_card
+from nanoseek.train.report import read_rl_curves, write_report_card
 from nanoseek.train.sample import SampleConfig, sample_traces
 from nanoseek.train.sft import DistillConfig, SFTConfig, dense_student_config, distill, sft
 from nanoseek.train.trainer import TrainConfig
@@ -439,7 +439,7 @@ def findings(out: Path) -> str:
                   f"updates + {rollouts:.3g} sampling its rollouts = {grpo_only['flops'] + rollouts:.3g} FLOPs "
                   f"({_minutes(grpo_only['wall_seconds'])}). As in R1's comparison the teacher's cost (its training "
                   "and the rejection sampling) is not charged to the distilled student."]
-    zero = [r for r in (json.loads(x) for x in _lines(out / "rl_zero" / "rl_log.jsonl")) if isinstance(r, dict)]
+    zero, _ = read_rl_curves(out / "rl_zero")
     if len(zero) >= 2:
         w = min(5, len(zero) // 2)
         first, last = zero[:w], zero[-w:]
@@ -457,12 +457,8 @@ def findings(out: Path) -> str:
 def rollout_flops(run_dir: Path, record: dict[str, Any]) -> float:
     """FLOPs an RL run spent sampling: every step's rollouts x their mean completion length x the forward third of
     the run's training FLOPs per token (prompt prefill left out: a lower bound)."""
-    rows = [r for r in (json.loads(x) for x in _lines(run_dir / "rl_log.jsonl")) if isinstance(r, dict)]
+    rows, _ = read_rl_curves(run_dir)
     return sum(r.get("rollouts", 0) * r.get("response_len_mean", 0.0) for r in rows) * record["flops_per_token"] / 3
-
-
-def _lines(path: Path) -> list[str]:
-    return path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
 
 
 def resuming(run_dir: Path) -> bool:
